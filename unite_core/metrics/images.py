@@ -1,0 +1,863 @@
+"""Image metrics for UNITE: FID / KID / precision-recall / IS through torch-fidelity, PSNR, SSIM and
+class-conditional accuracy.
+
+Conventions (every function here):
+
+* images are float tensors ``(N, C, H, W)`` with values in ``[0, 1]``, ``C`` in ``{1, 3}``, ``H == W >= 8``;
+* labels are ``int64`` tensors ``(N,)``.
+
+Two feature extractors are supported by :func:`fidelity_metrics`:
+
+* ``"own"`` -- a small CNN (:class:`FeatureClassifier`) trained on the dataset itself
+  (:func:`train_feature_classifier`). FID / KID / precision-recall use its 128-d penultimate features, IS its
+  logits. Numbers are only comparable between runs that use the *same* classifier weights; the torch-fidelity
+  extractor name returned by :func:`register_own_extractor` therefore contains a hash of the weights.
+* ``"inception"`` -- torch-fidelity's ``inception-v3-compat`` (the standard FID network), loaded from a local
+  weights file (``eval.inception_weights``). Nothing is ever downloaded: without a readable file a
+  :class:`MetricsError` is raised.
+
+Reference statistics can be cached on disk: pass ``cache_dir`` and a ``cache_name`` built by
+:func:`reference_cache_name` (it hashes the reference data and the extractor name; torch-fidelity's own cache
+key ignores the content of the data).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import math
+import os
+import pickle
+import threading
+import time
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "MetricsError",
+    "FeatureClassifier",
+    "train_feature_classifier",
+    "save_classifier",
+    "load_classifier",
+    "classifier_fingerprint",
+    "tensor_hash",
+    "register_own_extractor",
+    "reference_cache_name",
+    "fidelity_metrics",
+    "psnr",
+    "ssim",
+    "conditional_accuracy",
+    "METRIC_KEYS",
+    "INCEPTION_EXTRACTOR",
+]
+
+#: keys of the dict returned by :func:`fidelity_metrics` (always all present; ``None`` = not computed)
+METRIC_KEYS = ("fid", "kid_mean", "kid_std", "precision", "recall", "isc_mean", "isc_std")
+#: torch-fidelity's name of the standard FID Inception network
+INCEPTION_EXTRACTOR = "inception-v3-compat"
+
+_CLASSIFIER_FORMAT = "unite-feature-classifier/1"
+_OWN_PREFIX = "unite-own-"
+_FIX_HINT = "run the `classifier` stage / `unite evaluate` to (re)create it"
+
+
+class MetricsError(RuntimeError):
+    """A user-facing error of the metrics code (one-line message that says what to do)."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# small helpers
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _check_images(x: Any, what: str) -> torch.Tensor:
+    if not torch.is_tensor(x):
+        raise MetricsError(f"{what}: expected a torch.Tensor (N, C, H, W), got {type(x).__name__}")
+    if x.dim() != 4:
+        raise MetricsError(f"{what}: expected shape (N, C, H, W), got {tuple(x.shape)}")
+    n, c, h, w = x.shape
+    if c not in (1, 3):
+        raise MetricsError(f"{what}: expected 1 or 3 channels, got {c} (shape {tuple(x.shape)})")
+    if h < 8 or w < 8:
+        raise MetricsError(f"{what}: images must be at least 8x8, got {h}x{w}")
+    if not x.is_floating_point():
+        raise MetricsError(f"{what}: expected float images in [0, 1], got dtype {x.dtype}")
+    return x
+
+
+def _check_range(x: torch.Tensor, what: str) -> None:
+    """Reject NaN/inf and values clearly outside [0, 1] (e.g. [-1, 1] or [0, 255] images)."""
+    if x.numel() == 0:
+        return
+    if not bool(torch.isfinite(x).all()):
+        raise MetricsError(f"{what}: images contain NaN or inf values")
+    lo, hi = float(x.min()), float(x.max())
+    if lo < -0.25 or hi > 1.25:
+        raise MetricsError(
+            f"{what}: images must be in [0, 1] but span [{lo:.3g}, {hi:.3g}] (convert [-1, 1] or [0, 255] first)"
+        )
+
+
+def _to_classifier_input(x: torch.Tensor, channels: int, image_size: int) -> torch.Tensor:
+    """Float [0, 1] (N, C, H, W) -> the classifier's channel count and resolution."""
+    x = x.float()
+    c = x.shape[1]
+    if c != channels:
+        if channels == 1:
+            x = x.mean(dim=1, keepdim=True)
+        elif c == 1:
+            x = x.expand(-1, channels, -1, -1)
+        else:
+            raise MetricsError(f"cannot convert {c}-channel images for a {channels}-channel classifier")
+    if x.shape[-2] != image_size or x.shape[-1] != image_size:
+        x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False, antialias=True)
+    return x
+
+
+def tensor_hash(t: torch.Tensor, length: int = 16) -> str:
+    """sha256 (hex, first ``length`` chars) of a tensor's shape, dtype and raw contents."""
+    t = t.detach().cpu().contiguous()
+    h = hashlib.sha256()
+    h.update(f"{tuple(t.shape)}|{t.dtype}|".encode())
+    if t.numel():
+        flat = t.reshape(-1).view(torch.uint8).numpy()
+        step = 1 << 24
+        for i in range(0, flat.size, step):
+            h.update(flat[i : i + step].tobytes())
+    return h.hexdigest()[:length]
+
+
+def _bf16_supported(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    for fn in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        probe = getattr(torch.cpu, fn, None)
+        try:
+            if probe is not None and probe():
+                return True
+        except Exception:  # private API: never fail because of it
+            pass
+    return False
+
+
+def _resolve_device(device: str | torch.device) -> torch.device:
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise MetricsError(f"device {device!r} requested but CUDA is not available; use device='cpu'")
+    return dev
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the dataset's own classifier
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class FeatureClassifier(nn.Module):
+    """Small CNN classifier used as the dataset's own feature extractor.
+
+    Three blocks (conv3x3 -> BatchNorm -> ReLU -> 2x2 max-pool) with ``width, 2*width, 4*width`` channels, global
+    average pooling, a ``feature_dim``-d penultimate layer (Linear + ReLU; used, times ``feature_scale``, for
+    FID/KID/precision-recall) and a linear head producing the logits (used for IS and for
+    :func:`conditional_accuracy`). Inputs are float images in [0, 1]; the normalisation to [-1, 1] is done
+    inside.
+    """
+
+    def __init__(self, channels: int, image_size: int, num_classes: int, *, width: int = 32, feature_dim: int = 128):
+        super().__init__()
+        if channels not in (1, 3):
+            raise MetricsError(f"FeatureClassifier: channels must be 1 or 3, got {channels}")
+        if image_size < 8:
+            raise MetricsError(f"FeatureClassifier: image_size must be >= 8, got {image_size}")
+        if num_classes < 2:
+            raise MetricsError(f"FeatureClassifier: num_classes must be >= 2, got {num_classes}")
+        self.channels = int(channels)
+        self.image_size = int(image_size)
+        self.num_classes = int(num_classes)
+        self.width = int(width)
+        self.feature_dim = int(feature_dim)
+
+        def block(cin: int, cout: int) -> nn.Sequential:
+            return nn.Sequential(
+                nn.Conv2d(cin, cout, 3, padding=1, bias=False),
+                nn.BatchNorm2d(cout),
+                nn.ReLU(inplace=True),
+                nn.MaxPool2d(2),
+            )
+
+        w = self.width
+        self.body = nn.Sequential(block(self.channels, w), block(w, 2 * w), block(2 * w, 4 * w))
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(4 * w, self.feature_dim)
+        self.dropout = nn.Dropout(0.1)
+        self.head = nn.Linear(self.feature_dim, self.num_classes)
+        # multiplies the penultimate features handed to torch-fidelity so that real training images have a mean
+        # squared feature of 1 (set by calibrate_feature_scale): keeps KID's polynomial kernel well conditioned
+        # and FID in a sane range. Part of the state_dict, hence of the extractor's hash.
+        self.register_buffer("feature_scale", torch.ones(()))
+
+    @property
+    def config(self) -> dict:
+        return {
+            "channels": self.channels,
+            "image_size": self.image_size,
+            "num_classes": self.num_classes,
+            "width": self.width,
+            "feature_dim": self.feature_dim,
+        }
+
+    def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns ``(penultimate features (N, feature_dim), logits (N, num_classes))``."""
+        h = self.body(x * 2.0 - 1.0)
+        feat = F.relu(self.fc(self.pool(h).flatten(1)))
+        return feat, self.head(self.dropout(feat))
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_features(x)[0]
+
+    def metric_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(penultimate features * feature_scale, logits)``: what the torch-fidelity extractor computes."""
+        feat, logits = self.forward_features(x)
+        return feat * self.feature_scale, logits
+
+    @torch.no_grad()
+    def calibrate_feature_scale(self, x: torch.Tensor, batch_size: int = 512) -> float:
+        """Set ``feature_scale`` so that the mean squared penultimate feature over ``x`` is 1; returns it."""
+        was_training = self.training
+        self.eval()
+        dev = self.feature_scale.device
+        total, count = 0.0, 0
+        for i in range(0, len(x), batch_size):
+            feat = self.features(x[i : i + batch_size].to(dev).float()).double()
+            total += float(feat.pow(2).sum())
+            count += feat.numel()
+        self.train(was_training)
+        mean_sq = total / max(1, count)
+        scale = 1.0 / math.sqrt(mean_sq) if mean_sq > 0 else 1.0
+        self.feature_scale.fill_(scale)
+        return scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_features(x)[1]
+
+
+def _random_shift(x: torch.Tensor, max_shift: int, gen: torch.Generator) -> torch.Tensor:
+    """Shift every image by its own random integer offset in [-max_shift, max_shift] (edge-replicated)."""
+    n, c, h, w = x.shape
+    p = max_shift
+    padded = F.pad(x, (p, p, p, p), mode="replicate")
+    dy = torch.randint(0, 2 * p + 1, (n,), generator=gen, device=gen.device).to(x.device)
+    dx = torch.randint(0, 2 * p + 1, (n,), generator=gen, device=gen.device).to(x.device)
+    rows = (dy[:, None] + torch.arange(h, device=x.device)[None, :])[:, None, :, None]  # n,1,h,1
+    cols = (dx[:, None] + torch.arange(w, device=x.device)[None, :])[:, None, None, :]  # n,1,1,w
+    batch = torch.arange(n, device=x.device)[:, None, None, None]
+    chan = torch.arange(c, device=x.device)[None, :, None, None]
+    return padded[batch, chan, rows, cols]
+
+
+@torch.no_grad()
+def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device, batch_size: int = 512) -> float:
+    if len(x) == 0:
+        return float("nan")
+    correct = 0
+    for i in range(0, len(x), batch_size):
+        xb = x[i : i + batch_size].to(device)
+        yb = y[i : i + batch_size].to(device)
+        correct += int((model(xb).argmax(dim=1) == yb).sum())
+    return correct / len(x)
+
+
+def train_feature_classifier(
+    train_x: torch.Tensor,
+    train_y: torch.Tensor,
+    val_x: torch.Tensor,
+    val_y: torch.Tensor,
+    *,
+    steps: int = 1500,
+    batch_size: int = 128,
+    lr: float = 3e-3,
+    weight_decay: float = 5e-4,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    augment: bool = True,
+    bf16: bool | None = None,
+    num_classes: int | None = None,
+    log_every: int = 250,
+) -> tuple[FeatureClassifier, dict]:
+    """Train a :class:`FeatureClassifier` on the dataset itself.
+
+    AdamW with a linear warm-up (5% of the steps) and cosine decay; batches are drawn from per-epoch random
+    permutations; ``augment`` applies random integer shifts of up to ``image_size // 16`` pixels (>= 1).
+    ``bf16=None`` uses bf16 autocast where the hardware supports it (fast path on recent CPUs); the loss is
+    computed in fp32. Fully determined by ``seed`` (its own generators; the global RNG state is restored).
+
+    Returns ``(model in eval mode on device, {"val_accuracy", "train_accuracy", "steps", "seconds"})``.
+    """
+    train_x = _check_images(train_x, "train_x")
+    val_x = _check_images(val_x, "val_x")
+    if train_x.shape[-1] != train_x.shape[-2]:
+        raise MetricsError(f"train_x: images must be square, got {tuple(train_x.shape[-2:])}")
+    if val_x.shape[1:] != train_x.shape[1:]:
+        raise MetricsError(f"val_x shape {tuple(val_x.shape)} does not match train_x {tuple(train_x.shape)}")
+    if len(train_x) != len(train_y) or len(val_x) != len(val_y):
+        raise MetricsError("train/val images and labels have different lengths")
+    if len(train_x) == 0:
+        raise MetricsError("train_x is empty")
+    if steps < 1:
+        raise MetricsError(f"steps must be >= 1, got {steps}")
+    dev = _resolve_device(device)
+    use_bf16 = _bf16_supported(dev) if bf16 is None else bool(bf16)
+    train_y = train_y.long()
+    val_y = val_y.long()
+    if num_classes is None:
+        num_classes = int(max(int(train_y.max()), int(val_y.max()) if len(val_y) else 0)) + 1
+
+    # own RNG state for init, dropout and batching: deterministic per seed, global RNG state untouched
+    fork_devices = [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == "cuda" else []
+    with torch.random.fork_rng(devices=fork_devices):
+        torch.manual_seed(seed)
+        return _train_loop(
+            train_x, train_y, val_x, val_y, steps=steps, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+            seed=seed, dev=dev, augment=augment, use_bf16=use_bf16, num_classes=num_classes, log_every=log_every,
+        )
+
+
+def _train_loop(train_x, train_y, val_x, val_y, *, steps, batch_size, lr, weight_decay, seed, dev, augment, use_bf16,
+                num_classes, log_every) -> tuple[FeatureClassifier, dict]:
+    channels, image_size = int(train_x.shape[1]), int(train_x.shape[-1])
+    model = FeatureClassifier(channels, image_size, num_classes)
+    model.to(dev)
+
+    xs = train_x.detach().float().to(dev)
+    ys = train_y.to(dev)
+    gen = torch.Generator(device="cpu")
+    gen.manual_seed(seed)
+    max_shift = max(1, image_size // 16)
+
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if p.dim() <= 1 else decay).append(p)
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=lr
+    )
+    warmup = max(1, int(0.05 * steps))
+
+    def lr_factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, steps - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
+    logger.info(
+        "training FeatureClassifier: %d train / %d val images %dx%dx%d, %d classes, %d steps, batch %d, bf16=%s, %s",
+        len(xs), len(val_x), channels, image_size, image_size, num_classes, steps, batch_size, use_bf16, dev,
+    )
+
+    t0 = time.perf_counter()
+    model.train()
+    perm = torch.randperm(len(xs), generator=gen)
+    pos = 0
+    bs = min(batch_size, len(xs))
+    running = 0.0
+    for step in range(steps):
+        if pos + bs > len(xs):
+            perm = torch.randperm(len(xs), generator=gen)
+            pos = 0
+        idx = perm[pos : pos + bs].to(dev)
+        pos += bs
+        xb, yb = xs[idx], ys[idx]
+        if augment:
+            xb = _random_shift(xb, max_shift, gen)
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_bf16):
+            logits = model(xb)
+        loss = F.cross_entropy(logits.float(), yb)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        running += float(loss.detach())
+        if log_every and (step + 1) % log_every == 0:
+            logger.info("classifier step %d/%d loss %.4f", step + 1, steps, running / log_every)
+            running = 0.0
+    seconds = time.perf_counter() - t0
+
+    model.eval()
+    scale = model.calibrate_feature_scale(train_x.detach())
+    val_acc = _accuracy(model, val_x.detach().float(), val_y, dev)
+    train_acc = _accuracy(model, train_x.detach().float(), train_y, dev)
+    logger.info(
+        "FeatureClassifier: val acc %.4f, train acc %.4f, %.1f s (feature scale %.4g)",
+        val_acc, train_acc, seconds, scale,
+    )
+    return model, {"val_accuracy": val_acc, "train_accuracy": train_acc, "steps": int(steps), "seconds": seconds}
+
+
+def _plain_meta(meta: dict) -> dict:
+    try:
+        return json.loads(json.dumps(meta, allow_nan=True))
+    except (TypeError, ValueError) as e:
+        raise MetricsError(f"classifier metadata must be plain JSON-like values (str/int/float/bool/list/dict): {e}")
+
+
+def save_classifier(model: FeatureClassifier, path: str | os.PathLike, meta: dict | None = None) -> None:
+    """Save ``model``'s state_dict plus plain metadata (architecture keys are filled in from the model).
+
+    ``meta`` should carry e.g. ``val_accuracy`` and ``data_hash`` (see :func:`tensor_hash`). The write is atomic.
+    """
+    if not isinstance(model, FeatureClassifier):
+        raise MetricsError(f"save_classifier expects a FeatureClassifier, got {type(model).__name__}")
+    merged = _plain_meta(dict(meta or {}))
+    for k, v in model.config.items():
+        if k in merged and merged[k] != v:
+            logger.warning("save_classifier: meta[%r]=%r overridden by the model's %r", k, merged[k], v)
+        merged[k] = v
+    payload = {
+        "format": _CLASSIFIER_FORMAT,
+        "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+        "meta": merged,
+    }
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    logger.info("saved feature classifier to %s", path)
+
+
+def load_classifier(path: str | os.PathLike) -> tuple[FeatureClassifier, dict]:
+    """Load a classifier written by :func:`save_classifier` (``weights_only=True``). Returns ``(model, meta)``
+    with the model in eval mode on the CPU. A missing or unreadable file raises :class:`MetricsError`."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise MetricsError(f"feature classifier not found: {path}; {_FIX_HINT}")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any load failure means "corrupt"
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise MetricsError(
+            f"cannot read feature classifier {path} ({type(e).__name__}: {first[:200]}); delete it and {_FIX_HINT}"
+        ) from e
+    if not isinstance(payload, dict) or payload.get("format") != _CLASSIFIER_FORMAT:
+        raise MetricsError(f"{path} is not a UNITE feature-classifier file; {_FIX_HINT}")
+    meta = dict(payload.get("meta") or {})
+    try:
+        model = FeatureClassifier(
+            int(meta["channels"]),
+            int(meta["image_size"]),
+            int(meta["num_classes"]),
+            width=int(meta.get("width", 32)),
+            feature_dim=int(meta.get("feature_dim", 128)),
+        )
+        model.load_state_dict(payload["state_dict"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise MetricsError(f"feature classifier {path} is inconsistent ({first[:200]}); {_FIX_HINT}") from e
+    model.eval()
+    return model, meta
+
+
+@torch.no_grad()
+def conditional_accuracy(
+    classifier: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    device: str | torch.device = "cpu",
+    batch_size: int = 512,
+) -> float:
+    """Fraction of ``images`` that ``classifier`` assigns to the requested class ``labels``.
+
+    Images are converted to the classifier's channel count/resolution. The caller's module is not modified (a
+    copy is used when it lives on another device; eval mode is restored to the previous state).
+    """
+    images = _check_images(images, "images")
+    if len(images) != len(labels):
+        raise MetricsError(f"{len(images)} images but {len(labels)} labels")
+    if len(images) == 0:
+        raise MetricsError("conditional_accuracy: no images")
+    dev = _resolve_device(device)
+    channels = getattr(classifier, "channels", images.shape[1])
+    size = getattr(classifier, "image_size", images.shape[-1])
+    param = next(classifier.parameters(), None)
+    model = classifier if param is None or param.device == dev else copy.deepcopy(classifier).to(dev)
+    was_training = model.training
+    model.eval()
+    try:
+        correct = 0
+        labels = labels.long()
+        for i in range(0, len(images), batch_size):
+            xb = _to_classifier_input(images[i : i + batch_size].to(dev), channels, size)
+            pred = model(xb).argmax(dim=1)
+            correct += int((pred == labels[i : i + batch_size].to(dev)).sum())
+    finally:
+        model.train(was_training)
+    return correct / len(images)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# torch-fidelity integration
+# ----------------------------------------------------------------------------------------------------------------
+
+_OWN_CLASSIFIERS: dict[str, nn.Module] = {}
+_REGISTRY_LOCK = threading.Lock()
+
+
+def _fidelity():
+    try:
+        import torch_fidelity
+        from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
+    except Exception as e:  # noqa: BLE001
+        raise MetricsError(f"torch-fidelity is not importable ({type(e).__name__}: {e}); install torch-fidelity==0.4.0")
+    return torch_fidelity, FEATURE_EXTRACTORS_REGISTRY
+
+
+def _make_own_extractor_class():
+    torch_fidelity, _ = _fidelity()
+
+    class OwnFeatureExtractor(torch_fidelity.FeatureExtractorBase):
+        """torch-fidelity wrapper around a registered :class:`FeatureClassifier` (looked up by name)."""
+
+        def __init__(self, name, features_list, **kwargs):
+            super().__init__(name, features_list)
+            if name not in _OWN_CLASSIFIERS:
+                raise MetricsError(f"feature extractor {name!r} was not registered with register_own_extractor")
+            self.classifier = copy.deepcopy(_OWN_CLASSIFIERS[name])
+            self.channels = int(self.classifier.channels)
+            self.image_size = int(self.classifier.image_size)
+            self.requires_grad_(False)
+            self.eval()
+
+        @staticmethod
+        def get_provided_features_list():
+            return ("penultimate", "logits")
+
+        @staticmethod
+        def get_default_feature_layer_for_metric(metric):
+            return {"isc": "logits", "fid": "penultimate", "kid": "penultimate", "prc": "penultimate"}[metric]
+
+        @staticmethod
+        def can_be_compiled():
+            return False
+
+        @staticmethod
+        def get_dummy_input_for_compile():
+            return torch.zeros(1, 3, 32, 32, dtype=torch.uint8)
+
+        def forward(self, x):
+            if not (torch.is_tensor(x) and x.dtype == torch.uint8 and x.dim() == 4 and x.shape[1] == 3):
+                raise MetricsError(f"own extractor expects uint8 (N, 3, H, W) input, got {getattr(x, 'shape', x)}")
+            xf = _to_classifier_input(x.float() / 255.0, self.channels, self.image_size)
+            if hasattr(self.classifier, "metric_features"):
+                feat, logits = self.classifier.metric_features(xf)
+            else:
+                feat, logits = self.classifier.forward_features(xf)
+            # float64: torch-fidelity computes KID's polynomial kernel in the features' dtype
+            out = {"penultimate": feat.double(), "logits": logits.double()}
+            return tuple(out[name] for name in self.features_list)
+
+    return OwnFeatureExtractor
+
+
+_OWN_EXTRACTOR_CLASS = None
+
+
+def classifier_fingerprint(classifier: nn.Module) -> str:
+    """sha256 (hex) of a classifier's architecture config and every tensor of its state_dict."""
+    h = hashlib.sha256()
+    cfg = getattr(classifier, "config", None)
+    h.update(f"{type(classifier).__name__}|{json.dumps(cfg, sort_keys=True)}|".encode())
+    for k, v in sorted(classifier.state_dict().items()):
+        h.update(k.encode())
+        h.update(tensor_hash(v, length=64).encode())
+    return h.hexdigest()
+
+
+def register_own_extractor(classifier: nn.Module) -> str:
+    """Register ``classifier`` (a :class:`FeatureClassifier`) as a torch-fidelity feature extractor.
+
+    The returned name is ``"unite-own-<16 hex of the weights hash>"``; registering the same weights again
+    returns the same name without error. A frozen CPU copy of the classifier is taken now, so later training of
+    ``classifier`` does not change what the registered name computes.
+    """
+    global _OWN_EXTRACTOR_CLASS
+    if not (isinstance(classifier, nn.Module) and hasattr(classifier, "forward_features")):
+        raise MetricsError(
+            "register_own_extractor expects a FeatureClassifier (with forward_features), "
+            f"got {type(classifier).__name__}"
+        )
+    for attr in ("channels", "image_size"):
+        if not hasattr(classifier, attr):
+            raise MetricsError(f"register_own_extractor: classifier has no attribute {attr!r}")
+    _, registry = _fidelity()
+    name = _OWN_PREFIX + classifier_fingerprint(classifier)[:16]
+    with _REGISTRY_LOCK:
+        if _OWN_EXTRACTOR_CLASS is None:
+            _OWN_EXTRACTOR_CLASS = _make_own_extractor_class()
+        if name in _OWN_CLASSIFIERS and name in registry:
+            return name
+        frozen = copy.deepcopy(classifier).cpu().eval().requires_grad_(False)
+        _OWN_CLASSIFIERS[name] = frozen
+        if name not in registry:
+            import torch_fidelity
+
+            try:
+                torch_fidelity.register_feature_extractor(name, _OWN_EXTRACTOR_CLASS)
+            except ValueError:  # registered concurrently / by an earlier import of this module: same weights
+                if name not in registry:
+                    raise
+        logger.debug("registered torch-fidelity feature extractor %s", name)
+    return name
+
+
+def reference_cache_name(reference: torch.Tensor, extractor_name: str) -> str:
+    """Cache key for reference statistics: the extractor name plus a hash of the reference images.
+
+    ``extractor_name`` is what :func:`register_own_extractor` returned (it already hashes the weights) or
+    :data:`INCEPTION_EXTRACTOR`. Changing one pixel of ``reference`` or the extractor changes the name.
+    """
+    if not torch.is_tensor(reference):
+        raise MetricsError(f"reference must be a tensor, got {type(reference).__name__}")
+    safe = "".join(ch if (ch.isalnum() or ch in "-_.") else "_" for ch in str(extractor_name))
+    ext_hash = hashlib.sha256(str(extractor_name).encode()).hexdigest()[:8]
+    return f"ref-{tensor_hash(reference)}-{safe}-{ext_hash}"
+
+
+class _UInt8Images(Dataset):
+    """Dataset view of float [0, 1] (N, C, H, W) images as uint8 (3, H, W) tensors (what torch-fidelity expects).
+
+    The conversion is vectorised up front in chunks (uint8 costs a quarter of the float input); grayscale is
+    repeated to 3 channels per item as a view.
+    """
+
+    def __init__(self, images: torch.Tensor, chunk: int = 1024):
+        images = images.detach()
+        parts = []
+        for i in range(0, len(images), chunk):
+            x = images[i : i + chunk].float()
+            parts.append((x.clamp(0.0, 1.0) * 255.0).round().to(torch.uint8).cpu())
+        self.images = torch.cat(parts) if parts else torch.empty(0, *images.shape[1:], dtype=torch.uint8)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        x = self.images[i]
+        return x.expand(3, -1, -1) if x.shape[0] == 1 else x
+
+
+def fidelity_metrics(
+    generated: torch.Tensor,
+    reference: torch.Tensor,
+    *,
+    extractor: str = "own",
+    classifier: nn.Module | None = None,
+    inception_weights: str | os.PathLike | None = None,
+    cache_name: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    kid_subset_size: int = 1000,
+    kid_subsets: int = 100,
+    prc: bool = True,
+    prc_neighborhood: int = 3,
+    isc: bool = True,
+    isc_splits: int = 10,
+    batch_size: int = 128,
+    seed: int = 2020,
+    device: str | torch.device = "cpu",
+) -> dict:
+    """FID, KID, precision/recall and IS of ``generated`` against ``reference`` through torch-fidelity.
+
+    ``extractor="own"`` needs ``classifier`` (penultimate features for FID/KID/PRC, logits for IS);
+    ``extractor="inception"`` needs ``inception_weights``, a readable local file (config ``eval.inception_weights``).
+    Reference features/statistics are cached under ``cache_dir`` only when both ``cache_dir`` and ``cache_name``
+    are given (build ``cache_name`` with :func:`reference_cache_name`).
+
+    Small sample counts are handled: ``kid_subset_size`` is clamped to ``min(n_generated, n_reference)``, the
+    precision/recall neighbourhood ``k`` to ``n - 1`` and the IS splits to ``n_generated``.
+    ``device`` of type cuda runs torch-fidelity with ``cuda=True`` (its default GPU).
+
+    Returns a dict with exactly the keys :data:`METRIC_KEYS`; metrics not requested (``prc=False``,
+    ``isc=False``) are ``None``. Precision is the fraction of generated samples inside the reference manifold,
+    recall the fraction of reference samples inside the generated manifold.
+    """
+    generated = _check_images(generated, "generated")
+    reference = _check_images(reference, "reference")
+    _check_range(generated, "generated")
+    _check_range(reference, "reference")
+    n1, n2 = len(generated), len(reference)
+    if n1 < 2 or n2 < 2:
+        raise MetricsError(f"FID/KID need at least 2 images per set, got generated={n1}, reference={n2}")
+    dev = _resolve_device(device)
+    cuda = dev.type == "cuda"
+    torch_fidelity, _ = _fidelity()
+
+    extra: dict[str, Any] = {}
+    if extractor == "own":
+        if classifier is None:
+            raise MetricsError(f"extractor='own' needs the dataset's feature classifier; {_FIX_HINT}")
+        fe_name = register_own_extractor(classifier)
+    elif extractor == "inception":
+        path = None if inception_weights is None else os.fspath(inception_weights)
+        if not path or not os.path.isfile(path) or not os.access(path, os.R_OK) or os.path.getsize(path) == 0:
+            raise MetricsError(
+                f"extractor='inception' needs a readable local Inception-v3 weights file: set eval.inception_weights "
+                f"(got {path!r}); nothing is downloaded -- or use extractor='own'"
+            )
+        fe_name = INCEPTION_EXTRACTOR
+        extra["feature_extractor_weights_path"] = path
+    else:
+        raise MetricsError(f"unknown extractor {extractor!r}: use 'own' or 'inception'")
+
+    n_min = min(n1, n2)
+    kid_size = min(int(kid_subset_size), n_min)
+    if kid_size < int(kid_subset_size):
+        logger.info(
+            "KID subset size clamped from %d to %d (generated=%d, reference=%d)", kid_subset_size, kid_size, n1, n2
+        )
+    k_nn = int(prc_neighborhood)
+    if prc and k_nn >= n_min:
+        k_nn = n_min - 1
+        logger.info("precision/recall neighbourhood clamped from %d to %d (n=%d)", prc_neighborhood, k_nn, n_min)
+    splits = int(isc_splits)
+    if isc and splits > n1:
+        splits = n1
+        logger.info("IS splits clamped from %d to %d (generated=%d)", isc_splits, splits, n1)
+
+    cache = cache_name is not None and cache_dir is not None
+    if cache_name is not None and cache_dir is None:
+        logger.warning("cache_name given without cache_dir: reference statistics are not cached")
+    if cache:
+        if os.sep in cache_name or (os.altsep and os.altsep in cache_name) or cache_name.strip() != cache_name:
+            raise MetricsError(f"cache_name {cache_name!r} must not contain path separators or blanks")
+        cache_dir = os.fspath(cache_dir)
+        os.makedirs(cache_dir, exist_ok=True)
+
+    kwargs = dict(
+        input1=_UInt8Images(generated),
+        input2=_UInt8Images(reference),
+        cuda=cuda,
+        batch_size=int(batch_size),
+        fid=True,
+        kid=True,
+        prc=bool(prc),
+        isc=bool(isc),
+        feature_extractor=fe_name,
+        kid_subset_size=kid_size,
+        kid_subsets=int(kid_subsets),
+        prc_neighborhood=k_nn,
+        isc_splits=max(1, splits),
+        cache=cache,
+        cache_root=cache_dir if cache else None,
+        input2_cache_name=cache_name if cache else None,
+        rng_seed=int(seed),
+        samples_shuffle=True,
+        save_cpu_ram=True,
+        verbose=False,
+        **extra,
+    )
+    t0 = time.perf_counter()
+    try:
+        raw = torch_fidelity.calculate_metrics(**kwargs)
+    except MetricsError:
+        raise
+    except (ValueError, RuntimeError, OSError, EOFError, pickle.UnpicklingError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        hint = " (check eval.inception_weights)" if extractor == "inception" else ""
+        raise MetricsError(
+            f"torch-fidelity failed with extractor {fe_name}{hint}: {type(e).__name__}: {first[:300]}"
+        ) from e
+    out = {
+        "fid": raw.get("frechet_inception_distance"),
+        "kid_mean": raw.get("kernel_inception_distance_mean"),
+        "kid_std": raw.get("kernel_inception_distance_std"),
+        "precision": raw.get("precision") if prc else None,
+        "recall": raw.get("recall") if prc else None,
+        "isc_mean": raw.get("inception_score_mean") if isc else None,
+        "isc_std": raw.get("inception_score_std") if isc else None,
+    }
+    out = {k: (None if v is None else float(v)) for k, v in out.items()}
+    logger.info(
+        "fidelity metrics (%s, generated=%d, reference=%d) in %.1f s: %s",
+        fe_name, n1, n2, time.perf_counter() - t0, out,
+    )
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# reconstruction metrics
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _pair(x: torch.Tensor, y: torch.Tensor, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+    if not (torch.is_tensor(x) and torch.is_tensor(y)):
+        raise MetricsError(f"{what}: expected two tensors")
+    if x.shape != y.shape:
+        raise MetricsError(f"{what}: shapes differ: {tuple(x.shape)} vs {tuple(y.shape)}")
+    if x.dim() == 3:
+        x, y = x.unsqueeze(0), y.unsqueeze(0)
+    if x.dim() != 4:
+        raise MetricsError(f"{what}: expected (N, C, H, W) images, got shape {tuple(x.shape)}")
+    return x, y
+
+
+def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-image PSNR in dB for data range 1.0: ``10 * log10(1 / mse)`` with the MSE over C, H, W.
+
+    Identical images give ``+inf`` (not capped): aggregate with care (e.g. a median, or drop/clip infinities).
+    Computed in float64, returned as float32 of shape (N,).
+    """
+    x, y = _pair(x, y, "psnr")
+    mse = (x.double() - y.double()).pow(2).flatten(1).mean(dim=1)
+    return (10.0 * torch.log10(1.0 / mse)).float()  # mse == 0 -> +inf
+
+
+def _gaussian_window(size: int, sigma: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    coords = torch.arange(size, dtype=dtype, device=device) - (size - 1) / 2.0
+    g = torch.exp(-(coords**2) / (2.0 * sigma**2))
+    return g / g.sum()
+
+
+def ssim(
+    x: torch.Tensor, y: torch.Tensor, *, window_size: int = 11, sigma: float = 1.5, k1: float = 0.01, k2: float = 0.03
+) -> torch.Tensor:
+    """Per-image SSIM (Wang et al. 2004) for data range 1.0, shape (N,).
+
+    Gaussian window 11 / sigma 1.5, ``C1 = (0.01)^2``, ``C2 = (0.03)^2``, 'valid' filtering (no padding), SSIM
+    map averaged over channels and positions. Images smaller than the window use the largest odd window that
+    fits (sigma unchanged). Computed in float64, returned as float32.
+    """
+    x, y = _pair(x, y, "ssim")
+    n, c, h, w = x.shape
+    win = min(int(window_size), h, w)
+    if win % 2 == 0:
+        win -= 1
+    if win < 1:
+        raise MetricsError(f"ssim: images too small ({h}x{w})")
+    xd, yd = x.double(), y.double()
+    g = _gaussian_window(win, sigma, torch.float64, x.device)
+    kh = g.view(1, 1, win, 1).expand(c, 1, win, 1)
+    kw = g.view(1, 1, 1, win).expand(c, 1, 1, win)
+
+    def filt(t: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(F.conv2d(t, kh, groups=c), kw, groups=c)
+
+    c1, c2 = k1**2, k2**2
+    mu_x, mu_y = filt(xd), filt(yd)
+    sxx = filt(xd * xd) - mu_x**2
+    syy = filt(yd * yd) - mu_y**2
+    sxy = filt(xd * yd) - mu_x * mu_y
+    num = (2 * mu_x * mu_y + c1) * (2 * sxy + c2)
+    den = (mu_x**2 + mu_y**2 + c1) * (sxx + syy + c2)
+    return (num / den).flatten(1).mean(dim=1).float()

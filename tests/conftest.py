@@ -42,9 +42,14 @@ def tiny_cfg():
 DIGITS_INFO = {"modality": "images", "channels": 1, "image_size": 8, "num_classes": 10}
 
 
+# UNITE_TEST_THREADS=1 when several test runs share the machine: oversubscribed OpenMP threads
+# turn every tensor op into a scheduler wait.
+THREADS = int(os.environ.get("UNITE_TEST_THREADS", max(1, min(2, os.cpu_count() or 1))))
+
+
 @pytest.fixture(autouse=True)
 def _threads():
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    torch.set_num_threads(THREADS)
     yield
 
 

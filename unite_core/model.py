@@ -173,6 +173,9 @@ class UNITE(nn.Module):
         """One UNITE step's objective: L_recon + w_gen * L_flow. Returns (loss, detached metrics)."""
         cfg = self.cfg
         obs, y = self.modality.unpack(batch)
+        augment = getattr(self.modality, "augment", None)  # optional: modality's training augmentation
+        if self.training and augment is not None:
+            obs = augment(obs, generator)
         z0 = self.tokenize(obs, generator)
         B = z0.shape[0]
         dev = z0.device

@@ -1,0 +1,129 @@
+"""Training-step throughput: samples/s, achieved GFLOP/s and MFU, one JSON line per case.
+
+Cases: the embedded default (params.yaml: MNIST 32x32, T model, batch 64) and the paper's
+GE-B + decoder-B at 256x256 (patch 16, K=256, d=32, M=3, batch 2), each in fp32 and bf16.
+A step is the whole optimizer step: forward (tokenization + M flow mini-batches + decoder),
+backward, Muon/AdamW update and EMA. FLOPs are counted by torch.utils.flop_counter (matrix
+products, attention; Muon's Newton-Schulz products included); MFU divides the achieved rate by
+the bf16 / fp32 matrix-product peaks measured in this same process.
+
+    python benchmarks/train_step.py [--cases default,b256] [--precisions bf16,fp32] [--steps 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from unite_core.config import config_from_dict, load_config
+from unite_core.train import Trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 8) -> float:
+    a = torch.randn(n, n, dtype=dtype)
+    b = torch.randn(n, n, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best / 1e9  # GFLOP/s
+
+
+class SyntheticImages:
+    """Random images of the right shape: the benchmark measures compute, not data loading."""
+
+    def __init__(self, n, channels, size, classes, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self.x = torch.rand(n, channels, size, size, generator=g) * 2 - 1
+        self.y = torch.randint(0, classes, (n,), generator=g)
+
+    def __len__(self):
+        return len(self.x)
+
+    def get_batch(self, idx):
+        return self.x[idx], self.y[idx]
+
+
+def case_config(case: str, precision: str):
+    if case == "default":
+        cfg = load_config(ROOT / "params.yaml", [f"train.precision={precision}", "train.warmup_steps=1"])
+        info = {"modality": "images", "channels": 1, "image_size": cfg.data.image_size, "num_classes": 10}
+        return cfg, info
+    cfg = config_from_dict({
+        "data": {"dataset": "imagefolder", "root": "/unused", "image_size": 256},
+        "model": {"ge_size": "B", "decoder_size": "B", "patch_size": 16, "latent_tokens": 256,
+                  "latent_dim": 32, "in_context_start": 4},
+        "flow": {"minibatches": 3},
+        "train": {"batch_size": 2, "precision": precision, "steps": 1000, "warmup_steps": 1},
+    })
+    return cfg, {"modality": "images", "channels": 3, "image_size": 256, "num_classes": 1000}
+
+
+def run_case(case: str, precision: str, steps: int, peaks: dict) -> dict:
+    cfg, info = case_config(case, precision)
+    data = SyntheticImages(max(cfg.train.batch_size * 4, 8), info["channels"], info["image_size"], info["num_classes"])
+    tr = Trainer(cfg, info, data)
+    tr.train_step()  # warm-up (allocations, kernel selection)
+    with FlopCounterMode(display=False) as fc:
+        tr.train_step()
+    flops = fc.get_total_flops()
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        tr.train_step()
+        times.append(time.perf_counter() - t)
+    step_s = sorted(times)[len(times) // 2]  # median
+    achieved = flops / step_s / 1e9
+    return {
+        "bench": "train_step",
+        "case": case,
+        "precision": precision,
+        "batch": cfg.train.batch_size,
+        "flow_minibatches": cfg.flow.minibatches,
+        "params_m": round(sum(p.numel() for p in tr.model.parameters()) / 1e6, 2),
+        "step_s_median": round(step_s, 4),
+        "step_s_all": [round(t, 4) for t in times],
+        "samples_per_s": round(cfg.train.batch_size / step_s, 3),
+        "s_per_sample": round(step_s / cfg.train.batch_size, 4),
+        "gflop_per_step": round(flops / 1e9, 1),
+        "achieved_gflops": round(achieved, 1),
+        "peak_bf16_gflops": round(peaks["bf16"], 1),
+        "peak_fp32_gflops": round(peaks["fp32"], 1),
+        "mfu_vs_bf16_peak": round(achieved / peaks["bf16"], 4),
+        "mfu_vs_fp32_peak": round(achieved / peaks["fp32"], 4),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "cpu": platform.processor() or platform.machine(),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--cases", default="default,b256")
+    ap.add_argument("--precisions", default="bf16,fp32")
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    peaks = {"bf16": matmul_peak(torch.bfloat16), "fp32": matmul_peak(torch.float32)}
+    print(json.dumps({"bench": "matmul_peak", "bf16_gflops": round(peaks["bf16"], 1),
+                      "fp32_gflops": round(peaks["fp32"], 1), "threads": args.threads}), flush=True)
+    for case in args.cases.split(","):
+        for precision in args.precisions.split(","):
+            print(json.dumps(run_case(case, precision, args.steps, peaks)), flush=True)
+
+
+if __name__ == "__main__":
+    main()

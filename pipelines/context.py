@@ -1,0 +1,99 @@
+"""What every stage receives: the validated config, absolute paths, a tracker and a progress reporter.
+
+A stage module (pipelines/stages/<name>.py) exposes `run(ctx: StageContext) -> dict`: it reads its
+inputs from ctx.paths, writes its outs there, returns the metrics that go to metrics/<name>.json,
+and logs through ctx.tracker (an MLflow child run, or a no-op when tracking is off). Long loops
+report progress through `ctx.reporter.progress(...)` (the CLI shows a rich progress bar with an
+ETA; elsewhere it is a no-op). Command-specific options (e.g. `unite sample --classes`) arrive in
+`ctx.options`.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from unite_core.config import Config
+
+from .tracking import NullTracker, Tracker
+
+
+@dataclass
+class Paths:
+    root: Path
+
+    def __post_init__(self):
+        self.root = Path(self.root).resolve()
+
+    @property
+    def data(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def models(self) -> Path:
+        return self.root / "models"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics"
+
+    @property
+    def plots(self) -> Path:
+        return self.root / "plots"
+
+    @property
+    def reports(self) -> Path:
+        return self.root / "reports"
+
+    @property
+    def cache(self) -> Path:
+        return self.root / ".unite_cache"
+
+    @property
+    def ray_storage(self) -> Path:
+        """Ray Train storage (and the in-process runs' checkpoints): one folder per run name."""
+        return self.root / "ray_results"
+
+    def dataset_dir(self, cfg: Config) -> Path:
+        return self.data / cfg.data.dataset
+
+    @property
+    def checkpoint(self) -> Path:
+        """The final trained model (DVC out of `train`)."""
+        return self.models / "unite.pt"
+
+    def stage_metrics(self, stage: str) -> Path:
+        return self.metrics / f"{stage}.json"
+
+
+class ProgressTask:
+    """Handle of one progress bar: `update(completed, **fields)`; fields are shown beside the bar."""
+
+    def update(self, completed: float, **fields: Any) -> None:  # noqa: D401 - no-op by default
+        return None
+
+
+class Reporter:
+    """Progress for long loops. The CLI passes a rich implementation; the default does nothing."""
+
+    @contextmanager
+    def progress(self, description: str, total: float | None) -> Iterator[ProgressTask]:
+        yield ProgressTask()
+
+
+@dataclass
+class StageContext:
+    cfg: Config
+    root: Path
+    tracker: Tracker = field(default_factory=NullTracker)
+    params_path: Path | None = None
+    overrides: list[str] = field(default_factory=list)
+    debug: bool = False
+    reporter: Reporter = field(default_factory=Reporter)
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.root = Path(self.root).resolve()
+        self.paths = Paths(self.root)

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Set up a fresh machine for unite: a virtualenv in .venv with the project and its pinned
+# dependencies (torch 2.14.1 + torchvision 0.29.1; pip takes them from the local disk where the
+# machine has them). With --test, also the browser used by the UI test (Debian's chromium).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --upgrade pip >/dev/null
+.venv/bin/python -m pip install -q -e '.[dev]'
+if [ "${1:-}" = "--test" ]; then
+  if ! command -v chromium >/dev/null 2>&1; then
+    if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
+      apt-get update -qq >/dev/null && apt-get install -y -qq chromium chromium-driver >/dev/null
+    else
+      echo "setup: chromium is not installed and this user cannot apt-get it; the UI test will be skipped" >&2
+    fi
+  fi
+fi
+# DVC needs a git repository; a fresh clone has one, a tarball does not.
+if [ ! -d .git ]; then
+  git init -q && git add -A && git -c user.name=unite -c user.email=unite@localhost commit -qm "initial import"
+fi
+echo "setup: ready ($(.venv/bin/python -c 'import torch; print("torch", torch.__version__)'))"

@@ -185,14 +185,15 @@ def _quiet_mlflow_logs() -> None:
 
 
 def client_for(root: Path):
-    """An MlflowClient on the project's store (also sets mlflow's global URI for this process)."""
+    """An MlflowClient on the project's store.
+
+    Deliberately not `mlflow.set_tracking_uri`: MLflow 3 exports that URI as MLFLOW_TRACKING_URI, which
+    would then override the store of every later project root in this process (and its children).
+    """
     _quiet_mlflow_logs()
-    import mlflow
     from mlflow.tracking import MlflowClient
 
-    uri = tracking_uri(root)
-    mlflow.set_tracking_uri(uri)
-    return MlflowClient(tracking_uri=uri)
+    return MlflowClient(tracking_uri=tracking_uri(root))
 
 
 def experiment_id(client, name: str, root: Path | None = None) -> str:

@@ -108,6 +108,16 @@ class MoleculeDataset(Dataset):
             "y": self._y.clone(),
         }
 
+    def get_batch(self, indices) -> dict[str, torch.Tensor]:
+        """A collated batch in one indexing step (what the trainer's ``fetch`` uses)."""
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        return {
+            "types": self.types[idx],
+            "coords": self.coords[idx],
+            "mask": self.mask[idx],
+            "y": torch.zeros(idx.shape[0], dtype=torch.int64),
+        }
+
     @property
     def max_atoms(self) -> int:
         return int(self.types.shape[1])

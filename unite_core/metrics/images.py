@@ -250,18 +250,22 @@ class FeatureClassifier(nn.Module):
         return self.forward_features(x)[1]
 
 
-def _random_shift(x: torch.Tensor, max_shift: int, gen: torch.Generator) -> torch.Tensor:
-    """Shift every image by its own random integer offset in [-max_shift, max_shift] (edge-replicated)."""
-    n, c, h, w = x.shape
-    p = max_shift
-    padded = F.pad(x, (p, p, p, p), mode="replicate")
-    dy = torch.randint(0, 2 * p + 1, (n,), generator=gen, device=gen.device).to(x.device)
-    dx = torch.randint(0, 2 * p + 1, (n,), generator=gen, device=gen.device).to(x.device)
-    rows = (dy[:, None] + torch.arange(h, device=x.device)[None, :])[:, None, :, None]  # n,1,h,1
-    cols = (dx[:, None] + torch.arange(w, device=x.device)[None, :])[:, None, None, :]  # n,1,1,w
-    batch = torch.arange(n, device=x.device)[:, None, None, None]
-    chan = torch.arange(c, device=x.device)[None, :, None, None]
-    return padded[batch, chan, rows, cols]
+def _random_affine(x: torch.Tensor, max_shift: int, gen: torch.Generator) -> torch.Tensor:
+    """Light per-image random affine: rotation within +-10 degrees, scale within +-10%, translation within
+    +-max_shift pixels (bilinear, edge-replicated borders)."""
+    n, _, h, w = x.shape
+
+    def uniform() -> torch.Tensor:
+        return torch.rand(n, generator=gen, device=gen.device) * 2.0 - 1.0
+
+    angle = uniform() * math.radians(10.0)
+    scale = 1.0 + 0.1 * uniform()
+    tx = uniform() * (2.0 * max_shift / w)  # affine_grid coordinates span 2 over the image
+    ty = uniform() * (2.0 * max_shift / h)
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    theta = torch.stack([torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1)
+    grid = F.affine_grid(theta.to(device=x.device, dtype=x.dtype), list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
 @torch.no_grad()
@@ -296,7 +300,8 @@ def train_feature_classifier(
     """Train a :class:`FeatureClassifier` on the dataset itself.
 
     AdamW with a linear warm-up (5% of the steps) and cosine decay; batches are drawn from per-epoch random
-    permutations; ``augment`` applies random integer shifts of up to ``image_size // 16`` pixels (>= 1).
+    permutations; ``augment`` applies a light random affine per image (shift up to ``image_size // 16`` pixels,
+    >= 1; rotation +-10 degrees; scale +-10%).
     ``bf16=None`` uses bf16 autocast where the hardware supports it (fast path on recent CPUs); the loss is
     computed in fp32. Fully determined by ``seed`` (its own generators; the global RNG state is restored).
 
@@ -377,7 +382,7 @@ def _train_loop(train_x, train_y, val_x, val_y, *, steps, batch_size, lr, weight
         pos += bs
         xb, yb = xs[idx], ys[idx]
         if augment:
-            xb = _random_shift(xb, max_shift, gen)
+            xb = _random_affine(xb, max_shift, gen)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_bf16):
             logits = model(xb)
         loss = F.cross_entropy(logits.float(), yb)

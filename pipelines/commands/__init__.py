@@ -1,0 +1,233 @@
+"""Optional `unite` commands, and what every command shares.
+
+The CLI (pipelines/cli.py) looks for `pipelines.commands.<name>` for each optional command
+(classifier, evaluate, analyze, sweep, compare, bench). A module that defines `register(app)` adds its
+command(s) to the Typer app. Without a module, `evaluate`, `analyze` and `classifier` fall back to
+running `pipelines.stages.<name>.run(ctx)` with the common options; any other missing command
+answers "not available in this build" and exits 2.
+
+A command module can reuse the common options and the stage runner:
+
+    from pipelines.commands import DEFAULT_PARAMS, DebugOption, ParamsOption, SetOption, run_stage
+
+    def register(app):
+        @app.command("bench")
+        def bench(params: ParamsOption = DEFAULT_PARAMS, set_: SetOption = None, debug: DebugOption = False):
+            '''Time things.'''
+            run_stage("bench", params, set_, debug, options={...})
+
+`run_stage` validates the params, runs the stage inside its MLflow child run with a rich progress
+reporter, writes metrics/<stage>.json atomically and prints a summary. Errors need no handling in
+commands: `pipelines.cli.main` turns any unite error into one `error: ...` line and exit code 1
+(a full traceback with --debug). The project root is the current directory (where `dvc repro` runs
+the commands); --params may point anywhere (e.g. presets/digits_tiny.yaml).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, List, Optional
+
+import typer
+from typing_extensions import Annotated
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PARAMS = Path("params.yaml")
+ParamsOption = Annotated[Path, typer.Option("--params", "-p", help="params file (every key is validated)")]
+SetOption = Annotated[
+    Optional[List[str]],
+    typer.Option("--set", "-s", help="override a parameter: section.key=value (repeatable)", show_default=False),
+]
+DebugOption = Annotated[bool, typer.Option("--debug", help="debug logging and full tracebacks on errors")]
+
+_console = None
+_err_console = None
+
+
+def console():
+    """stdout console for results."""
+    global _console
+    if _console is None:
+        from rich.console import Console
+
+        _console = Console(highlight=False, soft_wrap=True)
+    return _console
+
+
+def err_console():
+    """stderr console shared by logging and progress bars (so log lines print above the bar)."""
+    global _err_console
+    if _err_console is None:
+        from rich.console import Console
+
+        _err_console = Console(stderr=True, highlight=False, soft_wrap=True)
+    return _err_console
+
+
+def project_root() -> Path:
+    return Path.cwd().resolve()
+
+
+def load_cfg(params: Path, overrides: list[str] | None):
+    from unite_core.config import load_config
+
+    return load_config(params, list(overrides or []))
+
+
+# ----------------------------------------------------------------------------------------------
+# Progress
+# ----------------------------------------------------------------------------------------------
+def _fmt_field(k: str, v: Any) -> str:
+    if isinstance(v, float):
+        return f"{k} {v:.4g}"
+    return f"{k} {v}"
+
+
+def _fmt_duration(s: float) -> str:
+    s = int(max(0, s))
+    h, rem = divmod(s, 3600)
+    m, sec = divmod(rem, 60)
+    return f"{h}:{m:02d}:{sec:02d}" if h else f"{m}:{sec:02d}"
+
+
+class _RichTask:
+    def __init__(self, progress, task_id, description: str, total: float | None):
+        self.progress, self.task_id = progress, task_id
+        self.description, self.total = description, total
+        self.started = False
+
+    def update(self, completed: float, **fields: Any) -> None:
+        info = "  ".join(_fmt_field(k, v) for k, v in fields.items())
+        if not self.started:  # the first value is the baseline (a resumed run), not speed
+            self.progress.reset(self.task_id, completed=completed, total=self.total, info=info)
+            self.started = True
+        else:
+            self.progress.update(self.task_id, completed=completed, info=info)
+
+
+class _LineTask:
+    """Progress as occasional log-style lines when stderr is not a terminal (CI, dvc repro | tee)."""
+
+    def __init__(self, description: str, total: float | None, every_s: float = 30.0):
+        self.description, self.total, self.every_s = description, total, every_s
+        self.first: tuple[float, float] | None = None
+        self.last_print = 0.0
+        self.pending: tuple[float, dict] | None = None
+
+    def update(self, completed: float, **fields: Any) -> None:
+        now = time.monotonic()
+        self.pending = (completed, fields)
+        if self.first is None:
+            self.first = (now, completed)
+        done = self.total is not None and completed >= self.total
+        if now - self.last_print >= self.every_s or done:
+            self.flush(now)
+
+    def flush(self, now: float | None = None) -> None:
+        if self.pending is not None:
+            now = now or time.monotonic()
+            self.last_print = now
+            self.emit(*self.pending, now)
+            self.pending = None
+
+    def emit(self, completed, fields, now) -> None:
+        text = f"{self.description}: {completed:g}"
+        if self.total:
+            text += f"/{self.total:g} ({100 * completed / self.total:.0f}%)"
+        t0, c0 = self.first or (now, completed)
+        if self.total and completed > c0 and now > t0:
+            eta = (self.total - completed) * (now - t0) / (completed - c0)
+            text += f" eta {_fmt_duration(eta)}"
+        if fields:
+            text += "  " + "  ".join(_fmt_field(k, v) for k, v in fields.items())
+        err_console().print(text, markup=False)
+
+
+class RichReporter:
+    """The CLI's Reporter: a rich progress bar with an ETA on a terminal, periodic lines otherwise."""
+
+    @contextmanager
+    def progress(self, description: str, total: float | None) -> Iterator[Any]:
+        con = err_console()
+        if not con.is_terminal:
+            task = _LineTask(description, total)
+            yield task
+            task.flush()
+            return
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                                   TimeRemainingColumn)
+
+        columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn() if total else TextColumn(""),
+                   TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[info]}")]
+        with Progress(*columns, console=con, transient=False) as progress:
+            tid = progress.add_task(description, total=total, info="")
+            yield _RichTask(progress, tid, description, total)
+
+
+# ----------------------------------------------------------------------------------------------
+# Running a stage from a command
+# ----------------------------------------------------------------------------------------------
+def run_stage(
+    stage: str,
+    params: Path,
+    overrides: list[str] | None,
+    debug: bool = False,
+    *,
+    options: dict | None = None,
+    write_metrics: bool = True,
+    module=None,
+) -> dict:
+    """Validate params, run the stage (tracked, with progress), write metrics/<stage>.json, print a summary."""
+    from ..stages import execute
+
+    cfg = load_cfg(params, overrides)
+    if cfg.train.threads:
+        import torch
+
+        torch.set_num_threads(cfg.train.threads)
+    root = project_root()
+    t0 = time.perf_counter()
+    result = execute(stage, cfg, root, module=module, params_path=Path(params), overrides=list(overrides or []),
+                     debug=debug, reporter=RichReporter(), options=options, write_metrics=write_metrics)
+    print_result(stage, result, time.perf_counter() - t0, root, write_metrics)
+    return result
+
+
+def _num(v: Any, digits: int = 4) -> str:
+    if isinstance(v, float):
+        if not math.isfinite(v):
+            return str(v)
+        return f"{v:.{digits}g}"
+    return str(v)
+
+
+def print_result(stage: str, result: dict, seconds: float, root: Path, wrote_metrics: bool) -> None:
+    out = console()
+    if stage == "prepare":
+        out.print(f"prepared {result.get('dataset')}: {result.get('num_train')} train / {result.get('num_val')} val "
+                  f"items, content hash {str(result.get('content_hash', ''))[:12]}", markup=False)
+    elif stage == "train":
+        verb = "trained" if result.get("trained_now") else "already trained (reused the finished run)"
+        line = (f"{verb} {result.get('run_name')}: {result.get('steps')}/{result.get('steps_requested')} steps, "
+                f"{_num(result.get('seconds'))} s of training ({_num(result.get('samples_per_s'))} samples/s), "
+                f"final loss {_num(result.get('final_loss'))}")
+        if result.get("val_psnr") is not None:
+            line += f", val PSNR {_num(result.get('val_psnr'))} dB"
+        if result.get("stopped_early"):
+            line += " (stopped by train.time_limit_minutes)"
+        out.print(line, markup=False)
+    elif stage == "sample":
+        out.print(f"wrote {result.get('num_samples')} samples to {result.get('out')}", markup=False)
+    else:
+        scalars = {k: v for k, v in result.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)}
+        shown = ", ".join(f"{k} {_num(v)}" for k, v in list(scalars.items())[:12])
+        out.print(f"{stage}: {shown}" if shown else f"{stage}: done", markup=False)
+    tail = f"{stage} finished in {seconds:.1f} s"
+    if wrote_metrics:
+        tail += f"; metrics in {(root / 'metrics' / f'{stage}.json').relative_to(root)}"
+    out.print(tail, markup=False)

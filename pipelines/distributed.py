@@ -1,0 +1,686 @@
+"""Training runs: Ray Train (a TorchTrainer with N data-parallel workers) or in-process, one loop.
+
+Both paths run unite_core's `Trainer` through `run_session`, keep the same files in the run folder
+`<root>/ray_results/<run name>/`, and resume the same way, so a run started under Ray can finish
+in-process and vice versa:
+
+    checkpoint_00000250/state.pt   full training state (weights, EMA, optimisers, history)
+    checkpoint_00000250/meta.json  {"step": 250, "final": false, ...}
+    metrics.jsonl                  one line per log step (rank 0), rewritten from the checkpoint's
+                                   history on resume, so it never holds a step twice
+
+Run names: `unite-<fingerprint>` (model, data, loss, flow and train settings; not `distributed`), or
+`unite-<DVC experiment>-<fingerprint>` inside `dvc exp run`. Other params never "resume" a run that
+trained something else. A run whose newest checkpoint is final (all train.steps done, or stopped by
+train.time_limit_minutes) is not trained again: the driver exports it and says so.
+
+Ray Train: `ScalingConfig(num_workers, use_gpu, resources_per_worker={"CPU": cpus_per_worker})`,
+`FailureConfig(max_failures)`, `CheckpointConfig(num_to_keep=2)`, gloo on CPU and NCCL on GPU.
+Each worker loads the prepared data from the absolute data folder, builds a Trainer with its world
+rank (gradients are averaged with one all-reduce per step), resumes from the newest checkpoint, and
+calls `ray.train.report` at every checkpoint (a barrier on all ranks; only rank 0 hands over a
+checkpoint folder). When a worker dies, Ray replaces the worker group and training resumes from the
+last checkpoint. Rank 0 appends per-step records to metrics.jsonl; only the driver writes to MLflow.
+
+Cluster: with RAY_ADDRESS set, `ray.init(address=RAY_ADDRESS)` joins that cluster (multi-node: `ray
+start --head` on one node, `ray start --address=<head>:6379` on the others, every node with this
+package installed and the project folder on shared storage at the same path, then `RAY_ADDRESS=auto
+dvc repro` or `unite train` on the head). Otherwise a local cluster is started for the command with
+`distributed.num_cpus` logical CPUs (default: enough for the workers plus two) and stopped after.
+
+Test-only: UNITE_TEST_CRASH_AT_STEP=N (read by the driver, passed to the Ray workers) makes rank 0
+exit with os._exit(1) right after step N, once per run folder (a marker file records that it
+happened), to exercise recovery from a dead worker. Ignored in-process (it would end the command
+itself). Not a params key on purpose: nobody sets it by accident.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "state.pt"
+META_FILE = "meta.json"
+RECORDS_FILE = "metrics.jsonl"
+CRASH_MARKER = ".unite_crash_injected"
+CRASH_ENV = "UNITE_TEST_CRASH_AT_STEP"
+KEEP_CHECKPOINTS = 2
+# Ray's unix sockets live below the temp dir: their paths must stay under 107 bytes
+RAY_TEMP_DIR = f"/tmp/unite-ray-{os.getuid()}"
+# record keys that are already global (or rank-local by nature) and are not averaged over ranks
+_NOT_AVERAGED = {"step", "time_s", "lr", "grad_norm", "samples_per_s"}
+
+
+# ----------------------------------------------------------------------------------------------
+# Run folders and checkpoints
+# ----------------------------------------------------------------------------------------------
+def run_name(cfg) -> str:
+    fp = cfg.fingerprint()
+    exp = os.environ.get("DVC_EXP_NAME")
+    if exp:
+        safe = re.sub(r"[^A-Za-z0-9_.-]+", "-", exp).strip("-")[:60] or "exp"
+        return f"unite-{safe}-{fp}"
+    return f"unite-{fp}"
+
+
+@dataclass
+class CheckpointInfo:
+    path: Path
+    step: int
+    final: bool
+    meta: dict
+
+
+def list_checkpoints(run_dir: Path) -> list[CheckpointInfo]:
+    """Complete checkpoints (state and meta present) in a run folder, oldest first."""
+    found = []
+    for d in Path(run_dir).glob("checkpoint_*"):
+        meta_path, state_path = d / META_FILE, d / STATE_FILE
+        if not (meta_path.is_file() and state_path.is_file()):
+            continue
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (OSError, ValueError):
+            continue
+        found.append(CheckpointInfo(d, int(meta.get("step", -1)), bool(meta.get("final")), meta))
+    return sorted(found, key=lambda c: (c.step, c.final, c.path.stat().st_mtime))
+
+
+def latest_checkpoint(run_dir: Path) -> CheckpointInfo | None:
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def is_finished(ckpt: CheckpointInfo | None, cfg) -> bool:
+    return ckpt is not None and (ckpt.final or ckpt.step >= cfg.train.steps)
+
+
+def checkpoint_meta(trainer, cfg, final: bool, world_size: int) -> dict:
+    history = trainer.history
+    return {
+        "step": int(trainer.step),
+        "final": bool(final),
+        "steps_requested": int(cfg.train.steps),
+        "stopped_early": bool(final and trainer.step < cfg.train.steps),
+        "train_seconds": float(history[-1]["time_s"]) if history else 0.0,
+        "world_size": int(world_size),
+        "fingerprint": cfg.fingerprint(),
+    }
+
+
+def write_checkpoint_dir(folder: Path, trainer, meta: dict) -> Path:
+    """state.pt then meta.json (a folder without meta.json is ignored as incomplete)."""
+    import torch
+
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save(trainer.state_dict(), folder / STATE_FILE)
+    (folder / META_FILE).write_text(json.dumps(meta, indent=1))
+    return folder
+
+
+def read_state(ckpt_dir: Path) -> dict:
+    import torch
+
+    from unite_core.train import CheckpointError
+
+    try:
+        return torch.load(Path(ckpt_dir) / STATE_FILE, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001
+        raise CheckpointError(
+            f"checkpoint '{ckpt_dir}' is unreadable ({type(exc).__name__}): delete that folder to resume from "
+            "the one before it"
+        ) from None
+
+
+def export_checkpoint(ckpt_dir: Path, dest: Path) -> dict:
+    """Write the run's checkpoint as the model file: weights, EMA weights, config, info, history.
+
+    The optimiser state stays in the run folder (it doubles the file and only matters for resuming).
+    """
+    from unite_core.train import save_checkpoint
+
+    state = read_state(ckpt_dir)
+    slim = {k: v for k, v in state.items() if k != "optimizers"}
+    save_checkpoint(dest, slim)
+    return slim
+
+
+# ----------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------
+_IMAGE_DATA_KEYS = ("dataset", "image_size", "val_fraction", "split_seed", "max_items", "flip")
+
+
+def check_prepared(cfg, data_dir: Path) -> dict:
+    """The prepared data's manifest; DataError when it is missing or was made from other data params."""
+    from unite_core.data import DataError
+
+    data_dir = Path(data_dir)
+    path = data_dir / "manifest.json"
+    if not path.is_file():
+        raise DataError(f"no prepared data in '{data_dir}': run `unite prepare` (or `dvc repro prepare`) first")
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise DataError(f"'{path}' is unreadable ({exc}): run `unite prepare` again") from None
+    if cfg.modality == "images":
+        made = manifest.get("settings", {})
+        want = cfg.data.model_dump()
+        diff = [k for k in _IMAGE_DATA_KEYS if k in made and made.get(k) != want.get(k)]
+        if diff:
+            detail = ", ".join(f"data.{k}={made.get(k)!r} (params: {want.get(k)!r})" for k in diff)
+            raise DataError(f"the data in '{data_dir}' was prepared with {detail}: run `unite prepare` again")
+    return manifest
+
+
+def num_train_items(manifest: dict) -> int:
+    info = manifest.get("info", manifest)
+    return int(info.get("num_train", 0))
+
+
+def load_training_data(cfg, data_dir: Path):
+    """(train_set, val_set, info) from the prepared folder."""
+    if cfg.modality == "molecules":
+        from unite_core.data.molecules import load_prepared_molecules
+
+        data = load_prepared_molecules(Path(data_dir), cfg.data)
+    else:
+        from unite_core.data import load_prepared
+
+        data = load_prepared(Path(data_dir))
+    return data.train, data.val, data.info
+
+
+def preflight(cfg, manifest: dict, workers: int) -> None:
+    """Settings errors that would otherwise surface inside every (retried) worker."""
+    from unite_core.train import TrainingError
+
+    t = cfg.train
+    world = max(1, workers)
+    if t.batch_size % (world * t.grad_accum):
+        raise TrainingError(
+            f"train.batch_size={t.batch_size} must be divisible by distributed.num_workers x train.grad_accum = "
+            f"{world} x {t.grad_accum}: change one of them"
+        )
+    n = num_train_items(manifest)
+    if n and t.batch_size > n:
+        raise TrainingError(f"train.batch_size={t.batch_size} exceeds the {n} training samples: lower train.batch_size")
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop (shared by the in-process path and every Ray worker)
+# ----------------------------------------------------------------------------------------------
+class _TimeUp(Exception):
+    """Raised from on_log when train.time_limit_minutes is used up (all ranks agree)."""
+
+
+def _average_over_ranks(record: dict, stop: bool, world_size: int) -> bool:
+    """Average the rank-local training metrics of a log record in place; True if any rank must stop."""
+    import torch
+    import torch.distributed as dist
+
+    keys = sorted(k for k, v in record.items()
+                  if k not in _NOT_AVERAGED and not k.startswith("val_") and isinstance(v, (int, float)))
+    vals = torch.tensor([float(record[k]) for k in keys] + [1.0 if stop else 0.0], dtype=torch.float64)
+    dist.all_reduce(vals)
+    for i, k in enumerate(keys):
+        record[k] = float(vals[i]) / world_size
+    return float(vals[-1]) > 0
+
+
+def _write_records(path: Path, history: list[dict]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in history))
+    os.replace(tmp, path)
+
+
+def run_session(
+    trainer,
+    cfg,
+    run_dir: Path,
+    *,
+    save: Callable[[bool], None],
+    rank: int = 0,
+    world_size: int = 1,
+    crash_at: int | None = None,
+    on_record: Callable[[dict], None] | None = None,
+) -> bool:
+    """Train a (resumed) Trainer to train.steps within the time budget; returns True if stopped early.
+
+    `save(final)` writes or reports a checkpoint and is called on every rank at the same steps: every
+    train.checkpoint_every steps and once at the end. The time budget (train.time_limit_minutes)
+    counts training time across resumes and is checked at log steps, by all ranks together.
+    Log records get cumulative time_s and, with several ranks, metrics averaged over the global batch.
+    """
+    t = cfg.train
+    until = t.steps
+    history = trainer.history
+    offset = float(history[-1]["time_s"]) if history else 0.0
+    budget = t.time_limit_minutes * 60.0 - offset if t.time_limit_minutes else None
+    records = Path(run_dir) / RECORDS_FILE
+    if rank == 0:
+        _write_records(records, history)
+        if crash_at is not None:
+            _arm_crash(trainer, crash_at, Path(run_dir) / CRASH_MARKER)
+    start = time.perf_counter()
+
+    def on_log(step: int, record: dict) -> None:
+        record["time_s"] = round(float(record["time_s"]) + offset, 3)
+        stop = budget is not None and time.perf_counter() - start > budget and step < until
+        if world_size > 1:
+            stop = _average_over_ranks(record, stop, world_size)
+        if stop and rank == 0 and not any(k.startswith("val_") for k in record):
+            record.update(trainer.evaluate())
+        if rank == 0:
+            with open(records, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            if on_record is not None:
+                on_record(record)
+        if stop:
+            raise _TimeUp
+
+    def on_checkpoint(step: int, _trainer) -> None:
+        save(step >= until)
+
+    if trainer.step >= until:
+        return False
+    try:
+        trainer.run(until, on_log=on_log, on_checkpoint=on_checkpoint, time_limit_s=math.inf)
+    except _TimeUp:
+        log.info("train.time_limit_minutes=%s used up at step %d of %d: stopping with a final checkpoint",
+                 t.time_limit_minutes, trainer.step, until)
+        save(True)
+        return True
+    return False
+
+
+def _arm_crash(trainer, step: int, marker: Path) -> None:
+    """Test-only fault injection: exit the process right after `step`, once per run folder."""
+    if marker.exists():
+        return
+    train_step = trainer.train_step
+
+    def crashing_step():
+        out = train_step()
+        if trainer.step == step and not marker.exists():
+            marker.write_text(f"crashed at step {step}\n")
+            log.warning("%s=%d: rank 0 exits now (test-only fault injection)", CRASH_ENV, step)
+            os._exit(1)
+        return out
+
+    trainer.train_step = crashing_step
+
+
+def crash_step_from_env() -> int | None:
+    raw = os.environ.get(CRASH_ENV)
+    if not raw:
+        return None
+    try:
+        return int(raw)
+    except ValueError:
+        from unite_core.train import TrainingError
+
+        raise TrainingError(f"{CRASH_ENV}={raw!r} must be a step number (test-only variable; unset it)") from None
+
+
+def _resume(trainer, ckpt_dir: Path) -> dict:
+    state = read_state(ckpt_dir)
+    trainer.load_state_dict(state)
+    return json.loads((Path(ckpt_dir) / META_FILE).read_text())
+
+
+# ----------------------------------------------------------------------------------------------
+# Ray worker (must live in the installed package: workers import it by name)
+# ----------------------------------------------------------------------------------------------
+def ray_worker(config: dict) -> None:
+    import ray.train
+    import torch
+
+    from unite_core.config import config_from_dict
+    from unite_core.train import Trainer
+
+    torch.set_num_threads(max(1, int(config["cpus_per_worker"])))
+    cfg = config_from_dict(config["cfg"])
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    if config["use_gpu"]:
+        import ray.train.torch
+
+        device = ray.train.torch.get_device()
+    else:
+        device = torch.device("cpu")
+    run_dir = Path(config["run_dir"])
+    train_set, val_set, info = load_training_data(cfg, Path(config["data_dir"]))
+    trainer = Trainer(cfg, info, train_set, device, val_set=val_set if rank == 0 else None,
+                      rank=rank, world_size=world)
+
+    # resume: the newer of Ray's own latest checkpoint (a restart inside this fit) and the newest one
+    # in the run folder that the driver found (an earlier, interrupted command)
+    candidates = []
+    ray_ckpt = ray.train.get_checkpoint()
+    if ray_ckpt is not None:
+        candidates.append(Path(ray_ckpt.path))
+    if config.get("resume_dir") and Path(config["resume_dir"]).is_dir():
+        candidates.append(Path(config["resume_dir"]))
+    best = None
+    for c in candidates:
+        try:
+            step = json.loads((c / META_FILE).read_text())["step"]
+        except (OSError, ValueError, KeyError):
+            continue
+        if best is None or step > best[0]:
+            best = (step, c)
+    if best is not None:
+        meta = _resume(trainer, best[1])
+        log.info("rank %d resumed from %s (step %d)", rank, best[1], trainer.step)
+        if meta.get("final"):
+            return
+
+    def save(final: bool) -> None:
+        with tempfile.TemporaryDirectory(prefix="unite-ckpt-") as tmp:
+            checkpoint = None
+            if rank == 0:
+                write_checkpoint_dir(Path(tmp), trainer, checkpoint_meta(trainer, cfg, final, world))
+                checkpoint = ray.train.Checkpoint.from_directory(tmp)
+            last = trainer.history[-1] if trainer.history else {}
+            ray.train.report(
+                {"step": trainer.step, "final": final, "loss": last.get("loss")},
+                checkpoint=checkpoint,
+                checkpoint_dir_name=f"checkpoint_{trainer.step:08d}",
+            )
+
+    run_session(trainer, cfg, run_dir, save=save, rank=rank, world_size=world, crash_at=config.get("crash_at"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Driver side
+# ----------------------------------------------------------------------------------------------
+class _RecordFollower(threading.Thread):
+    """Tails metrics.jsonl (rewritten on resume) and feeds each new record to a callback."""
+
+    def __init__(self, path: Path, callback: Callable[[dict], None], interval: float = 0.5):
+        super().__init__(daemon=True, name="unite-record-follower")
+        self.path, self.callback, self.interval = path, callback, interval
+        self._halt = threading.Event()
+        self._pos, self._inode, self._buf = 0, None, ""
+
+    def poll(self) -> None:
+        try:
+            st = self.path.stat()
+        except FileNotFoundError:
+            return
+        if st.st_ino != self._inode or st.st_size < self._pos:
+            self._inode, self._pos, self._buf = st.st_ino, 0, ""
+        if st.st_size == self._pos:
+            return
+        with open(self.path) as f:
+            f.seek(self._pos)
+            chunk = f.read()
+            self._pos = f.tell()
+        lines = (self._buf + chunk).split("\n")
+        self._buf = lines.pop()
+        for line in lines:
+            if line.strip():
+                try:
+                    self.callback(json.loads(line))
+                except ValueError:
+                    continue
+                except Exception:  # noqa: BLE001 - a display problem must not stop training
+                    log.debug("progress callback failed", exc_info=True)
+
+    def run(self) -> None:
+        while not self._halt.wait(self.interval):
+            self.poll()
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join(timeout=5)
+        self.poll()
+
+
+def _progress_fields(record: dict) -> dict:
+    out = {}
+    for k in ("loss", "val_psnr"):
+        if isinstance(record.get(k), (int, float)):
+            out[k] = record[k]
+    return out
+
+
+def local_num_cpus(cfg) -> int:
+    d = cfg.distributed
+    return d.num_cpus or max(4, math.ceil(d.num_workers * d.cpus_per_worker) + 2)
+
+
+def ensure_ray(cfg, *, debug: bool = False) -> bool:
+    """Connect to RAY_ADDRESS or start a local cluster; True if this call started Ray."""
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # a loaded 2-core machine can take over a minute to start a worker group (Ray's default: 60 s)
+    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
+    import ray
+
+    if ray.is_initialized():
+        return False
+    ray_logger = logging.getLogger("ray")
+    if not debug:
+        ray_logger.setLevel(logging.ERROR)
+    kwargs: dict[str, Any] = dict(logging_level=logging.DEBUG if debug else logging.ERROR,
+                                  log_to_driver=debug, include_dashboard=False)
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        log.info("joining the Ray cluster at %s", address)
+        ray.init(address=address, **kwargs)
+    else:
+        n = local_num_cpus(cfg)
+        log.info("starting a local Ray cluster (%d logical CPUs, temp dir %s)", n, RAY_TEMP_DIR)
+        ray.init(address="local", num_cpus=n, _temp_dir=RAY_TEMP_DIR, **kwargs)
+    return True
+
+
+def _check_resources(cfg) -> None:
+    import ray
+
+    from unite_core.train import TrainingError
+
+    d = cfg.distributed
+    have = ray.cluster_resources()
+    need_cpu = d.num_workers * d.cpus_per_worker
+    if have.get("CPU", 0) < need_cpu:
+        raise TrainingError(
+            f"the Ray cluster has {have.get('CPU', 0):g} CPUs but {d.num_workers} workers x "
+            f"{d.cpus_per_worker:g} CPUs need {need_cpu:g}: lower distributed.num_workers or "
+            "distributed.cpus_per_worker, or raise distributed.num_cpus"
+        )
+    if d.use_gpu and have.get("GPU", 0) < d.num_workers:
+        raise TrainingError(
+            f"distributed.use_gpu=true with {d.num_workers} workers needs {d.num_workers} GPUs but the Ray "
+            f"cluster has {have.get('GPU', 0):g}: lower distributed.num_workers or set distributed.use_gpu=false"
+        )
+
+
+def _user_error_from(exc: BaseException, cfg) -> Exception:
+    """The unite error behind a Ray TrainingFailedError, or a one-line TrainingError."""
+    from unite_core.train import TrainingError
+
+    failures = getattr(exc, "worker_failures", None) or {}
+    for _, err in sorted(failures.items()):
+        base = getattr(err, "_base_exc", err)
+        if type(base).__module__.startswith("unite_core") and type(base).__name__.endswith("Error"):
+            return base
+    if failures:
+        first_failure = next(iter(failures.values()))
+        cause = getattr(first_failure, "_base_exc", first_failure)
+    else:
+        cause = getattr(exc, "controller_failure", None) or exc
+    first = (str(cause).strip().splitlines() or [type(cause).__name__])[-1][:300]
+    return TrainingError(
+        f"Ray Train failed (distributed.max_failures={cfg.distributed.max_failures} retries used): "
+        f"{type(cause).__name__}: {first}; rerun with --debug for the workers' logs"
+    )
+
+
+def _summary(cfg, name: str, run_dir: Path, ckpt: CheckpointInfo, *, trained_now: bool, workers: int,
+             wall_s: float, startup_s: float = 0.0, resumed_from: int | None = None) -> dict:
+    return {
+        "run_name": name,
+        "run_dir": str(run_dir),
+        "checkpoint_dir": str(ckpt.path),
+        "final_step": ckpt.step,
+        "steps_requested": cfg.train.steps,
+        "stopped_early": bool(ckpt.meta.get("stopped_early", ckpt.step < cfg.train.steps)),
+        "train_seconds": float(ckpt.meta.get("train_seconds", 0.0)),
+        "trained_now": trained_now,
+        "resumed_from": resumed_from,
+        "workers": workers,
+        "wall_seconds": wall_s,
+        "startup_seconds": startup_s,
+    }
+
+
+def _already_finished(cfg, name: str, run_dir: Path, workers: int, t0: float) -> dict | None:
+    ckpt = latest_checkpoint(run_dir)
+    if not is_finished(ckpt, cfg):
+        return None
+    log.info("run %s already finished at step %d (%s): exporting its final checkpoint, nothing is trained",
+             name, ckpt.step, ckpt.path.name)
+    return _summary(cfg, name, run_dir, ckpt, trained_now=False, workers=workers,
+                    wall_s=time.perf_counter() - t0)
+
+
+def train_with_ray(ctx, data_dir: Path) -> dict:
+    """Train through Ray Train; returns a summary (run name, final checkpoint folder, timings)."""
+    cfg = ctx.cfg
+    d = cfg.distributed
+    t0 = time.perf_counter()
+    manifest = check_prepared(cfg, data_dir)
+    preflight(cfg, manifest, d.num_workers)
+    name = run_name(cfg)
+    storage = ctx.paths.ray_storage
+    rdir = storage / name
+    done = _already_finished(cfg, name, rdir, d.num_workers, t0)
+    if done is not None:
+        return done
+    previous = latest_checkpoint(rdir)
+    if previous is not None:
+        log.info("run %s: resuming from its checkpoint at step %d", name, previous.step)
+    crash_at = crash_step_from_env()
+    rdir.mkdir(parents=True, exist_ok=True)
+
+    started = ensure_ray(cfg, debug=ctx.debug)
+    try:
+        _check_resources(cfg)
+        from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+        from ray.train.torch import TorchConfig, TorchTrainer
+
+        startup_s = time.perf_counter() - t0
+        trainer = TorchTrainer(
+            ray_worker,
+            train_loop_config={
+                "cfg": cfg.to_dict(),
+                "data_dir": str(Path(data_dir).resolve()),
+                "run_dir": str(rdir),
+                "resume_dir": str(previous.path) if previous else None,
+                "cpus_per_worker": d.cpus_per_worker,
+                "use_gpu": d.use_gpu,
+                "crash_at": crash_at,
+            },
+            torch_config=TorchConfig(backend="nccl" if d.use_gpu else "gloo"),
+            scaling_config=ScalingConfig(num_workers=d.num_workers, use_gpu=d.use_gpu,
+                                         resources_per_worker={"CPU": d.cpus_per_worker}),
+            run_config=RunConfig(
+                storage_path=str(storage),
+                name=name,
+                failure_config=FailureConfig(max_failures=d.max_failures),
+                checkpoint_config=CheckpointConfig(num_to_keep=KEEP_CHECKPOINTS),
+            ),
+        )
+        with ctx.reporter.progress(f"train ({d.num_workers} Ray worker{'s' if d.num_workers > 1 else ''})",
+                                   cfg.train.steps) as task:
+            if previous is not None:
+                task.update(previous.step)
+            follower = _RecordFollower(rdir / RECORDS_FILE,
+                                       lambda r: task.update(r["step"], **_progress_fields(r)))
+            follower.start()
+            try:
+                trainer.fit()
+            except Exception as exc:
+                from ray.train import TrainingFailedError
+
+                if isinstance(exc, TrainingFailedError):
+                    raise _user_error_from(exc, cfg) from None
+                raise
+            finally:
+                follower.stop()
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+    ckpt = latest_checkpoint(rdir)
+    if not is_finished(ckpt, cfg):
+        from unite_core.train import TrainingError
+
+        raise TrainingError(f"Ray Train returned without a final checkpoint in '{rdir}'; rerun to resume")
+    return _summary(cfg, name, rdir, ckpt, trained_now=True, workers=d.num_workers,
+                    wall_s=time.perf_counter() - t0, startup_s=startup_s,
+                    resumed_from=previous.step if previous else None)
+
+
+def train_in_process(ctx, data_dir: Path) -> dict:
+    """The same loop without Ray (distributed.num_workers=0): same run folder, checkpoints, resume."""
+    import torch
+
+    from unite_core.train import Trainer, resolve_device
+
+    cfg = ctx.cfg
+    t0 = time.perf_counter()
+    manifest = check_prepared(cfg, data_dir)
+    preflight(cfg, manifest, 1)
+    name = run_name(cfg)
+    rdir = ctx.paths.ray_storage / name
+    done = _already_finished(cfg, name, rdir, 0, t0)
+    if done is not None:
+        return done
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    train_set, val_set, info = load_training_data(cfg, data_dir)
+    trainer = Trainer(cfg, info, train_set, resolve_device(cfg.train.device), val_set=val_set)
+    previous = latest_checkpoint(rdir)
+    if previous is not None:
+        _resume(trainer, previous.path)
+        log.info("run %s: resuming from its checkpoint at step %d", name, previous.step)
+    rdir.mkdir(parents=True, exist_ok=True)
+
+    def save(final: bool) -> None:
+        folder = rdir / f"checkpoint_{trainer.step:08d}"
+        tmp = Path(tempfile.mkdtemp(prefix=".tmp-ckpt-", dir=rdir))
+        try:
+            write_checkpoint_dir(tmp, trainer, checkpoint_meta(trainer, cfg, final, 1))
+            if folder.exists():
+                shutil.rmtree(folder)
+            os.replace(tmp, folder)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        for old in list_checkpoints(rdir)[:-KEEP_CHECKPOINTS]:
+            shutil.rmtree(old.path, ignore_errors=True)
+
+    startup_s = time.perf_counter() - t0
+    with ctx.reporter.progress("train (in-process)", cfg.train.steps) as task:
+        if previous is not None:
+            task.update(previous.step)
+        run_session(trainer, cfg, rdir, save=save,
+                    on_record=lambda r: task.update(r["step"], **_progress_fields(r)))
+    ckpt = latest_checkpoint(rdir)
+    return _summary(cfg, name, rdir, ckpt, trained_now=True, workers=0, wall_s=time.perf_counter() - t0,
+                    startup_s=startup_s, resumed_from=previous.step if previous else None)

@@ -1,0 +1,145 @@
+"""One module per pipeline stage, each with `run(ctx: StageContext) -> dict`, and what they share.
+
+`execute(stage, cfg, root, ...)` is the one way to run a stage outside DVC's bookkeeping (the CLI and
+the tests use it): it opens the stage's MLflow child run, builds the StageContext, calls the
+module's `run`, writes metrics/<stage>.json atomically and logs it (and the summary numbers that the
+stage did not already log) to the run.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+#: the stages of dvc.yaml, in pipeline order
+PIPELINE_STAGES = ("prepare", "classifier", "train", "evaluate", "analyze")
+
+
+class StageError(RuntimeError):
+    """A user-facing stage problem (missing input, impossible option); the message says what to do."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Files
+# ----------------------------------------------------------------------------------------------
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write via a temp file in the same folder and a rename: readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def plain(value: Any) -> Any:
+    """JSON-safe copy: non-finite floats become null, tuples lists, paths strings."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    if hasattr(value, "item") and callable(value.item):  # numpy / torch scalars
+        try:
+            return plain(value.item())
+        except (TypeError, ValueError):
+            pass
+    return value
+
+
+def atomic_write_json(path: str | Path, data: dict) -> Path:
+    return atomic_write_text(path, json.dumps(plain(data), indent=2, sort_keys=True) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------
+# Pictures
+# ----------------------------------------------------------------------------------------------
+def image_grid(images, nrow: int, padding: int = 2, min_tile: int = 64):
+    """PIL image of `images` ((N, C, H, W) in [0, 1], C in {1, 3}), `nrow` per row.
+
+    Small images are upscaled (nearest neighbour, an integer factor) so that a tile is at least
+    `min_tile` pixels wide: a 32x32 digit is unreadable at its native size in a browser.
+    """
+    import numpy as np
+    from PIL import Image
+
+    x = images.detach().float().clamp(0, 1).cpu().numpy()
+    n, c, h, w = x.shape
+    nrow = max(1, min(nrow, n))
+    rows = math.ceil(n / nrow)
+    canvas = np.full((rows * (h + padding) + padding, nrow * (w + padding) + padding, c), 0.5, dtype=np.float32)
+    for i in range(n):
+        r, col = divmod(i, nrow)
+        y, xx = padding + r * (h + padding), padding + col * (w + padding)
+        canvas[y : y + h, xx : xx + w] = x[i].transpose(1, 2, 0)
+    arr = (canvas * 255).round().astype(np.uint8)
+    img = Image.fromarray(arr[..., 0] if c == 1 else arr, mode="L" if c == 1 else "RGB")
+    scale = max(1, math.ceil(min_tile / max(w, 1)))
+    if scale > 1:
+        img = img.resize((img.width * scale, img.height * scale), Image.Resampling.NEAREST)
+    return img
+
+
+# ----------------------------------------------------------------------------------------------
+# Running a stage
+# ----------------------------------------------------------------------------------------------
+def stage_module(stage: str) -> ModuleType | None:
+    """pipelines.stages.<stage>, or None when this build has no such stage."""
+    name = f"{__name__}.{stage}"
+    if importlib.util.find_spec(name) is None:
+        return None
+    return importlib.import_module(name)
+
+
+def execute(
+    stage: str,
+    cfg,
+    root: str | Path,
+    *,
+    module: ModuleType | None = None,
+    params_path: Path | None = None,
+    overrides: list[str] | None = None,
+    debug: bool = False,
+    reporter=None,
+    options: dict | None = None,
+    write_metrics: bool = True,
+) -> dict:
+    """Run one stage in its MLflow child run; write metrics/<stage>.json. Returns the stage's metrics."""
+    from ..context import Reporter, StageContext
+    from ..tracking import stage_run
+
+    if module is None:
+        module = stage_module(stage)
+        if module is None:
+            raise StageError(f"stage '{stage}' is not available in this build (no pipelines/stages/{stage}.py)")
+    with stage_run(Path(root), cfg.tracking.experiment, stage, cfg.to_dict(), enabled=cfg.tracking.enabled) as tracker:
+        ctx = StageContext(cfg, Path(root), tracker, params_path=params_path, overrides=list(overrides or []),
+                           debug=debug, reporter=reporter or Reporter(), options=dict(options or {}))
+        result = module.run(ctx) or {}
+        if write_metrics:
+            path = atomic_write_json(ctx.paths.stage_metrics(stage), result)
+            tracker.log_artifact(path, "metrics")
+        tracker.log_summary(result)
+    return result

@@ -1,0 +1,139 @@
+"""`unite sample`: a grid of generated samples from a checkpoint (not a DVC stage).
+
+Options (ctx.options): checkpoint (default models/unite.pt), classes (list of ints; default every
+class), per_class (default sample.num_samples / number of classes), cfg_scale (default
+sample.cfg_scale), out (default reports/samples.png). The model is rebuilt from the checkpoint's own
+config with EMA weights (sample.use_ema); solver, steps, guidance interval and seed come from the
+params' `sample` section. Images: one row per class. Molecules: unite_core.molecules.write_samples
+(an SDF and a PNG of 2-D depictions beside --out).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from pathlib import Path
+
+from ..context import StageContext
+from . import StageError, image_grid
+
+log = logging.getLogger(__name__)
+
+DEFAULT_OUT = Path("reports") / "samples.png"
+
+
+def parse_classes(text: str | None) -> list[int] | None:
+    """'0,1,2' or '0-4,7' -> [0, 1, 2] / [0, 1, 2, 3, 4, 7]; None or '' -> None (all classes)."""
+    if text is None or not str(text).strip():
+        return None
+    out: list[int] = []
+    for part in str(text).split(","):
+        part = part.strip()
+        try:
+            if "-" in part[1:]:
+                lo, hi = part[0] + part[1:].split("-", 1)[0], part[1:].split("-", 1)[1]
+                out.extend(range(int(lo), int(hi) + 1))
+            else:
+                out.append(int(part))
+        except ValueError:
+            raise StageError(f"--classes '{text}' must be class ids like 0,1,2 or 0-4") from None
+    return out
+
+
+def run(ctx: StageContext) -> dict:
+    import torch
+
+    from unite_core.train import load_checkpoint, model_from_checkpoint, resolve_device
+
+    cfg, opts = ctx.cfg, ctx.options
+    path = Path(opts.get("checkpoint") or ctx.paths.checkpoint)
+    if not path.is_absolute():
+        path = ctx.root / path
+    state = load_checkpoint(path)
+    device = resolve_device(cfg.train.device)
+    model = model_from_checkpoint(state, use_ema=cfg.sample.use_ema, device=device)
+    out = Path(opts.get("out") or DEFAULT_OUT)
+    if not out.is_absolute():
+        out = ctx.root / out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    s = cfg.sample
+    cfg_scale = float(opts["cfg_scale"]) if opts.get("cfg_scale") is not None else s.cfg_scale
+    if cfg_scale < 0:
+        raise StageError(f"--cfg-scale {cfg_scale} must be >= 0 (1 = no guidance)")
+
+    if model.modality.name == "molecules":
+        return _molecules(ctx, model, state, out, t0)
+
+    num_classes = model.num_classes
+    classes = opts.get("classes")
+    if isinstance(classes, str):
+        classes = parse_classes(classes)
+    if classes is None:
+        classes = list(range(num_classes)) if num_classes > 0 else [0]
+    bad = [c for c in classes if not 0 <= c < max(num_classes, 1)]
+    if bad:
+        raise StageError(f"--classes {bad} out of range: this model has {num_classes} classes (0..{num_classes - 1})")
+    per_class = opts.get("per_class") or max(1, s.num_samples // len(classes))
+    if per_class < 1:
+        raise StageError(f"--per-class {per_class} must be >= 1")
+    labels = torch.tensor([c for c in classes for _ in range(per_class)], device=device)
+    gen = torch.Generator(device=device).manual_seed(s.seed)
+    autocast = torch.bfloat16 if cfg.train.precision == "bf16" else None
+    batch = max(1, cfg.eval.batch_size)
+    images, nfe = [], 0
+    with ctx.reporter.progress("sample", len(labels)) as task:
+        for start in range(0, len(labels), batch):
+            x, n = model.generate(labels[start : start + batch], solver=s.solver, steps=s.steps, cfg_scale=cfg_scale,
+                                  cfg_interval=tuple(s.cfg_interval), norm_first=s.norm_first, generator=gen,
+                                  autocast_dtype=autocast)
+            images.append(x.float().cpu())
+            nfe = max(nfe, int(n))
+            task.update(min(len(labels), start + batch))
+    grid = image_grid(torch.cat(images), nrow=per_class)
+    tmp = out.with_name(f".{out.name}.tmp")
+    grid.save(tmp, format="PNG")
+    tmp.replace(out)
+    ctx.tracker.log_image(grid, out.name)
+    result = {
+        "out": str(out),
+        "checkpoint": str(path),
+        "checkpoint_step": int(state.get("step", 0)),
+        "classes": classes,
+        "per_class": int(per_class),
+        "num_samples": int(len(labels)),
+        "cfg_scale": cfg_scale,
+        "nfe": nfe,
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
+    ctx.tracker.log_metrics({"num_samples": result["num_samples"], "cfg_scale": cfg_scale, "nfe": nfe,
+                             "seconds": result["seconds"]})
+    log.debug("wrote %d samples (%d classes x %d, guidance %.2f) to %s", len(labels), len(classes), per_class,
+             cfg_scale, out)
+    return result
+
+
+def _molecules(ctx: StageContext, model, state: dict, out: Path, t0: float) -> dict:
+    try:
+        from unite_core.molecules import write_samples
+    except ImportError:
+        write_samples = None
+    if write_samples is None:
+        raise StageError("sampling molecules needs unite_core.molecules.write_samples, which this build lacks")
+    cfg, opts = ctx.cfg, ctx.options
+    n = int(opts.get("per_class") or cfg.sample.num_samples)
+    if opts.get("cfg_scale") is not None:
+        cfg = cfg.model_copy(update={"sample": cfg.sample.model_copy(update={"cfg_scale": float(opts["cfg_scale"])})})
+    files = write_samples(model, n, out.parent, cfg)
+    png = Path(files["png"])
+    if png.resolve() != out.resolve():
+        shutil.copyfile(png, out)
+    from PIL import Image
+
+    with Image.open(out) as img:
+        ctx.tracker.log_image(img.copy(), out.name)
+    if files.get("sdf"):
+        ctx.tracker.log_artifact(files["sdf"], "samples")
+    return {"out": str(out), "sdf": files.get("sdf"), "num_samples": n,
+            "checkpoint_step": int(state.get("step", 0)), "seconds": round(time.perf_counter() - t0, 3)}

@@ -1,0 +1,132 @@
+"""Stage `train`: train UNITE on the prepared data and export models/unite.pt.
+
+distributed.num_workers >= 1 trains through Ray Train (pipelines.distributed.train_with_ray),
+0 in this process; both resume an interrupted run with the same params, and a run that already
+finished is exported without training again.
+
+Outs: models/unite.pt (weights + EMA weights + config + history; the optimiser state stays in
+ray_results/<run>/), plots/train_curve.csv (one row per log step), plots/train_reconstructions.png
+(images: validation images on the top row, their reconstructions by the EMA model below).
+MLflow: per-step metrics, the curve CSV, the reconstruction grid and the checkpoint.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+from pathlib import Path
+
+from ..context import StageContext
+from . import atomic_write_text, image_grid
+
+log = logging.getLogger(__name__)
+
+CURVE_FILE = "train_curve.csv"
+RECON_FILE = "train_reconstructions.png"
+CURVE_COLUMNS = ("step", "time_s", "loss", "recon", "flow", "lr", "val_psnr")
+RECON_IMAGES = 10
+
+
+def curve_csv(history: list[dict]) -> str:
+    """CSV text: CURVE_COLUMNS first, then every other key in first-seen order; blanks where absent."""
+    keys = [k for k in CURVE_COLUMNS if any(k in r for r in history)]
+    for r in history:
+        keys += [k for k in r if k not in keys]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=keys, restval="", extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    for r in history:
+        w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
+    return buf.getvalue()
+
+
+def reconstruction_grid(state: dict, data_dir: Path, n: int = RECON_IMAGES):
+    """PIL grid: n validation images (one per class first) above their EMA reconstructions."""
+    import torch
+
+    from unite_core.data import load_prepared
+    from unite_core.train import fetch, model_from_checkpoint
+
+    data = load_prepared(data_dir)
+    labels = data.val.labels if hasattr(data.val, "labels") else None
+    picks: list[int] = []
+    if labels is not None:
+        labels = torch.as_tensor(labels)
+        for c in sorted(set(labels.tolist())):
+            picks.append(int((labels == c).nonzero()[0]))
+            if len(picks) == n:
+                break
+    picks += [i for i in range(len(data.val)) if i not in picks][: max(0, n - len(picks))]
+    x, _ = fetch(data.val, torch.tensor(picks[:n]))
+    model = model_from_checkpoint(state, use_ema=True, device="cpu")
+    with torch.no_grad():
+        decoded = model.reconstruct(x, torch.Generator().manual_seed(0))
+    recon = model.modality.postprocess(decoded.float())
+    originals = ((x.float() + 1) / 2).clamp(0, 1)
+    return image_grid(torch.cat([originals, recon]), nrow=len(picks[:n]))
+
+
+def summarize(history: list[dict], summary: dict, batch_size: int) -> dict:
+    last = history[-1] if history else {}
+    evals = [r for r in history if any(k.startswith("val_") for k in r)]
+    tail = history[-max(1, len(history) // 10):] if history else []
+    losses = [r["loss"] for r in tail if isinstance(r.get("loss"), (int, float))]
+    seconds = float(summary["train_seconds"]) or float(last.get("time_s", 0.0))
+    metrics = {
+        "final_loss": last.get("loss"),
+        "final_loss_avg": sum(losses) / len(losses) if losses else None,
+        "final_recon": last.get("recon"),
+        "final_flow": last.get("flow"),
+        "steps": int(summary["final_step"]),
+        "steps_requested": int(summary["steps_requested"]),
+        "stopped_early": bool(summary["stopped_early"]),
+        "seconds": round(seconds, 3),
+        "samples_per_s": round(summary["final_step"] * batch_size / seconds, 2) if seconds > 0 else None,
+        "wall_seconds": round(float(summary["wall_seconds"]), 3),
+        "startup_seconds": round(float(summary.get("startup_seconds", 0.0)), 3),
+        "workers": int(summary["workers"]),
+        "trained_now": bool(summary["trained_now"]),
+        "run_name": summary["run_name"],
+    }
+    if evals:
+        metrics.update({k: v for k, v in evals[-1].items() if k.startswith("val_")})
+    return metrics
+
+
+def run(ctx: StageContext) -> dict:
+    from ..distributed import export_checkpoint, train_in_process, train_with_ray
+
+    cfg = ctx.cfg
+    data_dir = ctx.paths.dataset_dir(cfg)
+    if cfg.distributed.num_workers == 0:
+        summary = train_in_process(ctx, data_dir)
+    else:
+        summary = train_with_ray(ctx, data_dir)
+    state = export_checkpoint(Path(summary["checkpoint_dir"]), ctx.paths.checkpoint)
+    history = list(state.get("history", []))
+    metrics = summarize(history, summary, cfg.train.batch_size)
+
+    curve = atomic_write_text(ctx.paths.plots / CURVE_FILE, curve_csv(history))
+    tracker = ctx.tracker
+    tracker.set_tags({"unite.run_name": summary["run_name"], "unite.trained_now": str(summary["trained_now"]).lower()})
+    tracker.log_metric_history(history)
+    tracker.log_artifact(curve, "plots")
+    if cfg.modality == "images":
+        grid = reconstruction_grid(state, data_dir)
+        out = ctx.paths.plots / RECON_FILE
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.name}.tmp")
+        grid.save(tmp, format="PNG")
+        tmp.replace(out)
+        tracker.log_image(grid, RECON_FILE)
+    tracker.log_artifact(ctx.paths.checkpoint, "model")
+    verb = "trained" if summary["trained_now"] else "reused the finished run"
+    log.debug("%s %s: step %d/%d, final loss %s, val_psnr %s -> %s", verb, summary["run_name"], metrics["steps"],
+             metrics["steps_requested"], _fmt(metrics["final_loss"]), _fmt(metrics.get("val_psnr")),
+             ctx.paths.checkpoint)
+    return metrics
+
+
+def _fmt(v) -> str:
+    return f"{v:.4f}" if isinstance(v, float) else str(v)

@@ -1,0 +1,439 @@
+"""Evaluation: unite_core.evaluate, the classifier/evaluate stages, `unite compare` and their commands.
+
+Everything runs on sklearn's 8x8 digits (1617 train / 180 val) with tiny models and a 200-step feature
+classifier (val accuracy ~0.96).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import TINY, deep_merge
+from unite_core.config import DataConfig, config_from_dict
+from unite_core.data import load_image_data, prepare_image_data
+from unite_core.evaluate import (
+    CURVE_KEYS,
+    FeatureSpec,
+    class_grid,
+    dataset_images,
+    evaluate_generation,
+    evaluate_reconstruction,
+    fid_noise,
+    generate_balanced,
+    image_grid,
+    noise_floor,
+    pairs_grid,
+)
+from unite_core.metrics.images import (
+    MetricsError,
+    conditional_accuracy,
+    reference_cache_name,
+    register_own_extractor,
+    save_classifier,
+    train_feature_classifier,
+)
+from unite_core.train import Trainer
+
+# measured (seed 0, 200-step classifier): FID self 0.0, val-vs-train 0.49, noise(300)-vs-train ~65
+FID_VAL_TRAIN_MAX = 3.0
+FID_NOISE_MIN = 20.0
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_image_data(DataConfig(dataset="digits", image_size=8))
+
+
+@pytest.fixture(scope="module")
+def images(digits):
+    tx, ty = dataset_images(digits.train)
+    vx, vy = dataset_images(digits.val)
+    return tx, ty, vx, vy
+
+
+@pytest.fixture(scope="module")
+def classifier(images):
+    torch.set_num_threads(1)
+    tx, ty, vx, vy = images
+    model, _ = train_feature_classifier(tx, ty, vx, vy, steps=200, batch_size=64, seed=0)
+    return model
+
+
+def tiny_config(**sections):
+    return config_from_dict(deep_merge(TINY, sections))
+
+
+@pytest.fixture(scope="module")
+def trained_model(digits):
+    """A tiny UNITE trained for 80 steps (EMA weights): enough for guidance to change the samples."""
+    torch.set_num_threads(1)
+    cfg = tiny_config(train={"steps": 80, "batch_size": 32, "lr": 2e-3, "warmup_steps": 5, "log_every": 80,
+                             "eval_every": 80, "checkpoint_every": 80, "ema_decay": 0.9, "precision": "bf16"})
+    tr = Trainer(cfg, digits.info, digits.train)
+    tr.run()
+    return tr.ema.module.eval(), cfg
+
+
+# ----------------------------------------------------------------------------------------------
+# Library
+# ----------------------------------------------------------------------------------------------
+def test_dataset_images_are_unit_range_with_labels(images, digits):
+    tx, ty, vx, vy = images
+    assert tx.shape == (len(digits.train), 1, 8, 8) and vx.shape[0] == len(digits.val)
+    assert float(tx.min()) == 0.0 and float(tx.max()) == 1.0
+    assert ty.dtype == torch.int64 and set(ty.tolist()) == set(range(10))
+
+
+def test_fid_sanity_self_val_noise(images, classifier, tmp_path):
+    tx, _, vx, _ = images
+    spec = FeatureSpec(classifier=classifier, cache_dir=str(tmp_path))
+    self_fid = noise_floor(vx, vx, features=spec)
+    val_train = noise_floor(tx, vx, features=spec)
+    noise = fid_noise(tx, features=spec, n=300)
+    assert abs(self_fid) < 1e-3
+    assert 0.0 < val_train < FID_VAL_TRAIN_MAX
+    assert noise > FID_NOISE_MIN and noise > 10 * val_train
+
+
+def test_reference_statistics_cached_under_data_and_extractor_hash(images, classifier, tmp_path):
+    tx, _, vx, _ = images
+    spec = FeatureSpec(classifier=classifier, cache_dir=str(tmp_path))
+    first = noise_floor(tx, vx, features=spec)
+    name = reference_cache_name(tx, register_own_extractor(classifier))
+    assert any(name in p.name for p in tmp_path.rglob("*")), "reference statistics were not cached"
+    assert noise_floor(tx, vx, features=spec) == pytest.approx(first, rel=1e-9)  # read back from the cache
+    changed = tx.clone()
+    changed[0, 0, 0, 0] = 1.0 - changed[0, 0, 0, 0]
+    other = reference_cache_name(changed, register_own_extractor(classifier))
+    assert other != name
+    noise_floor(changed, vx, features=spec)
+    assert any(other in p.name for p in tmp_path.rglob("*"))
+
+
+def test_conditional_accuracy_of_real_images_is_near_one(images, classifier):
+    _, _, vx, vy = images
+    assert conditional_accuracy(classifier, vx, vy) >= 0.9
+    wrong = (vy + 1) % 10
+    assert conditional_accuracy(classifier, vx, wrong) < 0.2
+
+
+def test_generate_balanced_labels_range_and_seed(trained_model):
+    model, cfg = trained_model
+    images, labels = generate_balanced(model, 30, sample_cfg=cfg.sample, cfg_scale=2.0, batch_size=16, seed=3)
+    assert images.shape == (30, 1, 8, 8)
+    assert float(images.min()) >= 0.0 and float(images.max()) <= 1.0
+    assert torch.bincount(labels, minlength=10).tolist() == [3] * 10
+    again, _ = generate_balanced(model, 30, sample_cfg=cfg.sample, cfg_scale=2.0, batch_size=16, seed=3)
+    other, _ = generate_balanced(model, 30, sample_cfg=cfg.sample, cfg_scale=2.0, batch_size=16, seed=4)
+    assert torch.equal(images, again)
+    assert not torch.equal(images, other)
+    assert model.training is False
+
+
+def test_guidance_curve_one_row_per_scale_and_best_is_argmin(trained_model, images, classifier):
+    model, cfg = trained_model
+    tx = images[0]
+    scales = [1.0, 2.5, 4.0]
+    seen = []
+    result = evaluate_generation(model, tx, classifier, cfg_scales=scales, n=40, sample_cfg=cfg.sample,
+                                 batch_size=40, keep_samples=True, on_scale=seen.append)
+    curve = result["curve"]
+    assert [r["cfg_scale"] for r in curve] == scales and len(seen) == 3
+    for row in curve:
+        assert set(row) == set(CURVE_KEYS)
+        assert row["fid"] > 0 and 0.0 <= row["conditional_accuracy"] <= 1.0 and row["seconds"] > 0
+        assert 0.0 <= row["precision"] <= 1.0 and row["isc_mean"] >= 1.0
+    assert len({round(r["fid"], 6) for r in curve}) == 3, "guidance scale did not change the samples"
+    assert result["best"] == min(curve, key=lambda r: r["fid"])
+    assert result["samples"].shape == (40, 1, 8, 8) and result["labels"].shape == (40,)
+
+
+def test_evaluate_reconstruction_metrics(trained_model, images, classifier):
+    model, _ = trained_model
+    vx = images[2]
+    rec = evaluate_reconstruction(model, vx, classifier, keep=12)
+    assert set(rec) >= {"rfid", "psnr", "ssim"}
+    assert rec["rfid"] > 0 and 5.0 < rec["psnr"] < 100.0 and -1.0 <= rec["ssim"] <= 1.0
+    assert rec["originals"].shape == rec["reconstructions"].shape == (12, 1, 8, 8)
+    assert torch.equal(rec["originals"][0], vx[0]) and torch.equal(rec["originals"][-1], vx[-1])
+
+
+def test_own_extractor_needs_classifier(images):
+    tx, _, vx, _ = images
+    with pytest.raises(MetricsError, match="classifier"):
+        noise_floor(tx, vx, classifier=None)
+
+
+def test_grids_have_expected_size():
+    imgs = torch.rand(23, 1, 8, 8)
+    g = image_grid(imgs, nrow=10, padding=2)
+    assert g.size == (10 * 8 + 11 * 2, 3 * 8 + 4 * 2) and g.mode == "L"
+    rgb = image_grid(torch.rand(4, 3, 8, 8), nrow=2)
+    assert rgb.mode == "RGB" and rgb.size == (2 * 8 + 3 * 2, 2 * 8 + 3 * 2)
+    p = pairs_grid(imgs[:15], imgs[:15], ncol=10)
+    assert p.size[1] == 4 * 8 + 5 * 2  # two pairs of rows
+    labels = torch.arange(23) % 10
+    c = class_grid(imgs, labels, per_class=5)
+    assert c.size == (5 * 8 + 6 * 2, 10 * 8 + 11 * 2)
+
+
+# ----------------------------------------------------------------------------------------------
+# Stages and commands
+# ----------------------------------------------------------------------------------------------
+class RecordingTracker:
+    def __init__(self):
+        self.calls = []
+
+    def log_params(self, params):
+        self.calls.append(("params", params))
+
+    def log_metrics(self, metrics, step=None):
+        self.calls.append(("metrics", dict(metrics), step))
+
+    def log_artifact(self, path, artifact_path=None):
+        assert Path(path).is_file()
+        self.calls.append(("artifact", Path(path).name))
+
+    def log_image(self, image, name):
+        self.calls.append(("image", name, image.size))
+
+    def log_dict(self, data, name):
+        json.dumps(data)
+        self.calls.append(("dict", name))
+
+    def set_tags(self, tags):
+        pass
+
+    def names(self, kind):
+        return [c[1] for c in self.calls if c[0] == kind]
+
+
+STAGE_SECTIONS = {
+    "eval": {"num_samples": 20, "batch_size": 20, "cfg_scales": [1.0, 2.0], "classifier_steps": 60,
+             "kid_subset_size": 10},
+    "train": {"steps": 20, "log_every": 10, "eval_every": 20, "checkpoint_every": 20, "device": "cpu"},
+    "tracking": {"enabled": False},
+}
+
+
+@pytest.fixture
+def project(tmp_path, digits):
+    """A project root with prepared digits and a tiny trained checkpoint at models/unite.pt."""
+    from pipelines.context import StageContext
+
+    cfg = tiny_config(**STAGE_SECTIONS)
+    prepare_image_data(cfg.data, tmp_path / "data" / "digits")
+    ctx = StageContext(cfg, tmp_path, RecordingTracker())
+    tr = Trainer(cfg, digits.info, digits.train)
+    tr.run(checkpoint_path=ctx.paths.checkpoint)
+    return ctx
+
+
+def test_classifier_and_evaluate_stages_write_every_declared_file(project):
+    from pipelines.stages import classifier as classifier_stage
+    from pipelines.stages import evaluate as evaluate_stage
+
+    ctx = project
+    m = classifier_stage.run(ctx)
+    assert (ctx.paths.models / "classifier.pt").is_file()
+    assert 0.5 < m["val_accuracy"] <= 1.0 and m["steps"] == 60
+    metrics = evaluate_stage.run(ctx)
+    for name, path in evaluate_stage.outputs(ctx).items():
+        assert path.is_file() and path.stat().st_size > 0, name
+    with open(evaluate_stage.outputs(ctx)["curve"]) as f:
+        rows = list(csv.DictReader(f))
+    assert [float(r["cfg_scale"]) for r in rows] == [1.0, 2.0]
+    assert set(rows[0]) == set(CURVE_KEYS)
+    for key in ("gfid", "best_cfg_scale", "kid_mean", "precision", "recall", "isc_mean", "conditional_accuracy",
+                "rfid", "psnr", "ssim", "noise_floor_fid", "noise_fid", "checkpoint_step"):
+        assert key in metrics, key
+    assert metrics["gfid"] == min(float(r["fid"]) for r in rows)
+    assert metrics["noise_floor_fid"] < metrics["noise_fid"]
+    assert metrics["checkpoint_step"] == 20
+    tr = ctx.tracker
+    assert set(tr.names("image")) == {"samples.png", "reconstructions.png"}
+    assert "guidance_curve.csv" in tr.names("artifact")
+    curve_steps = [c[2] for c in tr.calls if c[0] == "metrics" and "curve_fid" in c[1]]
+    assert curve_steps == [100, 200]  # one record per guidance scale, step = scale x 100
+    assert any(p.is_file() for p in (ctx.paths.cache / "fidelity").rglob("*")), "no cached reference statistics"
+
+
+def test_evaluate_stage_errors_are_clear(project, tmp_path):
+    from pipelines.context import StageContext
+    from pipelines.stages import evaluate as evaluate_stage
+
+    ctx = project
+    # inception without its local weights file: refused before any work, naming the param
+    cfg = tiny_config(**deep_merge(STAGE_SECTIONS, {"eval": {"feature_extractor": "inception",
+                                                               "inception_weights": str(tmp_path / "none.pth")}}))
+    with pytest.raises(MetricsError, match="eval.inception_weights"):
+        evaluate_stage.run(StageContext(cfg, ctx.root, RecordingTracker()))
+    # no classifier yet
+    with pytest.raises(MetricsError, match="classifier"):
+        evaluate_stage.run(ctx)
+    # a classifier trained on other data
+    from unite_core.metrics.images import FeatureClassifier
+
+    save_classifier(FeatureClassifier(1, 8, 10), ctx.paths.models / "classifier.pt", {"data_hash": "0" * 64})
+    with pytest.raises(MetricsError, match="other data"):
+        evaluate_stage.run(ctx)
+
+
+def test_commands_run_stages_and_report_errors(project, monkeypatch, capsys):
+    import yaml
+
+    from pipelines.cli import main
+
+    root = project.root
+    monkeypatch.chdir(root)
+    params = root / "params.yaml"
+    params.write_text(yaml.safe_dump(project.cfg.to_dict()))
+
+    def unite(*args):
+        with pytest.raises(SystemExit) as exit_info:
+            main(list(args))
+        out = capsys.readouterr()
+        return exit_info.value.code, out.out + out.err
+
+    code, out = unite("classifier", "--params", str(params), "--set", "eval.classifier_steps=30")
+    assert code == 0, out
+    assert json.loads((root / "metrics" / "classifier.json").read_text())["steps"] == 30
+    code, out = unite("evaluate", "--params", str(params), "--set", "eval.cfg_scales=[1.5]")
+    assert code == 0, out
+    saved = json.loads((root / "metrics" / "evaluate.json").read_text())
+    assert saved["best_cfg_scale"] == 1.5 and saved["gfid"] > 0
+    code, out = unite("evaluate", "--params", str(params), "--checkpoint", str(root / "missing.pt"))
+    assert code == 1 and "missing.pt" in out and "Traceback" not in out
+    code, out = unite("compare", "--params", str(params), "--variants", "unite,bogus")
+    assert code == 1 and "unknown variant" in out
+
+
+# ----------------------------------------------------------------------------------------------
+# unite compare
+# ----------------------------------------------------------------------------------------------
+def test_compare_writes_one_row_per_variant_and_skips_finished(project, monkeypatch):
+    from pipelines.stages import classifier as classifier_stage
+    from pipelines.stages import compare
+
+    ctx = project
+    classifier_stage.run(ctx)
+    opts = dict(variants="unite,no_shift", minutes=0.02, samples=20, scales="1,2")
+    metrics = compare.run(ctx, **opts)
+    paths = compare.report_paths(ctx)
+    rows = compare.read_rows(paths["csv"])
+    assert list(rows) == ["unite", "no_shift"]
+    for r in rows.values():
+        assert r["gfid"] > 0 and r["steps"] >= 1 and r["train_seconds"] > 0 and r["params_hash"]
+        assert r["best_cfg_scale"] in (1.0, 2.0)
+    md = paths["md"].read_text()
+    table = [line for line in md.splitlines() if line.startswith("| ")]
+    assert len(table) == 1 + 2  # header + one row per variant
+    assert "| unite |" in md and "| no_shift |" in md
+    assert "UNITE <= two-stage (gFID): not measured" in md
+    assert metrics["variants_run"] == 2 and "unite_gfid" in metrics
+
+    def must_not_train(*a, **k):
+        raise AssertionError("a finished variant was trained again")
+
+    monkeypatch.setattr(compare, "_train_variant", must_not_train)
+    again = compare.run(ctx, **opts)
+    assert again["variants_run"] == 0 and again["variants_skipped"] == 2
+    assert compare.read_rows(paths["csv"])["unite"]["gfid"] == rows["unite"]["gfid"]
+    # other evaluation settings: the trained checkpoints are reused, only the evaluation reruns
+    third = compare.run(ctx, **{**opts, "samples": 24})
+    assert third["variants_run"] == 2
+    assert compare.read_rows(paths["csv"])["unite"]["num_samples"] == 24
+
+
+def test_compare_directions_verdicts():
+    from pipelines.stages import compare
+
+    rows = {"unite": {"gfid": 5.0}, "two_stage": {"gfid": 7.0}, "no_stop_grad": {"gfid": 4.0}}
+    verdicts = {d["worse"]: d["verdict"] for d in compare.directions(rows)}
+    assert verdicts == {"two_stage": "reproduced", "no_stop_grad": "not reproduced",
+                        "no_noise_aug": "not measured", "flow_minibatches_1": "not measured"}
+    with pytest.raises(compare.CompareError, match="unknown variant"):
+        compare.parse_variants("unite,bogus")
+    assert compare.parse_variants(None) == list(compare.VARIANTS)
+    cfg = tiny_config()
+    v = compare.variant_config(cfg, "no_shift", budget="time", minutes=1.5, steps=None)
+    assert v.flow.shift is None and v.train.time_limit_minutes == 1.5
+    assert compare.variant_config(cfg, "flow_minibatches_1", budget="steps", minutes=1, steps=7).flow.minibatches == 1
+
+
+def test_compare_logs_one_mlflow_child_run_per_variant(project):
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.stages import classifier as classifier_stage
+    from pipelines.stages import compare, execute
+    from pipelines.tracking import tracking_uri
+
+    ctx = project
+    classifier_stage.run(ctx)
+    cfg = tiny_config(**deep_merge(STAGE_SECTIONS, {"tracking": {"enabled": True, "experiment": "cmp"},
+                                                     "train": {"log_every": 1}}))
+    metrics = execute("compare", cfg, ctx.root, options={"variants": "two_stage,no_noise_aug", "minutes": 0.02,
+                                                          "samples": 20, "scales": "1.5"})
+    assert metrics["variants_run"] == 2 and (ctx.root / "metrics" / "compare.json").is_file()
+    client = MlflowClient(tracking_uri(ctx.root))
+    exp = client.get_experiment_by_name("cmp")
+    runs = client.search_runs([exp.experiment_id], filter_string="tags.`unite.variant` != ''")
+    by_variant = {r.data.tags["unite.variant"]: r for r in runs}
+    assert set(by_variant) == {"two_stage", "no_noise_aug"}
+    parents = {r.data.tags.get("mlflow.parentRunId") for r in runs}
+    assert len(parents) == 1 and None not in parents
+    for r in by_variant.values():
+        assert r.info.status == "FINISHED" and "gfid" in r.data.metrics and r.data.params["compare.variant"]
+    logged = by_variant["two_stage"].data.metrics
+    assert "train_tokenizer_loss" in logged and "train_denoiser_flow" in logged
+    assert "train_loss" in by_variant["no_noise_aug"].data.metrics
+    rows = compare.read_rows(compare.report_paths(ctx)["csv"])
+    assert "tokenizer" in rows["two_stage"]["details"] and rows["two_stage"]["steps"] >= 2
+
+
+def test_evaluate_stage_dispatches_molecules_to_evaluate_molecules(tmp_path, monkeypatch):
+    import unite_core.data.molecules as molecule_data
+    import unite_core.molecules as molecules
+    from pipelines.context import StageContext
+    from pipelines.stages import evaluate as evaluate_stage
+
+    cfg = config_from_dict({"modality": "molecules", "data": {"dataset": "molecules_embedded"},
+                            "tracking": {"enabled": False}})
+    calls = {}
+    monkeypatch.setattr(evaluate_stage, "load_checkpoint", lambda path, cfg=None: {"step": 7, "ema": {}})
+    monkeypatch.setattr(evaluate_stage, "model_from_checkpoint", lambda state, use_ema, device: "MODEL")
+    monkeypatch.setattr(molecule_data, "load_prepared_molecules", lambda folder, data_cfg: "DATA")
+
+    def fake_evaluate(model, data, c):
+        calls["evaluate"] = (model, data, c is cfg)
+        return {"validity": 95.0, "uniqueness": 99.0}
+
+    def fake_write(model, n, out_dir, c):
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "samples.png").write_bytes(b"png")
+        calls["write"] = n
+        return {"png": str(out_dir / "samples.png")}
+
+    monkeypatch.setattr(molecules, "evaluate_molecules", fake_evaluate)
+    monkeypatch.setattr(molecules, "write_samples", fake_write)
+    tracker = RecordingTracker()
+    metrics = evaluate_stage.run(StageContext(cfg, tmp_path, tracker))
+    assert calls["evaluate"] == ("MODEL", "DATA", True) and calls["write"] == 64
+    assert metrics["validity"] == 95.0 and "gfid" not in metrics
+    assert tracker.names("artifact") == ["samples.png"]
+
+
+def test_young_ema_is_reported(caplog):
+    from pipelines.stages.evaluate import warn_if_ema_is_young
+
+    state = {"step": 38, "ema": {}, "config": {"train": {"ema_decay": 0.999}}}
+    with caplog.at_level("WARNING"):
+        assert warn_if_ema_is_young(state, True, "models/unite.pt")
+    assert "sample.use_ema=false" in caplog.text
+    assert not warn_if_ema_is_young(state, False, "x")
+    assert not warn_if_ema_is_young({**state, "step": 5000}, True, "x")

@@ -77,7 +77,12 @@ class GenerativeEncoder(nn.Module):
         nn.init.zeros_(self.out_ada.weight)
         nn.init.zeros_(self.out_ada.bias)
         self.out_proj = nn.Linear(width, latent_dim)
-        nn.init.normal_(self.out_proj.weight, std=0.02)
+        # Unit-scale raw latents at init (not DiT's tiny final layer): the final latent LayerNorm
+        # rescales whatever comes out, so with a 0.02-std projection the per-image part of the raw
+        # latent is tiny and the first few optimiser steps on the biases turn it into a constant
+        # (every image gets the same latent; measured: latent spread 0.6 -> 1e-4 in 100 steps and a
+        # mean-image plateau for ~400 steps on digits). Xavier keeps the image signal O(1).
+        nn.init.xavier_uniform_(self.out_proj.weight)
         nn.init.zeros_(self.out_proj.bias)
         self.final_norm = make_norm(final_norm, latent_dim)
 

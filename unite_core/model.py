@@ -87,9 +87,18 @@ class ImageModality:
         return obs.shape[0]
 
     def recon_loss(self, decoded, obs):
-        l1 = (decoded.float() - obs.float()).abs().mean()
-        metrics = {"l1": l1.detach()}
-        loss = l1
+        err = decoded.float() - obs.float()
+        kind = self.cfg.loss.recon
+        metrics: dict[str, torch.Tensor] = {}
+        loss = torch.zeros((), device=err.device)
+        if kind in ("l1", "l1_mse"):
+            l1 = err.abs().mean()
+            metrics["l1"] = l1.detach()
+            loss = loss + l1
+        if kind in ("mse", "l1_mse"):
+            mse = err.pow(2).mean()
+            metrics["mse"] = mse.detach()
+            loss = loss + mse
         if self.perceptual is not None:
             perc = self.perceptual.to(obs.device)(decoded, obs)
             metrics["perceptual"] = perc.detach()

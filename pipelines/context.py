@@ -53,8 +53,14 @@ class Paths:
 
     @property
     def ray_storage(self) -> Path:
-        """Ray Train storage (and the in-process runs' checkpoints): one folder per run name."""
-        return self.root / "ray_results"
+        """Ray Train storage (and the in-process runs' checkpoints): one folder per run name.
+
+        Kept in the project home (DVC_ROOT under DVC): a queued `dvc exp run` works in a temporary
+        copy, and its run folder must outlive that copy to be resumed or reused.
+        """
+        from .tracking import project_home
+
+        return project_home(self.root) / "ray_results"
 
     def dataset_dir(self, cfg: Config) -> Path:
         return self.data / cfg.data.dataset

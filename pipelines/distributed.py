@@ -223,21 +223,29 @@ def preflight(cfg, manifest: dict, workers: int) -> None:
 # The loop (shared by the in-process path and every Ray worker)
 # ----------------------------------------------------------------------------------------------
 class _TimeUp(Exception):
-    """Raised from on_log when train.time_limit_minutes is used up (all ranks agree)."""
+    """Raised after the step that used up train.time_limit_minutes (all ranks agree on that step)."""
 
 
-def _average_over_ranks(record: dict, stop: bool, world_size: int) -> bool:
-    """Average the rank-local training metrics of a log record in place; True if any rank must stop."""
+def _average_over_ranks(record: dict, world_size: int) -> None:
+    """Average the rank-local training metrics of a log record in place (one all-reduce)."""
     import torch
     import torch.distributed as dist
 
     keys = sorted(k for k, v in record.items()
                   if k not in _NOT_AVERAGED and not k.startswith("val_") and isinstance(v, (int, float)))
-    vals = torch.tensor([float(record[k]) for k in keys] + [1.0 if stop else 0.0], dtype=torch.float64)
+    vals = torch.tensor([float(record[k]) for k in keys], dtype=torch.float64)
     dist.all_reduce(vals)
     for i, k in enumerate(keys):
         record[k] = float(vals[i]) / world_size
-    return float(vals[-1]) > 0
+
+
+def _any_rank(flag: bool) -> bool:
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor([1.0 if flag else 0.0])
+    dist.all_reduce(t)
+    return bool(t.item() > 0)
 
 
 def _write_records(path: Path, history: list[dict]) -> None:
@@ -261,8 +269,10 @@ def run_session(
 
     `save(final)` writes or reports a checkpoint and is called on every rank at the same steps: every
     train.checkpoint_every steps and once at the end. The time budget (train.time_limit_minutes)
-    counts training time across resumes and is checked at log steps, by all ranks together.
-    Log records get cumulative time_s and, with several ranks, metrics averaged over the global batch.
+    counts training time across resumes and is checked after every step, by all ranks together (one
+    tiny all-reduce per step when there are several); the step that uses it up is logged (with a
+    validation pass) and checkpointed as final. Log records get cumulative time_s and, with several
+    ranks, training metrics averaged over the global batch.
     """
     t = cfg.train
     until = t.steps
@@ -276,23 +286,42 @@ def run_session(
             _arm_crash(trainer, crash_at, Path(run_dir) / CRASH_MARKER)
     start = time.perf_counter()
 
-    def on_log(step: int, record: dict) -> None:
+    def finish_record(record: dict, last: bool = False) -> None:
         record["time_s"] = round(float(record["time_s"]) + offset, 3)
-        stop = budget is not None and time.perf_counter() - start > budget and step < until
         if world_size > 1:
-            stop = _average_over_ranks(record, stop, world_size)
-        if stop and rank == 0 and not any(k.startswith("val_") for k in record):
+            _average_over_ranks(record, world_size)
+        if last and rank == 0 and not any(k.startswith("val_") for k in record):
             record.update(trainer.evaluate())
         if rank == 0:
             with open(records, "a") as f:
                 f.write(json.dumps(record) + "\n")
             if on_record is not None:
                 on_record(record)
-        if stop:
-            raise _TimeUp
+
+    def on_log(step: int, record: dict) -> None:
+        finish_record(record)
 
     def on_checkpoint(step: int, _trainer) -> None:
         save(step >= until)
+
+    if budget is not None:
+        inner = trainer.train_step
+
+        def budgeted_step():
+            metrics = inner()
+            if trainer.step >= until:
+                return metrics
+            stop = time.perf_counter() - start > budget
+            if world_size > 1:
+                stop = _any_rank(stop)
+            if stop:
+                record = {"step": trainer.step, "time_s": round(time.perf_counter() - start, 3), **metrics}
+                finish_record(record, last=True)
+                trainer.history.append(record)
+                raise _TimeUp
+            return metrics
+
+        trainer.train_step = budgeted_step
 
     if trainer.step >= until:
         return False
@@ -341,6 +370,29 @@ def _resume(trainer, ckpt_dir: Path) -> dict:
     return json.loads((Path(ckpt_dir) / META_FILE).read_text())
 
 
+def _read_meta(folder: Path) -> dict | None:
+    try:
+        return json.loads((Path(folder) / META_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _resume_newest(trainer, ray_checkpoint, resume_dir: str | None) -> dict | None:
+    """Load the newer of Ray's checkpoint and `resume_dir` into the trainer; its meta, or None."""
+    local = Path(resume_dir) if resume_dir and Path(resume_dir).is_dir() else None
+    local_meta = _read_meta(local) if local is not None else None
+    if ray_checkpoint is not None:
+        with ray_checkpoint.as_directory() as folder:  # a local path, or a download from remote storage
+            meta = _read_meta(Path(folder))
+            if meta is not None and (local_meta is None or meta["step"] >= local_meta["step"]):
+                trainer.load_state_dict(read_state(Path(folder)))
+                return meta
+    if local_meta is not None:
+        trainer.load_state_dict(read_state(local))
+        return local_meta
+    return None
+
+
 # ----------------------------------------------------------------------------------------------
 # Ray worker (must live in the installed package: workers import it by name)
 # ----------------------------------------------------------------------------------------------
@@ -368,23 +420,9 @@ def ray_worker(config: dict) -> None:
 
     # resume: the newer of Ray's own latest checkpoint (a restart inside this fit) and the newest one
     # in the run folder that the driver found (an earlier, interrupted command)
-    candidates = []
-    ray_ckpt = ray.train.get_checkpoint()
-    if ray_ckpt is not None:
-        candidates.append(Path(ray_ckpt.path))
-    if config.get("resume_dir") and Path(config["resume_dir"]).is_dir():
-        candidates.append(Path(config["resume_dir"]))
-    best = None
-    for c in candidates:
-        try:
-            step = json.loads((c / META_FILE).read_text())["step"]
-        except (OSError, ValueError, KeyError):
-            continue
-        if best is None or step > best[0]:
-            best = (step, c)
-    if best is not None:
-        meta = _resume(trainer, best[1])
-        log.info("rank %d resumed from %s (step %d)", rank, best[1], trainer.step)
+    meta = _resume_newest(trainer, ray.train.get_checkpoint(), config.get("resume_dir"))
+    if meta is not None:
+        log.info("rank %d resumed at step %d", rank, trainer.step)
         if meta.get("final"):
             return
 

@@ -747,7 +747,7 @@ def _tune_config(cfg: Config, concurrency: int, steps: int):
     else:
         scheduler = FIFOScheduler()
     return tune.TuneConfig(num_samples=1, max_concurrent_trials=concurrency, scheduler=scheduler,
-                           reuse_actors=True)
+                           reuse_actors=False)  # function trainables cannot be reused (no reset_config)
 
 
 def _run_config(root: Path, name: str, debug: bool):

@@ -1,7 +1,8 @@
 """MLflow tracking: one place that knows the tracking URI, run naming and nesting.
 
 - The store defaults to `sqlite:///<project root>/mlflow.db` (an absolute URI, so Ray workers that
-  change directory never create stray databases); MLFLOW_TRACKING_URI overrides it (a remote
+  change directory never create stray databases; under DVC the project root is DVC_ROOT, so queued
+  experiments running in a temporary copy log to the real project); MLFLOW_TRACKING_URI overrides it (a remote
   `mlflow server`, or another database). Artifacts of a local store go to `<root>/mlartifacts`
   (absolute, set when the experiment is created), never to a `./mlruns` of whatever folder the
   process happens to run in.
@@ -37,11 +38,21 @@ MAX_PARAM_LENGTH = 6000  # MLflow's limit on a param value
 _LOCK_RETRIES = 8
 
 
+def project_home(root: Path) -> Path:
+    """Where the project's long-lived state lives (the MLflow store, Ray run folders).
+
+    Under DVC that is DVC_ROOT, which DVC sets for every stage command; for `dvc exp run --queue/--temp`
+    it points at the real project while the command runs in a temporary copy (whose files are thrown
+    away), so queued experiments still land in the project's store. Elsewhere it is `root`.
+    """
+    return Path(os.environ.get("DVC_ROOT") or root).resolve()
+
+
 def tracking_uri(root: Path) -> str:
     env = os.environ.get("MLFLOW_TRACKING_URI")
     if env:
         return env
-    return f"sqlite:///{(Path(root).resolve() / 'mlflow.db').as_posix()}"
+    return f"sqlite:///{(project_home(root) / 'mlflow.db').as_posix()}"
 
 
 def artifact_root(root: Path, uri: str) -> str | None:

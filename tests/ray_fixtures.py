@@ -22,13 +22,15 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 UNITE = str(BIN / "unite")
-_CLUSTER: dict[str, str] = {}
+_CLUSTER: dict[str, str] = {}  # records that this module registered the exit hook
 
 
 def start_ray_once() -> str:
-    """Start (once per process) a local Ray cluster with 4 logical CPUs; returns its address."""
-    if "address" in _CLUSTER:
-        return _CLUSTER["address"]
+    """The address of this process's Ray cluster, started on first use (4 logical CPUs).
+
+    A cluster that another test module already started is reused; one that was shut down meanwhile
+    is started again.
+    """
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
     import ray
@@ -38,9 +40,10 @@ def start_ray_once() -> str:
     if not ray.is_initialized():
         ray.init(address="local", num_cpus=4, include_dashboard=False, _temp_dir=RAY_TEMP_DIR,
                  logging_level=logging.ERROR, log_to_driver=False)
-        atexit.register(ray.shutdown)
-    _CLUSTER["address"] = ray.get_runtime_context().gcs_address
-    return _CLUSTER["address"]
+        if not _CLUSTER:
+            atexit.register(lambda: ray.shutdown() if ray.is_initialized() else None)
+            _CLUSTER["started"] = "yes"
+    return ray.get_runtime_context().gcs_address
 
 
 @pytest.fixture(scope="session")
@@ -72,7 +75,8 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     env.setdefault("DVC_NO_ANALYTICS", "1")
     env.setdefault("OMP_NUM_THREADS", "1")
-    for key in ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "DVC_EXP_NAME", "RAY_ADDRESS", "UNITE_TEST_CRASH_AT_STEP"):
+    for key in ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "DVC_EXP_NAME", "DVC_ROOT", "RAY_ADDRESS",
+                "UNITE_TEST_CRASH_AT_STEP"):
         env.pop(key, None)
     env.update(extra)
     return env

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from pipelines.context import StageContext
-from pipelines.stages import analyze
+from pipelines.stages import analyze, execute
 from tests.conftest import TINY, deep_merge, wake
 from unite_core.analysis import report
 from unite_core.config import config_from_dict
@@ -58,17 +58,30 @@ SWEEP_ROWS = [  # a tiny synthetic sweep table: PSNR grows with K*d, M=1 and M=3
 ]
 
 
-def test_analyze_writes_every_out_with_sane_numbers(project, tmp_path):
+def test_analyze_writes_every_out_with_sane_numbers(project, tmp_path, monkeypatch):
+    for key in ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "DVC_EXP_NAME"):
+        monkeypatch.delenv(key, raising=False)
     root = fresh_root(project, tmp_path)
     cfg = make_cfg(train={"steps": 40, "ema_decay": 0.9, "lr": 2e-3, "batch_size": 32})
     train_checkpoint(root, cfg, root / "models" / "unite.pt", 40)
     report.write_csv(SWEEP_ROWS, root / "reports" / "sweep.csv")
 
-    result = analyze.run(StageContext(cfg, root))
+    result = execute("analyze", cfg, root)  # the stage runner: MLflow child run + metrics/analyze.json
 
     for name in CSVS + PNGS:
         assert (root / "plots" / name).is_file() and (root / "plots" / name).stat().st_size > 0, name
     saved = json.loads((root / "metrics" / "analysis.json").read_text())
+    assert json.loads((root / "metrics" / "analyze.json").read_text())["cka_mean"] == pytest.approx(saved["cka_mean"])
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+    run = client.search_runs([client.get_experiment_by_name("unite").experiment_id],
+                             filter_string="tags.`unite.stage` = 'analyze'")[0]
+    logged = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "plots")}
+    assert set(CSVS + PNGS) <= logged
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "cka_t0.3")] == [0, 1]  # step = block
+    assert run.data.metrics["cka_mean"] == pytest.approx(saved["cka_mean"])
     assert saved["num_images"] == 96 and saved["class_mode"] == "null"
 
     # alignment: one row per (t, block); CKA in [0, 1], CKNNA in [-1, 1]

@@ -353,10 +353,14 @@ def test_compare_writes_one_row_per_variant_and_skips_finished(project, monkeypa
 def test_compare_directions_verdicts():
     from pipelines.stages import compare
 
-    rows = {"unite": {"gfid": 5.0}, "two_stage": {"gfid": 7.0}, "no_stop_grad": {"gfid": 4.0}}
-    verdicts = {d["worse"]: d["verdict"] for d in compare.directions(rows)}
+    rows = {"unite": {"gfid": 5.0, "conditional_accuracy": 0.9}, "two_stage": {"gfid": 7.0},
+            "no_stop_grad": {"gfid": 4.0}, "no_noise_aug": {"gfid": 9.0, "conditional_accuracy": 0.1}}
+    verdicts = {d["worse"]: d["verdict"] for d in compare.directions(rows, num_classes=10)}
     assert verdicts == {"two_stage": "reproduced", "no_stop_grad": "not reproduced",
-                        "no_noise_aug": "not measured", "flow_minibatches_1": "not measured"}
+                        "no_noise_aug": "inconclusive", "flow_minibatches_1": "not measured"}
+    md = compare.render_markdown(rows, list(compare.VARIANTS), {"num_classes": 10})
+    assert "Warning: class-independent samples (conditional accuracy at chance) from no_noise_aug:" in md
+    assert "noise augmentation <= none (gFID): **inconclusive**" in md
     with pytest.raises(compare.CompareError, match="unknown variant"):
         compare.parse_variants("unite,bogus")
     assert compare.parse_variants(None) == list(compare.VARIANTS)

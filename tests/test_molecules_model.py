@@ -244,30 +244,35 @@ def test_slots_to_atoms_with_sampled_sizes():
 
 
 # ---------------------------------------------------------------------------------------------
-# Measured (1 thread, busy machine, about 45 s): after 300 steps of the full UNITE objective
-# (reconstruction + flow, w_gen 1) the 16 training molecules reconstruct with a 100 % match rate
-# and a mean RMSD of 0.21 A (reconstruction loss ~20x lower than at the start); at 240 steps
-# the match rate was still 37.5 %. A second run of the same test on the lead's machine (other thread
-# timing, float summation order) reached 18.75 % match and 0.29 A RMSD: the match rate sits on a cliff
-# around step 240-300, so the bound asserts clear learning (well above the 0 % of an untrained model),
-# not the best run.
-MIN_MATCH = 10.0
-MAX_RMSD = 0.35
+# The recipe of the measurement in docs/MOLECULES.md: a reconstruction-only warm start (100 steps),
+# then the full UNITE objective (reconstruction + flow, w_gen 1) up to step 500. Measured with
+# 1 thread (about 30 s on a quiet machine): 100 % match and mean RMSD 0.031 / 0.083 A (seeds 0 / 1),
+# 100 % / 0.050 A without the warm start. At 300 steps the outcome was still on the cliff of the
+# 0.5 A match threshold (6 % to 100 % depending on threads, warm start and summation order), so the
+# test trains past it; the bounds leave a margin below every run seen.
+MIN_MATCH = 75.0
+MAX_RMSD = 0.25
 
 
 def test_short_training_learns_a_handful_of_molecules(mols):
-    cfg = _cfg(
-        train={"steps": 300, "batch_size": 16, "warmup_steps": 20, "lr": 3e-3, "lr_min": 1e-5,
-               "optimizer": "muon_adamw", "ema_decay": 0.99, "log_every": 50, "eval_every": 300},
-    )
+    train = {"steps": 500, "batch_size": 16, "warmup_steps": 20, "lr": 3e-3, "lr_min": 1e-5,
+             "optimizer": "muon_adamw", "ema_decay": 0.99, "log_every": 50, "eval_every": 500}
+    cfg = _cfg(train=train)
+    warm_cfg = _cfg(train=train, loss={"recon_only": True})
     ds = MoleculeDataset(mols.train.types[:16], mols.train.coords[:16], mols.train.mask[:16])
-    trainer = Trainer(cfg, mols.info, ds, val_set=ds)
+    trainer = Trainer(warm_cfg, mols.info, ds, val_set=ds)
     trainer.model.modality.augment = None  # memorisation check: fixed orientation
     first = trainer.train_step()
+    trainer.run(until_step=100)
+    state = trainer.state_dict()
+    trainer = Trainer(cfg, mols.info, ds, val_set=ds)  # same model, joint objective from here
+    trainer.load_state_dict(state)
+    trainer.model.modality.augment = None  # memorisation check: fixed orientation
     result = trainer.run()
     last = result.history[-1]
-    assert last["recon"] < 0.2 * first["recon"]
-    assert math.isfinite(last["flow"]) and last["flow"] > 0  # the latents did not collapse
+    assert result.step == 500
+    assert last["recon"] < 0.05 * first["recon"]
+    assert math.isfinite(last["flow"]) and last["flow"] > 0.01  # the latents did not collapse
     r = reconstruct_dataset(trainer.model, ds, cfg)
     assert r["recon_match_rate"] >= MIN_MATCH, r
     assert r["recon_rmsd"] < MAX_RMSD, r

@@ -1,13 +1,15 @@
 """Training through Ray Train: data parallelism, recovery from a dead worker, finished runs.
 
 All runs use the digits_tiny preset (8x8 digits, a 0.24M-parameter model, fp32, 30 steps) on one Ray
-cluster shared by the test session (tests/ray_fixtures.py).
+cluster shared by the test session (tests/ray_fixtures.py). One Ray run covers both data parallelism
+and recovery (each Ray run costs ~30-60 s of worker start-up on a 2-core machine).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 
 import pytest
@@ -68,31 +70,50 @@ def fixed_batch_loss(checkpoint_path, cfg) -> float:
     return float(loss)
 
 
-def test_two_ray_workers_train_like_the_single_process_loop(ray_cluster, reference, tmp_path):
+def test_two_ray_workers_survive_a_crash_and_train_like_the_single_process_loop(ray_cluster, reference, tmp_path):
+    """`unite train` joins the session's cluster (RAY_ADDRESS) with 2 workers; rank 0 dies right
+    after step 17; Ray replaces the worker group, which resumes from the step-10 checkpoint and
+    finishes all 30 steps: one MLflow run, each step logged once, the numbers of a healthy run."""
     root = tmp_path / "two_workers"
     cfg = make_project(root, workers=2)
-    metrics = execute("train", cfg, root)
-
-    assert metrics["workers"] == 2 and metrics["trained_now"] and metrics["steps"] == STEPS
+    t0 = time.perf_counter()
+    proc = run_unite(["train"], cwd=root, RAY_ADDRESS=ray_cluster, UNITE_TEST_CRASH_AT_STEP="17")
+    wall = time.perf_counter() - t0
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rdir = root / "ray_results" / run_name(cfg)
+    assert (rdir / CRASH_MARKER).read_text().startswith("crashed at step 17")
+    metrics = read_json(root / "metrics" / "train.json")
+    assert metrics["steps"] == STEPS and metrics["trained_now"] and metrics["workers"] == 2
     assert (root / "models" / "unite.pt").is_file()
-    ckpts = sorted(p.name for p in (root / "ray_results" / run_name(cfg)).glob("checkpoint_*") if p.is_dir())
+    ckpts = sorted(p.name for p in rdir.glob("checkpoint_*") if p.is_dir())
     assert ckpts == ["checkpoint_00000020", "checkpoint_00000030"]  # every 10 steps, num_to_keep=2
+    # the per-step file holds each step once (rewritten from the step-10 checkpoint on resume)
+    steps = [json.loads(line)["step"] for line in (rdir / RECORDS_FILE).read_text().splitlines()]
+    assert steps == list(range(5, STEPS + 1, 5))
+    runs = active_runs(root, stage="train")
+    assert len(runs) == 1, [r.info.run_name for r in runs]
+    losses = metric_history(root, "loss", runs[0].info.run_id)
+    assert sorted(losses) == list(range(5, STEPS + 1, 5))  # one value per logged step, none twice
 
-    # Both runs average the gradient over the same 32-image batches in the same order. They differ in
-    # the random draws (noise, timesteps, label dropout): each rank draws its half of the batch from
-    # its own stream, seeded by (seed, step, rank), while the single process draws the whole batch
-    # from rank 0's stream; and (negligibly) in the float summation order of the all-reduce. So the
-    # two are two samples of the same stochastic training, not the same numbers:
-    # - the loss of the final weights on a fixed batch with fixed noise agrees within 3% (measured
-    #   ~1%), while training moved it far more (the first logged loss is over 3x the final one);
+    # Both runs average the gradient over the same 32-image batches in the same order (a resumed run
+    # replays exactly what the uninterrupted one would have done). They differ in the random draws
+    # (noise, timesteps, label dropout): each rank draws its half of the batch from its own stream,
+    # seeded by (seed, step, rank), while the single process draws the whole batch from rank 0's
+    # stream; and (negligibly) in the float summation order of the all-reduce. So they are two samples
+    # of the same stochastic training, not the same numbers:
+    # - the loss of the final weights on a fixed batch with fixed noise agrees within 6% (measured
+    #   1-2% before the latent-collapse fixes, 3.2% after: the latents now carry per-image signal,
+    #   so the two stochastic runs part more), while training moved it far more (the first logged
+    #   loss is over 3x the final one);
     # - the reconstruction loss (low-variance: an L1 over every pixel) agrees within 5% at every
     #   logged step (measured <= 2%); the total loss, whose flow part is a noisy estimate from 3 x 32
     #   timestep draws (1.22 vs 0.92 at step 5), agrees within 10% at the end (measured ~1.5%).
     ref = fixed_batch_loss(reference["root"] / "models" / "unite.pt", cfg)
     two = fixed_batch_loss(root / "models" / "unite.pt", cfg)
     first = reference["losses"][5]
-    print(f"fixed-batch loss: 1 process {ref:.5f}, 2 Ray workers {two:.5f} (first logged loss {first:.4f})")
-    assert two == pytest.approx(ref, rel=0.03)
+    print(f"fixed-batch loss: 1 process {ref:.5f}, 2 Ray workers {two:.5f} (first logged loss {first:.4f}); "
+          f"`unite train` with a crash and a restart took {wall:.1f} s")
+    assert two == pytest.approx(ref, rel=0.06)
     assert first > 3 * ref
     ours = metric_history(root, "recon")
     theirs = metric_history(reference["root"], "recon")
@@ -102,43 +123,26 @@ def test_two_ray_workers_train_like_the_single_process_loop(ray_cluster, referen
     assert metrics["final_loss"] == pytest.approx(reference["metrics"]["final_loss"], rel=0.10)
     assert metrics["val_psnr"] == pytest.approx(reference["metrics"]["val_psnr"], abs=0.5)
 
-
-def test_a_killed_worker_is_replaced_and_training_resumes(ray_cluster, reference, tmp_path):
-    """`unite train` joins the session's cluster (RAY_ADDRESS); rank 0 dies after step 17; Ray
-    restarts the worker group, which resumes from the step-10 checkpoint and finishes all 30 steps."""
-    root = tmp_path / "crash"
-    cfg = make_project(root, workers=1)
+    # the same params again: the finished run is exported, not trained, and Ray is not started
     t0 = time.perf_counter()
-    proc = run_unite(["train"], cwd=root, RAY_ADDRESS=ray_cluster, UNITE_TEST_CRASH_AT_STEP="17")
-    wall = time.perf_counter() - t0
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rdir = root / "ray_results" / run_name(cfg)
-    assert (rdir / CRASH_MARKER).read_text().startswith("crashed at step 17")
-    metrics = read_json(root / "metrics" / "train.json")
-    assert metrics["steps"] == STEPS and metrics["trained_now"] and metrics["workers"] == 1
-    # the per-step file holds each step once (rewritten from the checkpoint on resume)
-    steps = [json.loads(line)["step"] for line in (rdir / RECORDS_FILE).read_text().splitlines()]
-    assert steps == list(range(5, STEPS + 1, 5))
-
-    runs = active_runs(root, stage="train")
-    assert len(runs) == 1, [r.info.run_name for r in runs]
-    losses = metric_history(root, "loss", runs[0].info.run_id)
-    assert sorted(losses) == list(range(5, STEPS + 1, 5))  # one value per logged step, none twice
-    # one Ray worker runs the same loop as the plain process, and a resumed run ends like an
-    # uninterrupted one: the losses equal the reference's (up to float noise of thread scheduling)
-    for step, value in reference["losses"].items():
-        assert losses[step] == pytest.approx(value, rel=1e-5, abs=1e-6), step
-    print(f"1 Ray worker with a crash and restart: {wall:.1f} s (subprocess, joined cluster); "
-          f"training loop {metrics['seconds']:.1f} s vs in-process {reference['metrics']['seconds']:.1f} s")
-
-    # the same params again: the finished run is exported, not trained (and Ray is not even started)
-    t0 = time.perf_counter()
-    again = run_unite(["train"], cwd=root)
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert "already trained" in again.stdout
-    assert read_json(root / "metrics" / "train.json")["trained_now"] is False
-    assert "starting a local Ray cluster" not in again.stderr
+    again = execute("train", cfg, root)
+    assert again["trained_now"] is False and again["steps"] == STEPS
+    assert time.perf_counter() - t0 < 60
     runs = active_runs(root, stage="train")
     assert len(runs) == 1 and runs[0].data.tags["unite.trained_now"] == "false"
-    print(f"finished run re-exported in {time.perf_counter() - t0:.1f} s")
     assert math.isfinite(metrics["final_loss"])
+
+
+def test_an_interrupted_run_resumes_to_the_same_numbers(reference, tmp_path):
+    """In-process: drop the final checkpoint of a finished run, train again: it resumes from step 20
+    and ends with exactly the history of the uninterrupted run (same data order, same random draws)."""
+    root = tmp_path / "resume"
+    cfg = make_project(root, workers=0)
+    rdir = root / "ray_results" / run_name(cfg)
+    shutil.copytree(reference["root"] / "ray_results" / run_name(cfg), rdir)
+    shutil.rmtree(rdir / "checkpoint_00000030")
+    metrics = execute("train", cfg, root)
+    assert metrics["trained_now"] and metrics["steps"] == STEPS
+    assert metric_history(root) == reference["losses"]  # bit for bit
+    steps = [json.loads(line)["step"] for line in (rdir / RECORDS_FILE).read_text().splitlines()]
+    assert steps == list(range(5, STEPS + 1, 5))

@@ -189,14 +189,23 @@ def _minutes(seconds):
     return f"{seconds / 60:.1f} min"
 
 
-def directions(rows: dict[str, dict]) -> list[dict]:
-    """For each of the paper's directions: measured gFIDs and whether the run reproduces it."""
+def collapsed(row: dict, num_classes: int | None) -> bool:
+    """Class-independent samples: conditional accuracy at most 1.5x chance (then gFID compares nothing)."""
+    acc = row.get("conditional_accuracy")
+    return bool(num_classes) and acc is not None and acc <= 1.5 / num_classes
+
+
+def directions(rows: dict[str, dict], num_classes: int | None = None) -> list[dict]:
+    """For each of the paper's directions: measured gFIDs and whether the run reproduces it
+    ("inconclusive" when either side's samples ignore the class, see :func:`collapsed`)."""
     out = []
     for label, better, worse in DIRECTIONS:
         a = rows.get(better, {}).get("gfid")
         b = rows.get(worse, {}).get("gfid")
         if a is None or b is None:
             verdict = "not measured"
+        elif collapsed(rows[better], num_classes) or collapsed(rows[worse], num_classes):
+            verdict = "inconclusive"
         else:
             verdict = "reproduced" if a <= b else "not reproduced"
         out.append({"direction": label, "better": better, "worse": worse, "gfid_better": a, "gfid_worse": b,
@@ -229,9 +238,14 @@ def render_markdown(rows: dict[str, dict], order: list[str], meta: dict) -> str:
         )
     lines += ["", f"Noise floor FID(val vs train) with these features: {_fmt(meta.get('noise_floor_fid'))} "
               "(what a perfect generator scores; gFID differences of that size are within sampling noise).", ""]
+    flat = [n for n in names if collapsed(rows[n], meta.get("num_classes"))]
+    if flat:
+        lines += [f"Warning: class-independent samples (conditional accuracy at chance) from {', '.join(flat)}: "
+                  "such gFIDs measure an untrained generator, so the directions involving them are inconclusive; "
+                  "train longer (--minutes / --steps).", ""]
     lines.append("The paper's directions (lower gFID is better):")
     lines.append("")
-    for d in directions(rows):
+    for d in directions(rows, meta.get("num_classes")):
         if d["verdict"] == "not measured":
             lines.append(f"- {d['direction']}: not measured (run the variants `{d['better']}` and `{d['worse']}`).")
             continue
@@ -406,6 +420,7 @@ def run(ctx: StageContext, **options) -> dict:
                         f"at most train.steps={steps or cfg.train.steps} steps")
         if budget == "time" else f"train.steps={steps or cfg.train.steps} optimizer steps per network",
         "noise_floor_fid": floor, "minibatches": cfg.flow.minibatches,
+        "num_classes": int(data.info.get("num_classes", 0)),
     }
     write_rows(rows, paths["csv"], order)
     paths["md"].parent.mkdir(parents=True, exist_ok=True)
@@ -418,8 +433,8 @@ def run(ctx: StageContext, **options) -> dict:
         for k in ("gfid", "rfid", "psnr", "conditional_accuracy", "isc_mean", "train_seconds", "steps"):
             if r.get(k) is not None:
                 metrics[f"{name}_{k}"] = r[k]
-    for d in directions(rows):
-        if d["verdict"] != "not measured":
+    for d in directions(rows, meta["num_classes"]):
+        if d["verdict"] in ("reproduced", "not reproduced"):
             metrics[f"direction_{d['better']}_vs_{d['worse']}"] = 1.0 if d["verdict"] == "reproduced" else 0.0
     log.info("compare: ran %s, skipped %s -> %s", ran, skipped, paths["md"])
     return metrics

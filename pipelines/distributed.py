@@ -222,10 +222,6 @@ def preflight(cfg, manifest: dict, workers: int) -> None:
 # ----------------------------------------------------------------------------------------------
 # The loop (shared by the in-process path and every Ray worker)
 # ----------------------------------------------------------------------------------------------
-class _TimeUp(Exception):
-    """Raised after the step that used up train.time_limit_minutes (all ranks agree on that step)."""
-
-
 def _average_over_ranks(record: dict, world_size: int) -> None:
     """Average the rank-local training metrics of a log record in place (one all-reduce)."""
     import torch
@@ -237,15 +233,6 @@ def _average_over_ranks(record: dict, world_size: int) -> None:
     dist.all_reduce(vals)
     for i, k in enumerate(keys):
         record[k] = float(vals[i]) / world_size
-
-
-def _any_rank(flag: bool) -> bool:
-    import torch
-    import torch.distributed as dist
-
-    t = torch.tensor([1.0 if flag else 0.0])
-    dist.all_reduce(t)
-    return bool(t.item() > 0)
 
 
 def _write_records(path: Path, history: list[dict]) -> None:
@@ -269,10 +256,9 @@ def run_session(
 
     `save(final)` writes or reports a checkpoint and is called on every rank at the same steps: every
     train.checkpoint_every steps and once at the end. The time budget (train.time_limit_minutes)
-    counts training time across resumes and is checked after every step, by all ranks together (one
-    tiny all-reduce per step when there are several); the step that uses it up is logged (with a
-    validation pass) and checkpointed as final. Log records get cumulative time_s and, with several
-    ranks, training metrics averaged over the global batch.
+    counts training time across resumes; Trainer.run checks it after every step, logs the step that
+    uses it up (with a validation pass) and checkpoints it as final. Log records get cumulative time_s
+    and, with several ranks, training metrics averaged over the global batch.
     """
     t = cfg.train
     until = t.steps
@@ -284,55 +270,27 @@ def run_session(
         _write_records(records, history)
         if crash_at is not None:
             _arm_crash(trainer, crash_at, Path(run_dir) / CRASH_MARKER)
-    start = time.perf_counter()
 
-    def finish_record(record: dict, last: bool = False) -> None:
+    def on_log(step: int, record: dict) -> None:
         record["time_s"] = round(float(record["time_s"]) + offset, 3)
         if world_size > 1:
             _average_over_ranks(record, world_size)
-        if last and rank == 0 and not any(k.startswith("val_") for k in record):
-            record.update(trainer.evaluate())
         if rank == 0:
             with open(records, "a") as f:
                 f.write(json.dumps(record) + "\n")
             if on_record is not None:
                 on_record(record)
 
-    def on_log(step: int, record: dict) -> None:
-        finish_record(record)
-
-    def on_checkpoint(step: int, _trainer) -> None:
-        save(step >= until)
-
-    if budget is not None:
-        inner = trainer.train_step
-
-        def budgeted_step():
-            metrics = inner()
-            if trainer.step >= until:
-                return metrics
-            stop = time.perf_counter() - start > budget
-            if world_size > 1:
-                stop = _any_rank(stop)
-            if stop:
-                record = {"step": trainer.step, "time_s": round(time.perf_counter() - start, 3), **metrics}
-                finish_record(record, last=True)
-                trainer.history.append(record)
-                raise _TimeUp
-            return metrics
-
-        trainer.train_step = budgeted_step
+    def on_checkpoint(step: int, final: bool) -> None:
+        save(final)
 
     if trainer.step >= until:
         return False
-    try:
-        trainer.run(until, on_log=on_log, on_checkpoint=on_checkpoint, time_limit_s=math.inf)
-    except _TimeUp:
-        log.info("train.time_limit_minutes=%s used up at step %d of %d: stopping with a final checkpoint",
+    result = trainer.run(until, on_log=on_log, on_checkpoint=on_checkpoint, time_limit_s=budget)
+    if result.stopped_early:
+        log.info("train.time_limit_minutes=%s used up at step %d of %d: stopped with a final checkpoint",
                  t.time_limit_minutes, trainer.step, until)
-        save(True)
-        return True
-    return False
+    return result.stopped_early
 
 
 def _arm_crash(trainer, step: int, marker: Path) -> None:
@@ -385,12 +343,8 @@ def _resume_newest(trainer, ray_checkpoint, resume_dir: str | None) -> dict | No
         with ray_checkpoint.as_directory() as folder:  # a local path, or a download from remote storage
             meta = _read_meta(Path(folder))
             if meta is not None and (local_meta is None or meta["step"] >= local_meta["step"]):
-                trainer.load_state_dict(read_state(Path(folder)))
-                return meta
-    if local_meta is not None:
-        trainer.load_state_dict(read_state(local))
-        return local_meta
-    return None
+                return _resume(trainer, Path(folder))
+    return _resume(trainer, local) if local_meta is not None else None
 
 
 # ----------------------------------------------------------------------------------------------

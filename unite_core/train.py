@@ -221,15 +221,12 @@ def ema_with_warmup(decay: float):
 
     @torch.no_grad()
     def update(ema_params, model_params, num_averaged):
-        n = float(num_averaged)
-        d = min(decay, (1.0 + n) / (10.0 + n))
-        ema_float = [e for e in ema_params if e.is_floating_point()]
-        cur_float = [m for e, m in zip(ema_params, model_params) if e.is_floating_point()]
-        if ema_float:
-            torch._foreach_lerp_(ema_float, cur_float, 1.0 - d)
-        for e, m in zip(ema_params, model_params):
-            if not e.is_floating_point():
-                e.copy_(m)
+        # AveragedModel calls this once per (device, dtype) group, so a group is all float or none
+        if ema_params[0].is_floating_point():
+            n = float(num_averaged)
+            torch._foreach_lerp_(ema_params, model_params, 1.0 - min(decay, (1.0 + n) / (10.0 + n)))
+        else:
+            torch._foreach_copy_(ema_params, model_params)
 
     return update
 
@@ -385,12 +382,16 @@ class Trainer:
         until_step: int | None = None,
         *,
         on_log: Callable[[int, dict], None] | None = None,
-        on_checkpoint: Callable[[int, "Trainer"], None] | None = None,
+        on_checkpoint: Callable[[int, bool], None] | None = None,
         checkpoint_path: str | Path | None = None,
         time_limit_s: float | None = None,
     ) -> TrainResult:
         """Train until `until_step` (default: train.steps). Checkpoints every checkpoint_every steps
-        and at the end, through `on_checkpoint` (Ray) and/or an atomic file write."""
+        and at the end, through `on_checkpoint(step, final)` (Ray) and/or an atomic file write.
+
+        The time limit (`time_limit_s`, else train.time_limit_minutes) is checked after every step,
+        by all ranks together (one tiny all-reduce per step when there are several). The step that
+        uses it up is logged with a validation pass and checkpointed as final."""
         t = self.cfg.train
         until = until_step or t.steps
         limit = time_limit_s if time_limit_s is not None else (t.time_limit_minutes * 60 if t.time_limit_minutes else None)
@@ -399,35 +400,36 @@ class Trainer:
         stopped_early = False
         window_start, window_steps = time.perf_counter(), 0
 
-        def checkpoint():
+        def checkpoint(final: bool):
             nonlocal last_ckpt
             if checkpoint_path is not None and self.rank == 0:
                 last_ckpt = self.save(checkpoint_path)
             if on_checkpoint is not None:
-                on_checkpoint(self.step, self)
+                on_checkpoint(self.step, final)
 
         while self.step < until:
             metrics = self.train_step()
             window_steps += 1
-            if self.step % t.log_every == 0 or self.step == until:
+            out_of_time = limit is not None and self.step < until and time.perf_counter() - start > limit
+            if limit is not None and self.world_size > 1:  # every rank joins, so all stop at one step
+                flag = torch.tensor([1.0 if out_of_time else 0.0])
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                out_of_time = bool(flag.item())
+            last = self.step == until or out_of_time
+            if self.step % t.log_every == 0 or last:
                 now = time.perf_counter()
                 metrics["samples_per_s"] = window_steps * t.batch_size / max(now - window_start, 1e-9)
                 window_start, window_steps = now, 0
-                if self.step % t.eval_every == 0 or self.step == until:
+                if self.step % t.eval_every == 0 or last:
                     metrics.update(self.evaluate())
                 record = {"step": self.step, "time_s": round(now - start, 3), **metrics}
                 self.history.append(record)
                 if on_log is not None:
                     on_log(self.step, record)
-            out_of_time = limit is not None and time.perf_counter() - start > limit
-            if out_of_time and self.world_size > 1:
-                flag = torch.tensor([1.0 if out_of_time else 0.0])
-                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-                out_of_time = bool(flag.item())
-            if self.step % t.checkpoint_every == 0 or self.step == until or out_of_time:
-                checkpoint()
+            if self.step % t.checkpoint_every == 0 or last:
+                checkpoint(last)
             if out_of_time:
                 stopped_early = True
-                log.info("time limit reached at step %d", self.step)
+                log.info("time limit reached at step %d of %d", self.step, until)
                 break
         return TrainResult(self.step, self.history, time.perf_counter() - start, stopped_early, last_ckpt)

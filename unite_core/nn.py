@@ -78,8 +78,8 @@ class Attention(nn.Module):
         if q.dtype != v.dtype:  # norms may upcast under autocast
             q, k = q.to(v.dtype), k.to(v.dtype)
         if q.device.type == "cpu" and q.dtype == torch.bfloat16:
-            # torch's CPU flash kernel is 2.5-5x slower than the plain math path in bf16 for these
-            # short sequences (measured on a 2-core CPU, 88 tokens, head dim 32: 51 ms vs 21 ms fwd+bwd)
+            # torch's CPU flash kernel is 2.4-4.7x slower than the plain math path in bf16 for these
+            # short sequences (benchmarks/attention_cpu.py, 2 cores: 88 tokens, 42 ms vs 17 ms fwd+bwd)
             with sdpa_kernel(SDPBackend.MATH):
                 out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
         else:

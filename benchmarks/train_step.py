@@ -8,6 +8,7 @@ products, attention; Muon's Newton-Schulz products included); MFU divides the ac
 the bf16 / fp32 matrix-product peaks measured in this same process.
 
     python benchmarks/train_step.py [--cases default,b256] [--precisions bf16,fp32] [--steps 3]
+    python benchmarks/train_step.py --device cuda --cases b256 --steps 10     # on a GPU
 """
 
 from __future__ import annotations
@@ -28,15 +29,23 @@ from unite_core.train import Trainer
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 8) -> float:
-    a = torch.randn(n, n, dtype=dtype)
-    b = torch.randn(n, n, dtype=dtype)
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def matmul_peak(dtype: torch.dtype, device: str = "cpu", reps: int = 8) -> float:
+    n = 8192 if device == "cuda" else 2048
+    a = torch.randn(n, n, dtype=dtype, device=device)
+    b = torch.randn(n, n, dtype=dtype, device=device)
     for _ in range(2):
         a @ b
     best = float("inf")
     for _ in range(reps):
+        _sync(device)
         t = time.perf_counter()
         a @ b
+        _sync(device)
         best = min(best, time.perf_counter() - t)
     return 2 * n**3 / best / 1e9  # GFLOP/s
 
@@ -56,9 +65,10 @@ class SyntheticImages:
         return self.x[idx], self.y[idx]
 
 
-def case_config(case: str, precision: str):
+def case_config(case: str, precision: str, device: str = "cpu"):
     if case == "default":
-        cfg = load_config(ROOT / "params.yaml", [f"train.precision={precision}", "train.warmup_steps=1"])
+        cfg = load_config(ROOT / "params.yaml", [f"train.precision={precision}", "train.warmup_steps=1",
+                                                 f"train.device={device}"])
         info = {"modality": "images", "channels": 1, "image_size": cfg.data.image_size, "num_classes": 10}
         return cfg, info
     cfg = config_from_dict({
@@ -66,23 +76,25 @@ def case_config(case: str, precision: str):
         "model": {"ge_size": "B", "decoder_size": "B", "patch_size": 16, "latent_tokens": 256,
                   "latent_dim": 32, "in_context_start": 4},
         "flow": {"minibatches": 3},
-        "train": {"batch_size": 2, "precision": precision, "steps": 1000, "warmup_steps": 1},
+        "train": {"batch_size": 2, "precision": precision, "steps": 1000, "warmup_steps": 1, "device": device},
     })
     return cfg, {"modality": "images", "channels": 3, "image_size": 256, "num_classes": 1000}
 
 
-def run_case(case: str, precision: str, steps: int, peaks: dict) -> dict:
-    cfg, info = case_config(case, precision)
+def run_case(case: str, precision: str, steps: int, peaks: dict, device: str = "cpu") -> dict:
+    cfg, info = case_config(case, precision, device)
     data = SyntheticImages(max(cfg.train.batch_size * 4, 8), info["channels"], info["image_size"], info["num_classes"])
-    tr = Trainer(cfg, info, data)
+    tr = Trainer(cfg, info, data, torch.device(device))
     tr.train_step()  # warm-up (allocations, kernel selection)
     with FlopCounterMode(display=False) as fc:
         tr.train_step()
     flops = fc.get_total_flops()
     times = []
     for _ in range(steps):
+        _sync(device)
         t = time.perf_counter()
-        tr.train_step()
+        tr.train_step()  # returns python floats of the metrics: it ends with a device sync already
+        _sync(device)
         times.append(time.perf_counter() - t)
     step_s = sorted(times)[len(times) // 2]  # median
     achieved = flops / step_s / 1e9
@@ -105,7 +117,7 @@ def run_case(case: str, precision: str, steps: int, peaks: dict) -> dict:
         "mfu_vs_fp32_peak": round(achieved / peaks["fp32"], 4),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
-        "cpu": platform.processor() or platform.machine(),
+        "device": torch.cuda.get_device_name() if device == "cuda" else (platform.processor() or platform.machine()),
     }
 
 
@@ -115,14 +127,16 @@ def main() -> None:
     ap.add_argument("--precisions", default="bf16,fp32")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    peaks = {"bf16": matmul_peak(torch.bfloat16), "fp32": matmul_peak(torch.float32)}
+    peaks = {"bf16": matmul_peak(torch.bfloat16, args.device), "fp32": matmul_peak(torch.float32, args.device)}
     print(json.dumps({"bench": "matmul_peak", "bf16_gflops": round(peaks["bf16"], 1),
-                      "fp32_gflops": round(peaks["fp32"], 1), "threads": args.threads}), flush=True)
+                      "fp32_gflops": round(peaks["fp32"], 1), "threads": args.threads, "device": args.device}),
+          flush=True)
     for case in args.cases.split(","):
         for precision in args.precisions.split(","):
-            print(json.dumps(run_case(case, precision, args.steps, peaks)), flush=True)
+            print(json.dumps(run_case(case, precision, args.steps, peaks, args.device)), flush=True)
 
 
 if __name__ == "__main__":

@@ -111,6 +111,22 @@ def test_ema_follows_the_weights_early(tiny_cfg, digits):
     assert ema_moved > 0.5 * moved  # a plain 0.999 EMA would have moved about 2% of the way
 
 
+def test_flow_warmup_trains_reconstruction_alone_first(tiny_cfg, digits):
+    """loss.flow_warmup_steps=3: steps 0-2 have no flow term and leave the class embeddings (read by
+    the denoising pass only; tokenization uses the null class) untouched; from step 3 the joint
+    objective runs."""
+    tr = Trainer(tiny_cfg(loss={"flow_warmup_steps": 3}), digits.info, digits.train)
+    classes = lambda: tr.model.encoder.y_embed.weight[:10].detach().clone()  # noqa: E731 - rows of the 10 digits
+    before = classes()
+    warm = [tr.train_step() for _ in range(3)]
+    assert all("flow" not in m for m in warm)
+    assert all(w["loss"] == pytest.approx(w["recon"]) for w in warm)
+    assert torch.equal(classes(), before)
+    joint = tr.train_step()
+    assert joint["flow"] > 0 and joint["loss"] == pytest.approx(joint["recon"] + joint["flow"], rel=1e-4)
+    assert not torch.equal(classes(), before)
+
+
 def test_checkpoint_roundtrip_is_bit_identical(tiny_cfg, digits, tmp_path):
     tr = Trainer(tiny_cfg(), digits.info, digits.train)
     tr.run(until_step=3)

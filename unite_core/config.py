@@ -135,6 +135,8 @@ class LossConfig(_Section):
     decoder_noise_start: float = Field(0.7, ge=0.0, le=1.0)
     decoder_noise_prob: float = Field(0.5, ge=0.0, le=1.0)
     recon_only: bool = Field(False, description="tokenizer-only training (stage 1 of the two-stage baseline)")
+    flow_warmup_steps: int = Field(0, ge=0, description="train the first N steps on the reconstruction loss alone, "
+                                   "then the joint objective (a warm start for the tokenizer; 0 = joint from step 0)")
 
     @model_validator(mode="after")
     def _check(self) -> "LossConfig":

@@ -178,8 +178,11 @@ class UNITE(nn.Module):
         return self.decode(self.tokenize(obs, generator))
 
     # ------------------------------------------------------------------------------------------
-    def compute_loss(self, batch, generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict]:
-        """One UNITE step's objective: L_recon + w_gen * L_flow. Returns (loss, detached metrics)."""
+    def compute_loss(self, batch, generator: torch.Generator | None = None, *,
+                     with_flow: bool = True) -> tuple[torch.Tensor, dict]:
+        """One UNITE step's objective: L_recon + w_gen * L_flow. Returns (loss, detached metrics).
+
+        with_flow=False drops the flow term (the trainer's loss.flow_warmup_steps warm start)."""
         cfg = self.cfg
         obs, y = self.modality.unpack(batch)
         augment = getattr(self.modality, "augment", None)  # optional: modality's training augmentation
@@ -200,7 +203,7 @@ class UNITE(nn.Module):
         recon, metrics = self.modality.recon_loss(decoded, obs)
         metrics["recon"] = recon.detach()
         loss = recon
-        if not cfg.loss.recon_only and cfg.loss.w_gen > 0:
+        if with_flow and not cfg.loss.recon_only and cfg.loss.w_gen > 0:
             lflow = self.flow_objective(z0, y, generator)
             metrics["flow"] = lflow.detach()
             loss = loss + cfg.loss.w_gen * lflow

@@ -335,10 +335,13 @@ class Trainer:
         for o in self.optimizers:
             o.zero_grad(set_to_none=True)
         gen = step_generator(t.seed, self.step, self.rank, self.device)
+        # loss.flow_warmup_steps: reconstruction alone for the first steps (keyword only then, so
+        # objectives without a flow term need not know it)
+        warm = {"with_flow": False} if self.step < self.cfg.loss.flow_warmup_steps else {}
         sums: dict[str, float] = {}
         for batch in self._micro_batches():
             with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
-                loss, metrics = self.model.compute_loss(batch, gen)
+                loss, metrics = self.model.compute_loss(batch, gen, **warm)
             (loss / t.grad_accum).backward()
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + float(v) / t.grad_accum

@@ -31,6 +31,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+import torch
+
 from unite_core.config import Config, config_from_dict
 from unite_core.metrics.images import classifier_fingerprint
 from unite_core.train import Trainer, load_checkpoint, model_from_checkpoint, resolve_device
@@ -66,7 +68,7 @@ DIRECTIONS = (
 
 CSV_COLUMNS = (
     "variant", "gfid", "best_cfg_scale", "rfid", "psnr", "ssim", "conditional_accuracy", "isc_mean", "kid_mean",
-    "precision", "recall", "train_seconds", "steps", "eval_seconds", "budget", "minutes", "num_samples",
+    "precision", "recall", "train_seconds", "steps", "eval_seconds", "device", "budget", "minutes", "num_samples",
     "overrides", "details", "params_hash",
 )
 NUMERIC = {"gfid", "best_cfg_scale", "rfid", "psnr", "ssim", "conditional_accuracy", "isc_mean", "kid_mean",
@@ -177,6 +179,16 @@ def write_rows(rows: dict[str, dict], path: Path, order: list[str]) -> None:
     os.replace(tmp, path)
 
 
+def device_label(device) -> str:
+    """Where a variant trained, for the table: "cpu (<arch>, <threads> threads)" or "cuda (<GPU name>)"."""
+    import platform
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    return f"{device.type} ({platform.machine()}, {torch.get_num_threads()} threads)"
+
+
 def _fmt(v, digits=2, suffix=""):
     if v is None or (isinstance(v, float) and not math.isfinite(v)):
         return "n/a"
@@ -196,15 +208,19 @@ def collapsed(row: dict, num_classes: int | None) -> bool:
 
 
 def directions(rows: dict[str, dict], num_classes: int | None = None) -> list[dict]:
-    """For each of the paper's directions: measured gFIDs and whether the run reproduces it
-    ("inconclusive" when either side's samples ignore the class, see :func:`collapsed`)."""
+    """For each of the paper's directions: measured gFIDs and whether the run reproduces it.
+
+    "inconclusive" when the variant that should win produced class-independent samples
+    (:func:`collapsed`): the budget did not train it, so its gFID compares nothing. An ablation that
+    collapses while that variant learned at the same budget has failed where it succeeded, which
+    is the direction (the ablation's gFID is the larger, the verdict follows from the numbers)."""
     out = []
     for label, better, worse in DIRECTIONS:
         a = rows.get(better, {}).get("gfid")
         b = rows.get(worse, {}).get("gfid")
         if a is None or b is None:
             verdict = "not measured"
-        elif collapsed(rows[better], num_classes) or collapsed(rows[worse], num_classes):
+        elif collapsed(rows[better], num_classes):
             verdict = "inconclusive"
         else:
             verdict = "reproduced" if a <= b else "not reproduced"
@@ -222,8 +238,8 @@ def render_markdown(rows: dict[str, dict], order: list[str], meta: dict) -> str:
         f"{meta.get('num_samples')} class-balanced samples per guidance scale, scales {meta.get('scales')}; "
         f"{meta.get('weights')} weights; budget: {meta.get('budget_text')}.",
         "",
-        "| variant | gFID (best scale) | rFID | PSNR (dB) | cond. acc. | IS | train time | steps |",
-        "|---|---|---|---|---|---|---|---|",
+        "| variant | gFID (best scale) | rFID | PSNR (dB) | cond. acc. | IS | train time | steps | device |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name in names:
         r = rows[name]
@@ -234,15 +250,16 @@ def render_markdown(rows: dict[str, dict], order: list[str], meta: dict) -> str:
             steps += f" ({r['details']})"
         lines.append(
             f"| {name} | {gfid} | {_fmt(r.get('rfid'))} | {_fmt(r.get('psnr'))} | {acc} | "
-            f"{_fmt(r.get('isc_mean'))} | {_minutes(r.get('train_seconds'))} | {steps} |"
+            f"{_fmt(r.get('isc_mean'))} | {_minutes(r.get('train_seconds'))} | {steps} | {r.get('device') or 'n/a'} |"
         )
     lines += ["", f"Noise floor FID(val vs train) with these features: {_fmt(meta.get('noise_floor_fid'))} "
               "(what a perfect generator scores; gFID differences of that size are within sampling noise).", ""]
     flat = [n for n in names if collapsed(rows[n], meta.get("num_classes"))]
     if flat:
-        lines += [f"Warning: class-independent samples (conditional accuracy at chance) from {', '.join(flat)}: "
-                  "such gFIDs measure an untrained generator, so the directions involving them are inconclusive; "
-                  "train longer (--minutes / --steps).", ""]
+        lines += [f"Warning: class-independent samples (conditional accuracy at chance) from {', '.join(flat)}. "
+                  "Where the variant each direction favours is among them, its generator did not train in this "
+                  "budget and the direction is inconclusive (train longer: --minutes / --steps); an ablation "
+                  "that collapsed where that variant learned has failed at the same budget.", ""]
     lines.append("The paper's directions (lower gFID is better):")
     lines.append("")
     for d in directions(rows, meta.get("num_classes")):
@@ -318,7 +335,7 @@ def run_variant(ctx: StageContext, name: str, vcfg: Config, data, *, hash_: str,
                                                         "conditional_accuracy", "isc_mean", "kid_mean",
                                                         "precision", "recall")},
         "train_seconds": train_info["train_seconds"], "steps": train_info["steps"],
-        "eval_seconds": time.perf_counter() - t0, "budget": budget,
+        "eval_seconds": time.perf_counter() - t0, "device": device_label(device), "budget": budget,
         "minutes": minutes if budget == "time" else None, "num_samples": num_samples,
         "overrides": json.dumps(VARIANTS[name]) if name != "two_stage" else "two-stage baseline",
         "details": train_info.get("details", ""), "params_hash": hash_,

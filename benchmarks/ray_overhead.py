@@ -1,0 +1,88 @@
+"""Ray Train overhead: the same training steps in process and under Ray Train with one worker.
+
+Both runs go through the pipeline's own entry points (pipelines.distributed.train_in_process and
+train_with_ray), with the same params, steps, validation and checkpoint schedule, each in a fresh
+temporary project (the prepared dataset is linked from this project's data/, or prepared there).
+Prints one JSON line per run and a summary line:
+
+    python benchmarks/ray_overhead.py --steps 600
+    python benchmarks/ray_overhead.py --steps 600 --set train.eval_every=100
+
+Overhead is reported two ways: on the whole command (Ray start-up included) and on the training
+loop alone (time_s of the last step, which both paths log the same way).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _project(tmp: Path, cfg) -> Path:
+    """A temporary project root whose data/<dataset> is this project's prepared copy (or a new one)."""
+    from pipelines.context import StageContext
+    from pipelines.stages import prepare
+
+    src = ROOT / "data" / cfg.data.dataset
+    (tmp / "data").mkdir(parents=True)
+    if (src / "manifest.json").is_file():
+        (tmp / "data" / cfg.data.dataset).symlink_to(src, target_is_directory=True)
+    else:
+        prepare.run(StageContext(cfg, tmp))
+    return tmp
+
+
+def _one(mode: str, cfg, base: Path) -> dict:
+    from pipelines.context import StageContext
+    from pipelines.distributed import RECORDS_FILE, train_in_process, train_with_ray
+    from unite_core.config import apply_overrides, config_from_dict
+
+    workers = 0 if mode == "in_process" else 1
+    cfg = config_from_dict(apply_overrides(cfg.to_dict(), [f"distributed.num_workers={workers}"]))
+    root = _project(base / mode, cfg)
+    ctx = StageContext(cfg, root)
+    start = time.perf_counter()
+    fn = train_in_process if workers == 0 else train_with_ray
+    summary = fn(ctx, root / "data" / cfg.data.dataset)
+    wall = time.perf_counter() - start
+    records = [json.loads(line) for line in (Path(summary["run_dir"]) / RECORDS_FILE).read_text().splitlines()
+               if line.strip()]
+    loop_s = float(records[-1]["time_s"]) if records else float("nan")
+    return {"bench": "ray_overhead", "mode": mode, "steps": summary["final_step"], "wall_s": round(wall, 2),
+            "startup_s": round(summary["startup_seconds"], 2), "loop_s": round(loop_s, 2),
+            "s_per_step": round(loop_s / max(summary["final_step"], 1), 4)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--set", dest="overrides", action="append", default=[], help="a.b=c (repeatable)")
+    ap.add_argument("--modes", default="in_process,ray_1_worker", help="which runs (comma-separated)")
+    args = ap.parse_args()
+    os.environ.pop("DVC_ROOT", None)  # each run keeps its folders in its own temporary project
+
+    from unite_core.config import load_config
+
+    cfg = load_config(ROOT / "params.yaml", [f"train.steps={args.steps}", "train.time_limit_minutes=null",
+                                             "tracking.enabled=false", *args.overrides])
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="unite-ray-bench-") as tmp:
+        for mode in args.modes.split(","):
+            results[mode] = _one(mode, cfg, Path(tmp))
+            print(json.dumps(results[mode]), flush=True)
+    if set(results) != {"in_process", "ray_1_worker"}:
+        return
+    plain, ray = results["in_process"], results["ray_1_worker"]
+    print(json.dumps({"bench": "ray_overhead_summary", "steps": args.steps,
+                      "overhead_loop_pct": round(100 * (ray["loop_s"] / plain["loop_s"] - 1), 1),
+                      "overhead_wall_pct": round(100 * (ray["wall_s"] / plain["wall_s"] - 1), 1)}))
+
+
+if __name__ == "__main__":
+    main()

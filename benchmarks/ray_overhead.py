@@ -5,11 +5,13 @@ train_with_ray), with the same params, steps, validation and checkpoint schedule
 temporary project (the prepared dataset is linked from this project's data/, or prepared there).
 Prints one JSON line per run and a summary line:
 
-    python benchmarks/ray_overhead.py --steps 600
+    python benchmarks/ray_overhead.py --steps 200 --repeats 3
     python benchmarks/ray_overhead.py --steps 600 --set train.eval_every=100
 
-Overhead is reported two ways: on the whole command (Ray start-up included) and on the training
-loop alone (time_s of the last step, which both paths log the same way).
+Overhead is reported two ways: on the whole command (Ray start-up and shutdown included) and on the
+training loop alone (time_s of the last step, which both paths log the same way). The two modes
+alternate `--repeats` times and the summary takes medians: on a shared virtual machine the same
+loop's speed drifts by 30% over minutes, so one run of each mode compares two different machines.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -64,6 +67,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="a.b=c (repeatable)")
     ap.add_argument("--modes", default="in_process,ray_1_worker", help="which runs (comma-separated)")
+    ap.add_argument("--repeats", type=int, default=1, help="alternate the modes this many times")
     args = ap.parse_args()
     os.environ.pop("DVC_ROOT", None)  # each run keeps its folders in its own temporary project
 
@@ -71,17 +75,27 @@ def main() -> None:
 
     cfg = load_config(ROOT / "params.yaml", [f"train.steps={args.steps}", "train.time_limit_minutes=null",
                                              "tracking.enabled=false", *args.overrides])
-    results = {}
-    with tempfile.TemporaryDirectory(prefix="unite-ray-bench-") as tmp:
+    results: dict[str, list[dict]] = {}
+    for r in range(args.repeats):
         for mode in args.modes.split(","):
-            results[mode] = _one(mode, cfg, Path(tmp))
-            print(json.dumps(results[mode]), flush=True)
+            with tempfile.TemporaryDirectory(prefix="unite-ray-bench-") as tmp:
+                result = {**_one(mode, cfg, Path(tmp)), "repeat": r}
+            results.setdefault(mode, []).append(result)
+            print(json.dumps(result), flush=True)
     if set(results) != {"in_process", "ray_1_worker"}:
         return
-    plain, ray = results["in_process"], results["ray_1_worker"]
-    print(json.dumps({"bench": "ray_overhead_summary", "steps": args.steps,
-                      "overhead_loop_pct": round(100 * (ray["loop_s"] / plain["loop_s"] - 1), 1),
-                      "overhead_wall_pct": round(100 * (ray["wall_s"] / plain["wall_s"] - 1), 1)}))
+
+    def median(mode: str, key: str) -> float:
+        return statistics.median(x[key] for x in results[mode])
+
+    summary = {"bench": "ray_overhead_summary", "steps": args.steps, "repeats": args.repeats}
+    for key in ("loop_s", "wall_s", "startup_s"):
+        summary[f"in_process_{key}"], summary[f"ray_{key}"] = median("in_process", key), median("ray_1_worker", key)
+    summary["overhead_loop_pct"] = round(100 * (summary["ray_loop_s"] / summary["in_process_loop_s"] - 1), 1)
+    summary["overhead_wall_pct"] = round(100 * (summary["ray_wall_s"] / summary["in_process_wall_s"] - 1), 1)
+    summary["fixed_ray_cost_s"] = round(summary["ray_wall_s"] - summary["ray_loop_s"]
+                                        - (summary["in_process_wall_s"] - summary["in_process_loop_s"]), 1)
+    print(json.dumps(summary))
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import statistics
 import tempfile
@@ -69,6 +70,7 @@ def main() -> None:
     ap.add_argument("--modes", default="in_process,ray_1_worker", help="which runs (comma-separated)")
     ap.add_argument("--repeats", type=int, default=1, help="alternate the modes this many times")
     args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # stderr
     os.environ.pop("DVC_ROOT", None)  # each run keeps its folders in its own temporary project
 
     from unite_core.config import load_config

@@ -47,7 +47,7 @@ def register(app: typer.Typer) -> None:
             "--notebooks", help="also execute the notebooks in analysis/ (papermill) into reports/notebooks/")] = False,
     ) -> None:
         """Alignment (CKA/CKNNA per GE block, cosine vs t), linear probes, weight description length, and the
-        rate-distortion table of a sweep: metrics/analysis.json, plots/*.csv and plots/*.png."""
+        rate-distortion table of a sweep: metrics/analyze.json, plots/*.csv and plots/*.png."""
         run_stage("analyze", params, set_, debug, options={
             "checkpoint": checkpoint, "variants": parse_variants(variant), "sweep_csv": sweep_csv,
             "class_mode": class_mode, "notebooks": notebooks,

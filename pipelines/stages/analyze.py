@@ -7,7 +7,7 @@ weights and no-stop-gradient variants are recognised from their saved config) an
 
 Outs (all always written, so DVC can declare them; a table without data has only its header and
 its figure says why):
-    metrics/analysis.json        summary numbers (dvc metrics)
+    metrics/analyze.json         summary numbers (dvc metrics; written by the stage runner)
     plots/alignment.csv          t, layer, cka, cknna          (main model)
     plots/alignment_variants.csv model, t, layer, cka, cknna   (ablation checkpoints)
     plots/cosine.csv             t, cosine_mean, cosine_std, input_cosine_mean
@@ -56,7 +56,6 @@ from unite_core.model import UNITE
 from unite_core.train import CheckpointError, fetch, load_checkpoint, model_from_checkpoint, resolve_device
 
 from ..context import StageContext
-from . import atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -288,7 +287,7 @@ class AnalyzeError(RuntimeError):
 
 def run(ctx: StageContext, **kwargs) -> dict:
     """Run every analysis; write the outs listed in the module docstring; return the summary (also
-    written to metrics/analysis.json). Options (keyword arguments or ctx.options): see OPTIONS."""
+    written to metrics/analyze.json by the stage runner). Options (keyword arguments or ctx.options): see OPTIONS."""
     opts = {**OPTIONS, **{k: v for k, v in {**(ctx.options or {}), **kwargs}.items() if v is not None}}
     unknown = set(opts) - set(OPTIONS)
     if unknown:
@@ -471,8 +470,6 @@ def _analyze(
         "timings": {k: round(v, 2) for k, v in timings.items()},
         "seconds": round(time.perf_counter() - start, 2),
     }
-    paths.metrics.mkdir(parents=True, exist_ok=True)
-    out_json = atomic_write_json(paths.metrics / "analysis.json", result)
 
     # --- MLflow (driver only) -------------------------------------------------------------------
     tracker.log_params({"analysis_class_mode": class_mode, "analysis_checkpoint": str(ckpt_path)})
@@ -485,7 +482,6 @@ def _analyze(
         tracker.log_metrics({"probe_val_accuracy": r["val_accuracy"]}, step=r["layer"])
     for p in written:
         tracker.log_artifact(p, "plots")
-    tracker.log_artifact(out_json, "metrics")
     log.info("analyze: done in %.1f s (CKA mean %.3f, z0 probe %.3f)", result["seconds"],
              result["alignment"].get("cka_mean", float("nan")), result["probe"]["z0_val_accuracy"])
     return result

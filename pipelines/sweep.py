@@ -603,21 +603,31 @@ def _params_doc(ctx: StageContext) -> dict:
     return apply_overrides(doc, list(ctx.overrides or []))
 
 
-def _ray_cpus(cfg: Config, concurrency: int) -> int:
+def _ray_cpus(cfg: Config, concurrency: int, trials: int = 0) -> int:
+    """Logical CPUs of the local Ray cluster a sweep starts (distributed.num_cpus wins when set).
+
+    Room for `concurrency` trials at a time plus 2 spare. With ASHA, also a reserve for the trials
+    it stops: Ray Train V2 keeps a stopped trial's worker placement group until the Tune driver
+    exits (ray-project/ray#54305), and on a cluster sized for the running trials alone the next
+    trial then waits for CPUs that never come back (measured: its worker group timed out three
+    times, 300 s each, and the sweep ended). The reserve is logical only: Tune still runs at most
+    `concurrency` trials, and each worker uses cpus_per_worker threads.
+    """
     d = cfg.distributed
     if d.num_cpus:
         return d.num_cpus
     per_trial = max(1, d.num_workers) * d.cpus_per_worker + TRIAL_CPU
-    return max(4, math.ceil(concurrency * per_trial) + 2)
+    reserve = trials * max(1, d.num_workers) * d.cpus_per_worker if cfg.sweep.scheduler == "asha" else 0
+    return max(4, math.ceil(concurrency * per_trial + reserve) + 2)
 
 
-def _ensure_ray(cfg: Config, concurrency: int, debug: bool) -> bool:
+def _ensure_ray(cfg: Config, concurrency: int, trials: int, debug: bool) -> bool:
     import ray
 
     if ray.is_initialized():
         return False
     d = cfg.to_dict()
-    d["distributed"]["num_cpus"] = _ray_cpus(cfg, concurrency)
+    d["distributed"]["num_cpus"] = _ray_cpus(cfg, concurrency, trials)
     return distributed.ensure_ray(config_from_dict(d), debug=debug)
 
 
@@ -666,7 +676,7 @@ def run(ctx: StageContext) -> dict:
 
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    started = _ensure_ray(cfg, concurrency, ctx.debug)
+    started = _ensure_ray(cfg, concurrency, len(specs), ctx.debug)
     try:
         setup = {"trial_cfgs": trial_cfgs, "runs_dir": str(runs_dir), "data_dir": str(Path(data_dir).resolve())}
         trainable = tune.with_resources(tune.with_parameters(sweep_trial, setup=setup), {"CPU": TRIAL_CPU})

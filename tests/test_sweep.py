@@ -163,4 +163,6 @@ def test_scheduler_settings():
     assert sched._reduction_factor == 3 and tc.max_concurrent_trials == 2
     none = config_from_dict(tiny_params(sweep={**SWEEP, "scheduler": "none"}))
     assert isinstance(sweep_module._tune_config(none, 1, 40).scheduler, FIFOScheduler)
-    assert sweep_module._ray_cpus(cfg, concurrency=3) == 6  # 3 trials x 1 worker CPU (+ a little) + 2 spare
+    assert sweep_module._ray_cpus(none, concurrency=3) == 6  # 3 trials x 1 worker CPU (+ a little) + 2 spare
+    # ASHA: plus one trial's worker CPUs per trial it may stop (Ray keeps a stopped trial's placement group)
+    assert sweep_module._ray_cpus(cfg, concurrency=3, trials=8) == 6 + 8

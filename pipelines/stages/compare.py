@@ -27,6 +27,7 @@ import json
 import logging
 import math
 import os
+import platform
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -181,8 +182,6 @@ def write_rows(rows: dict[str, dict], path: Path, order: list[str]) -> None:
 
 def device_label(device) -> str:
     """Where a variant trained, for the table: "cpu (<arch>, <threads> threads)" or "cuda (<GPU name>)"."""
-    import platform
-
     device = torch.device(device)
     if device.type == "cuda":
         return f"cuda ({torch.cuda.get_device_name(device)})"

@@ -83,16 +83,20 @@ class CheckpointInfo:
     meta: dict
 
 
+def _read_meta(folder: Path) -> dict | None:
+    """A checkpoint folder's meta.json, or None when it is missing or unreadable."""
+    try:
+        return json.loads((Path(folder) / META_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def list_checkpoints(run_dir: Path) -> list[CheckpointInfo]:
     """Complete checkpoints (state and meta present) in a run folder, oldest first."""
     found = []
     for d in Path(run_dir).glob("checkpoint_*"):
-        meta_path, state_path = d / META_FILE, d / STATE_FILE
-        if not (meta_path.is_file() and state_path.is_file()):
-            continue
-        try:
-            meta = json.loads(meta_path.read_text())
-        except (OSError, ValueError):
+        meta = _read_meta(d) if (d / STATE_FILE).is_file() else None
+        if meta is None:
             continue
         found.append(CheckpointInfo(d, int(meta.get("step", -1)), bool(meta.get("final")), meta))
     return sorted(found, key=lambda c: (c.step, c.final, c.path.stat().st_mtime))
@@ -326,13 +330,6 @@ def _resume(trainer, ckpt_dir: Path) -> dict:
     state = read_state(ckpt_dir)
     trainer.load_state_dict(state)
     return json.loads((Path(ckpt_dir) / META_FILE).read_text())
-
-
-def _read_meta(folder: Path) -> dict | None:
-    try:
-        return json.loads((Path(folder) / META_FILE).read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def _resume_newest(trainer, ray_checkpoint, resume_dir: str | None) -> dict | None:

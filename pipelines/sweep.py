@@ -616,9 +616,9 @@ def _ray_cpus(cfg: Config, concurrency: int, trials: int = 0) -> int:
     d = cfg.distributed
     if d.num_cpus:
         return d.num_cpus
-    per_trial = max(1, d.num_workers) * d.cpus_per_worker + TRIAL_CPU
-    reserve = trials * max(1, d.num_workers) * d.cpus_per_worker if cfg.sweep.scheduler == "asha" else 0
-    return max(4, math.ceil(concurrency * per_trial + reserve) + 2)
+    worker_cpus = max(1, d.num_workers) * d.cpus_per_worker
+    reserve = trials * worker_cpus if cfg.sweep.scheduler == "asha" else 0
+    return max(4, math.ceil(concurrency * (worker_cpus + TRIAL_CPU) + reserve) + 2)
 
 
 def _ensure_ray(cfg: Config, concurrency: int, trials: int, debug: bool) -> bool:

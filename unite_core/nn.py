@@ -7,6 +7,7 @@ hand-written because it is a few lines and torch has no public module for it.
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -77,12 +78,10 @@ class Attention(nn.Module):
             k = apply_rope(k, *rope)
         if q.dtype != v.dtype:  # norms may upcast under autocast
             q, k = q.to(v.dtype), k.to(v.dtype)
-        if q.device.type == "cpu" and q.dtype == torch.bfloat16:
-            # torch's CPU flash kernel is 2.4-4.7x slower than the plain math path in bf16 for these
-            # short sequences (benchmarks/attention_cpu.py, 2 cores: 88 tokens, 42 ms vs 17 ms fwd+bwd)
-            with sdpa_kernel(SDPBackend.MATH):
-                out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
-        else:
+        # torch's CPU flash kernel is 2.4-4.7x slower than the plain math path in bf16 for these
+        # short sequences (benchmarks/attention_cpu.py, 2 cores: 88 tokens, 42 ms vs 17 ms fwd+bwd)
+        cpu_bf16 = q.device.type == "cpu" and q.dtype == torch.bfloat16
+        with sdpa_kernel(SDPBackend.MATH) if cpu_bf16 else nullcontext():
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
         return self.proj(out.transpose(1, 2).reshape(B, N, C))
 

@@ -57,8 +57,9 @@ RECORDS_FILE = "metrics.jsonl"
 CRASH_MARKER = ".unite_crash_injected"
 CRASH_ENV = "UNITE_TEST_CRASH_AT_STEP"
 KEEP_CHECKPOINTS = 2
-# Ray's unix sockets live below the temp dir: their paths must stay under 107 bytes
-RAY_TEMP_DIR = f"/tmp/unite-ray-{os.getuid()}"
+# Ray's unix sockets live below the temp dir: their paths must stay under 107 bytes. UNITE_RAY_TMPDIR
+# names another one (two checkouts running local clusters side by side)
+RAY_TEMP_DIR = os.environ.get("UNITE_RAY_TMPDIR") or f"/tmp/unite-ray-{os.getuid()}"
 # record keys that are already global (or rank-local by nature) and are not averaged over ranks
 _NOT_AVERAGED = {"step", "time_s", "lr", "grad_norm", "samples_per_s"}
 

@@ -56,9 +56,11 @@ def _threads():
 def wake(model):
     """Give the zero-initialised adaLN gates small random values, as after some training.
 
-    At initialisation adaLN-zero makes every block the identity, so the GE output ignores the
+    At initialisation adaLN-zero makes every block the identity and the zero-initialised output
+    projection (the authors' init) makes every latent the same, so the GE output ignores the
     observations; gradient-flow tests need a model where every path is live.
     """
+    from unite_core.encoder import GenerativeEncoder
     from unite_core.nn import AdaLNBlock
 
     g = torch.Generator().manual_seed(1)
@@ -67,4 +69,6 @@ def wake(model):
             if isinstance(mod, AdaLNBlock):
                 mod.ada.weight.normal_(0, 0.05, generator=g)
                 mod.ada.bias.normal_(0, 0.2, generator=g)
+            if isinstance(mod, GenerativeEncoder) and not mod.out_proj.weight.any():
+                mod.out_proj.weight.normal_(0, 0.1, generator=g)
     return model

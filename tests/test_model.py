@@ -40,15 +40,18 @@ def test_named_sizes_build_with_their_dimensions(size, depth, width):
     assert blocks == pytest.approx(approx, rel=0.05)
 
 
-def test_shapes_any_size_and_channels(tiny_cfg):
-    cfg = tiny_cfg(data={"image_size": 12}, model={"patch_size": 3, "latent_tokens": 5, "latent_dim": 3})
+@pytest.mark.parametrize("kind,k", [("queries", 5), ("patch_tokens", 4), ("patch_tokens", 16)])
+def test_shapes_any_size_and_channels(tiny_cfg, kind, k):
+    # patch_tokens: K=4 is resampled from a 2x2 grid to the 4x4 patch grid, K=16 is the patch grid
+    cfg = tiny_cfg(data={"image_size": 12},
+                   model={"patch_size": 3, "latent_tokens": k, "latent_dim": 3, "decoder_kind": kind})
     m = UNITE(cfg, {"modality": "images", "channels": 3, "image_size": 12, "num_classes": 7})
     x = torch.rand(2, 3, 12, 12) * 2 - 1
     z = m.tokenize(x)
-    assert z.shape == (2, 5, 3)
+    assert z.shape == (2, k, 3)
     assert m.decode(z).shape == (2, 3, 12, 12)
-    z_hat, _ = m.denoiser.denoise(torch.randn(2, 5, 3), torch.rand(2), torch.tensor([0, 6]))
-    assert z_hat.shape == (2, 5, 3)
+    z_hat, _ = m.denoiser.denoise(torch.randn(2, k, 3), torch.rand(2), torch.tensor([0, 6]))
+    assert z_hat.shape == (2, k, 3)
 
 
 def test_unconditional_model_generates(tiny_cfg):
@@ -76,7 +79,7 @@ def _flow_grad_on_embed(cfg) -> float:
     x = torch.rand(4, 1, 8, 8) * 2 - 1
     y = torch.arange(4)
     z0 = m.tokenize(x)
-    m.flow_objective(z0, y).backward()
+    m.flow_objective(z0, y)[0].backward()
     # the patch embedding takes part only in tokenization: any gradient reached it through z0
     grad = m.encoder.embed.proj.weight.grad
     return 0.0 if grad is None else float(grad.abs().sum())  # None: autograd never reached it

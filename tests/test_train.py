@@ -3,10 +3,11 @@ import math
 import pytest
 import torch
 
+from unite_core.config import ConfigError
 from unite_core.data import load_image_data
 from unite_core.train import (
     CheckpointError, Trainer, TrainingError, build_optimizers, load_checkpoint, lr_factor,
-    model_from_checkpoint, muon_eligible, step_indices,
+    model_from_checkpoint, step_indices,
 )
 
 
@@ -17,23 +18,39 @@ def digits():
     return load_image_data(DataConfig(dataset="digits", image_size=8))
 
 
-def test_optimizer_split_muon_for_block_matrices_adamw_for_rest(tiny_cfg, digits):
+def test_optimizer_split_follows_the_authors_rule(tiny_cfg, digits):
+    """Muon: every 2-D weight except the patch embedding, the GE's output layer, the in-context and
+    register position tables (the authors' utils/optim rule); AdamW (eps 1e-6): the rest."""
     tr = Trainer(tiny_cfg(), digits.info, digits.train)
     muon, adamw = tr.optimizers
     assert isinstance(muon, torch.optim.Muon) and isinstance(adamw, torch.optim.AdamW)
     names = {id(p): n for n, p in tr.model.named_parameters()}
     muon_names = [names[id(p)] for g in muon.param_groups for p in g["params"]]
     adam_names = [names[id(p)] for g in adamw.param_groups for p in g["params"]]
-    assert "encoder.blocks.0.attn.qkv.weight" in muon_names
-    assert "decoder.blocks.0.mlp.fc1.weight" in muon_names
-    for n in ("encoder.latent_pos", "encoder.y_embed.weight", "encoder.embed.proj.weight",
-              "encoder.final_norm.weight", "decoder.head.weight", "encoder.blocks.0.ada.bias"):
-        assert n in adam_names
+    for n in ("encoder.blocks.0.attn.qkv.weight", "decoder.blocks.0.mlp.fc1.weight", "encoder.y_embed.weight",
+              "encoder.t_embed.mlp.0.weight", "encoder.latent_in.weight", "decoder.head.weight",
+              "decoder.latent_up.weight", "decoder.latent_in.weight"):
+        assert n in muon_names, n
+    for n in ("encoder.latent_pos", "encoder.in_context_pos", "encoder.embed.proj.weight", "encoder.out_proj.weight",
+              "encoder.out_ada.weight", "encoder.final_norm.weight", "encoder.blocks.0.ada.bias", "decoder.cls"):
+        assert n in adam_names, n
     assert all(p.ndim == 2 for g in muon.param_groups for p in g["params"])
     assert len(muon_names) + len(adam_names) == len(list(tr.model.parameters()))
-    assert not muon_eligible("decoder.head.weight", torch.zeros(2, 2))
+    assert adamw.param_groups[0]["eps"] == 1e-6 and muon.param_groups[0]["eps"] == 1e-6
+    assert muon.param_groups[0]["momentum"] == 0.95
     only_adamw = build_optimizers(tr.model, tiny_cfg(train={"optimizer": "adamw"}))
     assert len(only_adamw) == 1 and isinstance(only_adamw[0], torch.optim.AdamW)
+
+
+def test_lr_scales_with_the_global_batch_like_the_authors(tiny_cfg, digits):
+    """lr = train.lr x max(1, batch / 384): batch 1024 -> x 2.667; batches up to 384 keep train.lr."""
+    model = Trainer(tiny_cfg(), digits.info, digits.train).model
+    big = build_optimizers(model, tiny_cfg(train={"batch_size": 1024, "lr": 1e-4}))
+    assert [o.param_groups[0]["lr"] for o in big] == pytest.approx([1e-4 * 1024 / 384] * 2)
+    small = build_optimizers(model, tiny_cfg(train={"batch_size": 64, "lr": 1e-4}))
+    assert [o.param_groups[0]["lr"] for o in small] == pytest.approx([1e-4] * 2)
+    off = build_optimizers(model, tiny_cfg(train={"batch_size": 1024, "lr": 1e-4, "lr_batch_base": None}))
+    assert [o.param_groups[0]["lr"] for o in off] == pytest.approx([1e-4] * 2)
 
 
 def test_lr_schedule_warmup_then_cosine(tiny_cfg):
@@ -42,6 +59,19 @@ def test_lr_schedule_warmup_then_cosine(tiny_cfg):
     assert lr_factor(9, cfg) == pytest.approx(1.0)
     assert lr_factor(55, cfg) == pytest.approx(0.01 + 0.99 * 0.5, rel=1e-6)
     assert lr_factor(100, cfg) == pytest.approx(0.01)
+
+
+def test_two_phase_schedule_of_the_authors(tiny_cfg):
+    """Their ImageNet config in steps (x 10): warmup 20, hold to 30, cosine to lr2 by 50, then flat."""
+    cfg = tiny_cfg(train={"steps": 1000, "warmup_steps": 200, "lr": 1e-4, "lr_min": 1e-5, "schedule": "two_phase",
+                          "two_phase": {"hold_until": 300, "decay_until": 500, "lr2": 5e-5,
+                                        "hold2_until": 1000, "decay2_until": 1000}})
+    assert lr_factor(0, cfg) == 0.0 and lr_factor(100, cfg) == pytest.approx(0.5)
+    assert lr_factor(250, cfg) == 1.0
+    assert lr_factor(400, cfg) == pytest.approx(0.5 + 0.5 * 0.5)  # half way down the cosine to 0.5
+    assert lr_factor(500, cfg) == pytest.approx(0.5) and lr_factor(999, cfg) == pytest.approx(0.5)
+    with pytest.raises(ConfigError, match="train.two_phase.decay_until"):
+        tiny_cfg(train={"schedule": "two_phase", "two_phase": {"hold_until": 10, "decay_until": 5}})
 
 
 def test_data_order_is_epochwise_permutation():
@@ -123,7 +153,8 @@ def test_flow_warmup_trains_reconstruction_alone_first(tiny_cfg, digits):
     assert all(w["loss"] == pytest.approx(w["recon"]) for w in warm)
     assert torch.equal(classes(), before)
     joint = tr.train_step()
-    assert joint["flow"] > 0 and joint["loss"] == pytest.approx(joint["recon"] + joint["flow"], rel=1e-4)
+    # flow.reduction=sum (the authors'): the M=3 noisings' mean losses are added
+    assert joint["flow"] > 0 and joint["loss"] == pytest.approx(joint["recon"] + 3 * joint["flow"], rel=1e-4)
     assert not torch.equal(classes(), before)
 
 

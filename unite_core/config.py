@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -79,7 +80,22 @@ class ModelConfig(_Section):
     rope: bool = True
     weight_sharing: Literal["shared", "separate"] = "shared"
     label_dropout: float = Field(0.1, ge=0.0, lt=1.0)
-    fourier_scale: float = Field(1.0, gt=0)
+    fourier_scale: float = Field(1.0, gt=0, description="std of the timestep embedding's random frequencies")
+    decoder_kind: Literal["patch_tokens", "queries"] = Field(
+        "queries", description="patch_tokens: one latent token per patch (the authors'; K must be a "
+        "square number); queries: learned patch queries beside the K latents (any K)")
+    decoder_latent_width: Optional[int] = Field(
+        None, ge=1, description="patch_tokens: width of the latents' first linear map (the authors': 768; "
+        "null = the decoder width)")
+    pixel_range: Literal["unit", "signed"] = Field(
+        "unit", description="images as the model sees them: unit = [0, 1] (the authors'), signed = [-1, 1]")
+    register_pos_scale: float = Field(
+        1.0, ge=0.0, description="scale of the register tokens' initial sin-cos positions (1 = the authors')")
+    latent_out_init: Literal["zero", "xavier"] = Field(
+        "zero", description="init of the GE's output projection: zero (the authors') or xavier")
+    patch_pos_table: bool = Field(
+        False, description="add a fixed table to the patch tokens (the authors' is all zeros; "
+        "import-checkpoint sets this when a checkpoint carries a non-zero one)")
 
     def ge_dims(self) -> tuple[int, int, int]:
         return _resolve_dims("model.ge", self.ge_size, GE_SIZES, self.ge_depth, self.ge_width, self.ge_heads)
@@ -120,6 +136,10 @@ class FlowConfig(_Section):
     velocity_clamp: float = Field(0.05, gt=0.0, lt=1.0, description="min of (1 - t) in v = (z - z_t)/(1 - t)")
     stop_grad: bool = Field(True, description="stop-gradient on z0 before the denoising pass")
     loss_space: Literal["velocity", "x"] = "velocity"
+    reduction: Literal["sum", "mean"] = Field(
+        "sum", description="flow loss over the M noisings: sum (the authors': weighs M x loss.w_gen) or mean")
+    chunk_size: Optional[int] = Field(
+        None, ge=1, description="noisings per denoiser forward pass (memory; null = all M at once)")
 
 
 class LossConfig(_Section):
@@ -148,19 +168,46 @@ class LossConfig(_Section):
         return self
 
 
+class TwoPhaseSchedule(_Section):
+    """train.schedule=two_phase (the authors'): linear warmup to lr over train.warmup_steps, hold until
+    hold_until, decay (cosine) to lr2 until decay_until, hold lr2 until hold2_until, decay to lr_min
+    until decay2_until, then lr_min. Steps; lr2 is scaled with the batch like lr."""
+
+    hold_until: int = Field(0, ge=0)
+    decay_until: int = Field(0, ge=0)
+    lr2: Optional[float] = Field(None, gt=0.0, description="null = train.lr (no first decay)")
+    hold2_until: int = Field(0, ge=0)
+    decay2_until: int = Field(0, ge=0)
+
+
 class TrainConfig(_Section):
     steps: int = Field(2000, ge=1)
     batch_size: int = Field(64, ge=1, description="global batch per optimizer step (all workers)")
     grad_accum: int = Field(1, ge=1)
     optimizer: Literal["muon_adamw", "adamw"] = "muon_adamw"
-    lr: float = Field(1e-3, gt=0.0)
-    muon_lr: Optional[float] = Field(None, gt=0.0, description="Muon lr (default: 20 x lr, at least 0.02)")
-    lr_min: float = Field(1e-6, ge=0.0)
+    lr: float = Field(1e-3, gt=0.0, description="base learning rate (scaled with the batch, see lr_batch_base)")
+    muon_lr: Optional[float] = Field(
+        None, gt=0.0, description="Muon's base lr (default: train.lr; Muon's updates are scaled to AdamW's "
+        "RMS, so one lr serves both)")
+    lr_batch_base: Optional[int] = Field(
+        384, ge=1, description="lr x max(1, batch_size / this) (the authors' linear scaling; null = none)")
+    lr_min: float = Field(1e-6, ge=0.0, description="final lr (before batch scaling)")
     warmup_steps: int = Field(100, ge=0)
+    schedule: Literal["cosine", "two_phase"] = Field(
+        "cosine", description="cosine: warmup, cosine to lr_min at train.steps; two_phase: the authors' "
+        "warmup / hold / decay / hold / decay (train.two_phase)")
+    two_phase: TwoPhaseSchedule = Field(default_factory=lambda: TwoPhaseSchedule())
     betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-6, gt=0.0, description="AdamW's and Muon's epsilon")
+    muon_momentum: float = Field(0.95, ge=0.0, lt=1.0)
     weight_decay: float = Field(0.0, ge=0.0)
     grad_clip: Optional[float] = Field(3.0, gt=0.0)
     ema_decay: float = Field(0.999, ge=0.0, lt=1.0)
+    ema_warmup: bool = Field(
+        True, description="EMA decay ramps up as min(decay, (1+n)/(10+n)) (false: the full decay from step 0, "
+        "the authors')")
+    checkpoint_denoiser: bool = Field(
+        False, description="recompute the denoising passes' activations in backward (saves memory at large M)")
     precision: Literal["bf16", "fp32"] = "bf16"
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -169,6 +216,9 @@ class TrainConfig(_Section):
     log_every: int = Field(50, ge=1)
     eval_every: int = Field(500, ge=1)
     time_limit_minutes: Optional[float] = Field(None, gt=0, description="stop early after this wall time")
+    init_from: Optional[str] = Field(
+        None, description="start a new run from this checkpoint's full state (weights, EMA, optimisers, step), "
+        "e.g. one written by `unite import-checkpoint`; a run with checkpoints of its own resumes from those")
 
     @model_validator(mode="after")
     def _check(self) -> "TrainConfig":
@@ -183,17 +233,36 @@ class TrainConfig(_Section):
         for b in self.betas:
             if not 0.0 <= b < 1.0:
                 raise ValueError(f"train.betas={list(self.betas)} must each lie in [0, 1)")
+        if self.schedule == "two_phase":
+            p = self.two_phase
+            marks = [("train.warmup_steps", self.warmup_steps), ("train.two_phase.hold_until", p.hold_until),
+                     ("train.two_phase.decay_until", p.decay_until), ("train.two_phase.hold2_until", p.hold2_until),
+                     ("train.two_phase.decay2_until", p.decay2_until)]
+            for (ka, a), (kb, b) in zip(marks, marks[1:]):
+                if b < a:
+                    raise ValueError(f"{kb}={b} must be >= {ka}={a} (the two-phase schedule's steps are in order)")
+            if p.lr2 is not None and not self.lr_min <= p.lr2 <= self.lr:
+                raise ValueError(f"train.two_phase.lr2={p.lr2} must lie between train.lr_min={self.lr_min} "
+                                 f"and train.lr={self.lr}")
         return self
 
 
 class SampleConfig(_Section):
     solver: Literal["dopri5", "euler", "heun"] = "heun"
     steps: int = Field(50, ge=1, description="fixed-step solvers")
-    rtol: float = Field(1e-3, gt=0)
-    atol: float = Field(1e-3, gt=0)
+    rtol: float = Field(1e-3, gt=0, description="dopri5")
+    atol: float = Field(1e-6, gt=0, description="dopri5")
     cfg_scale: float = Field(2.0, ge=0.0)
     cfg_interval: tuple[float, float] = (0.1, 1.0)
+    cfg_interval_open: bool = Field(
+        True, description="guide for low < t < high (a low of 0 includes t=0), the authors'; false: low <= t <= high")
     norm_first: bool = Field(True, description="apply final latent norm to cond/uncond before combining")
+    norm_unguided: bool = Field(
+        True, description="apply the final latent norm to the prediction when cfg_scale <= 1 (the authors' "
+        "sampler does not)")
+    shifted_grid: bool = Field(True, description="step on a time grid shifted by flow.shift (the authors')")
+    final_norm: bool = Field(False, description="apply the final latent norm to the ODE's end point before "
+                             "decoding (the authors decode it as it is)")
     class_balanced: bool = True
     num_samples: int = Field(100, ge=1)
     use_ema: bool = True
@@ -294,6 +363,13 @@ class Config(_Section):
                 raise ValueError(
                     f"data.dataset={self.data.dataset} is an image dataset but modality=molecules; "
                     "use molecules_embedded or qm9"
+                )
+        if self.modality == "images" and self.model.decoder_kind == "patch_tokens":
+            k = self.model.latent_tokens
+            if math.isqrt(k) ** 2 != k:
+                raise ValueError(
+                    f"model.decoder_kind=patch_tokens needs a square number of latent tokens, got "
+                    f"model.latent_tokens={k}: use a square K or model.decoder_kind=queries"
                 )
         if self.data.dataset in ("imagefolder", "qm9") and not self.data.root:
             raise ValueError(f"data.dataset={self.data.dataset} needs data.root=<path to your data>")

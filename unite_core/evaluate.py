@@ -4,7 +4,7 @@ Pure library code: plain PyTorch + ``unite_core.metrics.images`` (torch-fidelity
 
 Conventions
 - Every image tensor passed to or returned by this module is float ``(N, C, H, W)`` in ``[0, 1]`` (the
-  metrics convention); the model's own ``[-1, 1]`` space is handled inside (``evaluate_reconstruction``).
+  metrics convention); the model's own pixel range (model.pixel_range) is handled inside (``evaluate_reconstruction``).
 - Generation uses class-balanced labels (equal count per class, see ``unite_core.model.balanced_labels``)
   and the same noise for every guidance scale (one generator seeded by ``seed``), so the guidance curve
   compares scales on common random numbers.
@@ -192,11 +192,7 @@ def generate_balanced(
     with _EvalMode(model):
         for start in range(0, n, batch_size):
             y = labels[start : start + batch_size].to(dev)
-            images, _ = model.generate(
-                y, solver=sample_cfg.solver, steps=sample_cfg.steps, cfg_scale=scale,
-                cfg_interval=tuple(sample_cfg.cfg_interval), norm_first=sample_cfg.norm_first,
-                rtol=sample_cfg.rtol, atol=sample_cfg.atol, generator=gen, autocast_dtype=autocast_dtype,
-            )
+            images, _ = model.generate(y, sample_cfg, cfg_scale=scale, generator=gen, autocast_dtype=autocast_dtype)
             if not torch.is_tensor(images):
                 raise MetricsError("generate_balanced works on image models only (the modality returned no tensor)")
             out.append(images.float().cpu())
@@ -294,10 +290,10 @@ def reconstruct_images(
     out = []
     with _EvalMode(model):
         for start in range(0, len(images), batch_size):
-            x = images[start : start + batch_size].to(dev).float() * 2.0 - 1.0
+            x = model.modality.from_unit(images[start : start + batch_size].to(dev).float())
             with torch.autocast(dev.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                 decoded = model.reconstruct(x, gen)
-            out.append(((decoded.float().clamp(-1, 1) + 1.0) * 0.5).cpu())
+            out.append(model.modality.postprocess(decoded))
     return torch.cat(out)
 
 

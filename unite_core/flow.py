@@ -56,9 +56,27 @@ def flow_loss(
 # ----------------------------------------------------------------------------------------------
 @dataclass
 class GuidanceConfig:
+    """Classifier-free guidance.
+
+    interval: guidance acts for t inside it; `open_interval` excludes both ends, except that a low end
+    of 0 includes t = 0 (the authors' test), otherwise both ends are included.
+    norm_first: apply the final latent norm to the conditional and unconditional predictions before
+    combining them (else: normalise the combination).
+    norm_unguided: normalise the prediction when no guidance is used at all (scale <= 1). The
+    authors' sampler returns the raw GE output then.
+    """
+
     scale: float = 1.0
     interval: tuple[float, float] = (0.1, 1.0)
     norm_first: bool = True
+    open_interval: bool = False
+    norm_unguided: bool = True
+
+    def active(self, t: torch.Tensor) -> torch.Tensor:
+        lo, hi = self.interval
+        if self.open_interval:
+            return (t < hi) & ((t > lo) | (lo == 0.0))
+        return (t >= lo) & (t <= hi)
 
 
 def guided_prediction(
@@ -72,14 +90,13 @@ def guided_prediction(
 ) -> torch.Tensor:
     """Clean-latent prediction with classifier-free guidance.
 
-    raw_fn returns the GE output before the final latent norm. Inside the interval (lo <= t <= hi)
-    and when scale != 1, cond and uncond run as one batch; "norm first" normalises each before the
-    combination, otherwise the combination is normalised. Outside it, the conditional prediction.
+    raw_fn returns the GE output before the final latent norm. With scale > 1, cond and uncond run as
+    one batch at every t and guidance applies inside the interval; outside it, the conditional
+    prediction. With scale <= 1, one conditional pass.
     """
-    lo, hi = guidance.interval
-    active = (t >= lo) & (t <= hi)
-    if guidance.scale == 1.0 or not bool(active.any()):
-        return norm_fn(raw_fn(z, t, y))
+    if guidance.scale <= 1.0:
+        raw = raw_fn(z, t, y)
+        return norm_fn(raw) if guidance.norm_unguided else raw.float()
     B = z.shape[0]
     raw = raw_fn(torch.cat([z, z]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, null_class)]))
     rc, ru = raw[:B], raw[B:]
@@ -89,8 +106,14 @@ def guided_prediction(
     else:
         xc = norm_fn(rc)
         guided = norm_fn(ru + guidance.scale * (rc - ru))
-    sel = active.view(-1, *([1] * (z.dim() - 1)))
+    sel = guidance.active(t).view(-1, *([1] * (z.dim() - 1)))
     return torch.where(sel, guided, xc)
+
+
+def time_grid(steps: int, shift: float | None = None, device=None) -> torch.Tensor:
+    """steps + 1 times from 0 to 1, uniform, then shifted like the training timesteps (shift a < 1
+    puts more of them near the noise end, where the authors' sampler spends its steps)."""
+    return shift_timesteps(torch.linspace(0.0, 1.0, steps + 1, device=device), shift)
 
 
 def integrate(
@@ -100,11 +123,14 @@ def integrate(
     solver: str = "heun",
     steps: int = 50,
     rtol: float = 1e-3,
-    atol: float = 1e-3,
+    atol: float = 1e-6,
+    grid_shift: float | None = None,
 ) -> tuple[torch.Tensor, int]:
     """Integrate dz/dt = velocity(t, z) from t = 0 to 1 with torchdiffeq. Returns (z1, evaluations).
 
-    velocity receives a scalar t tensor. 'heun' is torchdiffeq's fixed-grid 'heun2'.
+    velocity receives a scalar t tensor. 'heun' is torchdiffeq's fixed-grid 'heun2'. The fixed-step
+    solvers step on `time_grid(steps, grid_shift)`; dopri5 chooses its own steps and reports the
+    solution on that grid (only the end point is used).
     """
     count = {"n": 0}
 
@@ -112,11 +138,10 @@ def integrate(
         count["n"] += 1
         return velocity(t, z)
 
-    t_span = torch.tensor([0.0, 1.0], dtype=torch.float32, device=z_init.device)
+    grid = time_grid(steps, grid_shift, device=z_init.device)
     if solver == "dopri5":
-        out = odeint(f, z_init, t_span, method="dopri5", rtol=rtol, atol=atol)
+        out = odeint(f, z_init, grid, method="dopri5", rtol=rtol, atol=atol)
     else:
         method = {"euler": "euler", "heun": "heun2"}[solver]
-        grid = torch.linspace(0.0, 1.0, steps + 1, device=z_init.device)
         out = odeint(f, z_init, grid, method=method)
     return out[-1], count["n"]

@@ -17,8 +17,8 @@ from typing import Any, Callable, Protocol
 import torch
 from torch import nn
 
-from .config import Config
-from .decoder import PatchEmbed, PixelDecoder
+from .config import Config, SampleConfig
+from .decoder import PatchEmbed, PatchTokenDecoder, PixelDecoder
 from .encoder import GenerativeEncoder
 from .flow import GuidanceConfig, flow_loss, guided_prediction, integrate, interpolate, sample_timesteps, x_to_velocity
 
@@ -52,6 +52,13 @@ def build_modality(cfg: Config, info: dict) -> Modality:
 
 
 class ImageModality:
+    """Images: patch embedding in, pixel decoder out (`model.decoder_kind`), L1/MSE (+ perceptual) loss.
+
+    Datasets hold images in [-1, 1]. The model sees them in `model.pixel_range`: "unit" ([0, 1], the
+    authors'), or "signed" ([-1, 1]). `unpack` converts a batch into the model's range; the model's
+    tokenize/decode/reconstruct work in that range, and `postprocess` returns [0, 1] images.
+    """
+
     name = "images"
 
     def __init__(self, cfg: Config, info: dict):
@@ -59,34 +66,59 @@ class ImageModality:
         self.channels = int(info["channels"])
         self.image_size = int(info["image_size"])
         self.patch = cfg.model.patch_size
+        self.unit_range = cfg.model.pixel_range == "unit"
         if self.image_size % self.patch:
             raise ValueError(f"model.patch_size={self.patch} must divide the image size {self.image_size}")
-        self.perceptual = None
-        if cfg.loss.w_perc > 0:
+        self._perceptual = None
+
+    @property
+    def perceptual(self):
+        """The perceptual loss (loss.w_perc > 0), loaded from loss.perceptual_weights on first use, so
+        that sampling and evaluation never need its weights file."""
+        if self._perceptual is None and self.cfg.loss.w_perc > 0:
             from .perceptual import PerceptualLoss
 
-            self.perceptual = PerceptualLoss(cfg.loss.perceptual_weights)
+            self._perceptual = PerceptualLoss(self.cfg.loss.perceptual_weights, unit_range=self.unit_range)
+        return self._perceptual
 
     def make_embed(self, width: int) -> nn.Module:
-        return PatchEmbed(self.channels, self.image_size, self.patch, width)
+        return PatchEmbed(self.channels, self.image_size, self.patch, width, pos_table=self.cfg.model.patch_pos_table)
 
     def make_decoder(self) -> nn.Module:
         m = self.cfg.model
         depth, width, heads = m.decoder_dims()
-        return PixelDecoder(
+        common = dict(
             latent_dim=m.latent_dim, latent_tokens=m.latent_tokens, channels=self.channels,
             image_size=self.image_size, patch=self.patch, depth=depth, width=width, heads=heads,
             mlp_ratio=m.decoder_mlp_ratio,
         )
+        if m.decoder_kind == "patch_tokens":
+            return PatchTokenDecoder(**common, latent_width=m.decoder_latent_width)
+        return PixelDecoder(**common)
+
+    # -- value ranges ----------------------------------------------------------------------------
+    def from_data(self, x: torch.Tensor) -> torch.Tensor:
+        """Dataset range [-1, 1] -> the model's range."""
+        return (x + 1) * 0.5 if self.unit_range else x
+
+    def from_unit(self, x: torch.Tensor) -> torch.Tensor:
+        """[0, 1] -> the model's range."""
+        return x if self.unit_range else x * 2 - 1
+
+    def to_unit(self, x: torch.Tensor) -> torch.Tensor:
+        """The model's range -> [0, 1], clamped."""
+        x = x.float()
+        return x.clamp(0, 1) if self.unit_range else ((x.clamp(-1, 1) + 1) * 0.5)
 
     def unpack(self, batch):
         x, y = batch
-        return x, y
+        return self.from_data(x), y
 
     def batch_size(self, obs) -> int:
         return obs.shape[0]
 
     def recon_loss(self, decoded, obs):
+        """Pixel loss in the model's range (`loss.recon`), plus `loss.w_perc` x perceptual."""
         err = decoded.float() - obs.float()
         kind = self.cfg.loss.recon
         metrics: dict[str, torch.Tensor] = {}
@@ -106,16 +138,13 @@ class ImageModality:
         return loss, metrics
 
     def recon_metrics(self, decoded, obs) -> dict[str, float]:
-        a = ((decoded.float().clamp(-1, 1) + 1) / 2).flatten(1)
-        b = ((obs.float() + 1) / 2).flatten(1)
+        a = self.to_unit(decoded).flatten(1)
+        b = self.to_unit(obs).flatten(1)
         mse = (a - b).pow(2).mean(1).clamp_min(1e-10)
         return {"psnr": float((10 * torch.log10(1.0 / mse)).mean())}
 
     def postprocess(self, decoded, **_):
-        return ((decoded.float().clamp(-1, 1) + 1) / 2).cpu()
-
-    def to(self, device):
-        return self
+        return self.to_unit(decoded).cpu()
 
 
 register_modality("images", ImageModality)
@@ -145,7 +174,8 @@ class UNITE(nn.Module):
                 in_context_tokens=m.in_context_tokens, in_context_start=m.in_context_start,
                 final_norm=m.final_norm, block_norm=m.block_norm, qk_norm=m.qk_norm, rope=m.rope,
                 label_dropout=m.label_dropout, fourier_scale=m.fourier_scale,
-                tokenize_t_max=f.tokenize_t_max,
+                tokenize_t_max=f.tokenize_t_max, register_pos_scale=m.register_pos_scale,
+                latent_out_init=m.latent_out_init,
             )
 
         self.encoder = make_ge(self.modality.make_embed(width))
@@ -153,9 +183,6 @@ class UNITE(nn.Module):
         if self.separate:
             self.denoiser_ge = make_ge(None)
         self.decoder = self.modality.make_decoder()
-        if getattr(self.modality, "perceptual", None) is not None:
-            # kept outside the state_dict: frozen and loaded from the user's file
-            object.__setattr__(self, "_perceptual", self.modality.perceptual)
 
     # ------------------------------------------------------------------------------------------
     @property
@@ -166,8 +193,15 @@ class UNITE(nn.Module):
     def null_class(self) -> int:
         return self.encoder.null_class
 
-    def tokenize(self, obs, generator: torch.Generator | None = None) -> torch.Tensor:
-        return self.encoder.tokenize(obs, generator)[0]
+    def tokenize(self, obs, generator: torch.Generator | None = None, *, noise: torch.Tensor | None = None,
+                 t: torch.Tensor | None = None) -> torch.Tensor:
+        """Observations (in the model's range) -> clean latents z0 (B, K, d), after the final norm.
+        The register noise and timestep come from `generator` unless given."""
+        return self.encoder.tokenize(obs, generator, noise=noise, t=t)[0]
+
+    def denoise(self, z_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Noisy latents -> predicted clean latents (after the final norm); y: labels (null = unconditional)."""
+        return self.denoiser.denoise(z_t, t, y)[0]
 
     def decode(self, z: torch.Tensor):
         return self.decoder(z)
@@ -204,50 +238,79 @@ class UNITE(nn.Module):
         metrics["recon"] = recon.detach()
         loss = recon
         if with_flow and not cfg.loss.recon_only and cfg.loss.w_gen > 0:
-            lflow = self.flow_objective(z0, y, generator)
-            metrics["flow"] = lflow.detach()
+            lflow, per_noising = self.flow_objective(z0, y, generator)
+            metrics["flow"] = per_noising.detach()
             loss = loss + cfg.loss.w_gen * lflow
         metrics["loss"] = loss.detach()
         metrics["latent_std"] = z0.detach().float().std()
         return loss, metrics
 
-    def flow_objective(self, z0: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Flow loss of M independent noisings of the same latents, run as one batch."""
+    def flow_objective(
+        self, z0: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None = None, *,
+        noise: torch.Tensor | None = None, t: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Flow loss of M independent noisings of the same latents. Returns (the loss term, the mean
+        loss per noising).
+
+        The M noisings run `flow.chunk_size` at a time (default: all in one batch). `flow.reduction`:
+        "sum" (the authors': each noising's mean loss, summed, so the term weighs M x loss.w_gen
+        against the reconstruction) or "mean" (weight 1 whatever M). `noise` (M*B, K, d) and `t` (M*B,),
+        noising-major, replace the draws from `generator` (to compare implementations exactly).
+        """
         f = self.cfg.flow
         target = z0.detach() if f.stop_grad else z0
-        M = f.minibatches
-        zrep = target.repeat(M, 1, 1)
-        yrep = self.denoiser.drop_labels(y.repeat(M), generator)
-        t = sample_timesteps(zrep.shape[0], mu=f.t_mu, sigma=f.t_sigma, shift=f.shift, device=z0.device, generator=generator)
-        eps = torch.randn(zrep.shape, device=z0.device, generator=generator)
-        z_t = interpolate(zrep, eps, t)
-        x_hat, _ = self.denoiser.denoise(z_t, t, yrep)
-        return flow_loss(x_hat, zrep, z_t, t, clamp=f.velocity_clamp, space=f.loss_space)
+        M, B = f.minibatches, z0.shape[0]
+        chunk = f.chunk_size or M
+        total = z0.new_zeros((), dtype=torch.float32)
+        for first in range(0, M, chunk):
+            m = min(chunk, M - first)
+            rows = slice(first * B, (first + m) * B)
+            zrep = target.repeat(m, 1, 1)
+            yrep = self.denoiser.drop_labels(y.repeat(m), generator)
+            tt = t[rows] if t is not None else sample_timesteps(
+                m * B, mu=f.t_mu, sigma=f.t_sigma, shift=f.shift, device=z0.device, generator=generator)
+            eps = noise[rows] if noise is not None else torch.randn(zrep.shape, device=z0.device, generator=generator)
+            z_t = interpolate(zrep, eps, tt)
+            out = self.denoiser(z_t, tt, yrep, checkpoint=self.cfg.train.checkpoint_denoiser and self.training)
+            x_hat = self.denoiser.normalize(out.raw)
+            total = total + m * flow_loss(x_hat, zrep, z_t, tt, clamp=f.velocity_clamp, space=f.loss_space)
+        per_noising = total / M
+        return (total if f.reduction == "sum" else per_noising), per_noising
 
     # ------------------------------------------------------------------------------------------
     @torch.no_grad()
     def sample_latents(
         self,
         labels: torch.Tensor,
+        sample: SampleConfig | None = None,
         *,
-        solver: str = "heun",
-        steps: int = 50,
-        cfg_scale: float = 1.0,
-        cfg_interval: tuple[float, float] = (0.1, 1.0),
-        norm_first: bool = True,
-        rtol: float = 1e-3,
-        atol: float = 1e-3,
+        noise: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
         autocast_dtype: torch.dtype | None = None,
+        **settings,
     ) -> tuple[torch.Tensor, int]:
-        """Integrate the probability-flow ODE from noise (t=0) to clean latents (t=1)."""
+        """Integrate the probability-flow ODE from noise (t=0) to clean latents (t=1).
+
+        `sample` (default: the model's cfg.sample) holds solver, steps, guidance and the rest;
+        keyword `settings` override its fields (e.g. cfg_scale=3.0, solver="euler"). `noise`
+        (B, K, d) replaces the draw from `generator`. With sample.final_norm the final latent norm is
+        applied to the ODE's end point (the authors decode the end point as it is)."""
+        s = sample or self.cfg.sample
+        if settings:
+            unknown = sorted(set(settings) - set(SampleConfig.model_fields))
+            if unknown:
+                raise TypeError(f"sample_latents: unknown sampler settings {unknown}")
+            s = SampleConfig.model_validate({**s.model_dump(), **settings})
         dev = labels.device
         B = labels.shape[0]
         K, d = self.cfg.model.latent_tokens, self.cfg.model.latent_dim
-        z = torch.randn(B, K, d, device=dev, generator=generator)
+        z = noise.to(dev) if noise is not None else torch.randn(B, K, d, device=dev, generator=generator)
         ge = self.denoiser
         y = labels if self.num_classes > 0 else torch.full_like(labels, self.null_class)
-        guidance = GuidanceConfig(cfg_scale if self.num_classes > 0 else 1.0, tuple(cfg_interval), norm_first)
+        guidance = GuidanceConfig(
+            scale=s.cfg_scale if self.num_classes > 0 else 1.0, interval=tuple(s.cfg_interval),
+            norm_first=s.norm_first, open_interval=s.cfg_interval_open, norm_unguided=s.norm_unguided,
+        )
         clamp = self.cfg.flow.velocity_clamp
 
         def raw_fn(zz, tt, yy):
@@ -259,14 +322,17 @@ class UNITE(nn.Module):
             x_hat = guided_prediction(raw_fn, ge.normalize, zz, t, y, self.null_class, guidance)
             return x_to_velocity(x_hat, zz, t, clamp)
 
-        z1, nfe = integrate(velocity, z, solver=solver, steps=steps, rtol=rtol, atol=atol)
-        return ge.normalize(z1), nfe
+        grid_shift = self.cfg.flow.shift if s.shifted_grid else None
+        z1, nfe = integrate(velocity, z, solver=s.solver, steps=s.steps, rtol=s.rtol, atol=s.atol,
+                            grid_shift=grid_shift)
+        return (ge.normalize(z1) if s.final_norm else z1), nfe
 
     @torch.no_grad()
-    def generate(self, labels: torch.Tensor, **kwargs):
-        """Sample latents with guidance and decode them; images come back in [0, 1] on the CPU."""
+    def generate(self, labels: torch.Tensor, sample: SampleConfig | None = None, **kwargs):
+        """Sample latents with guidance and decode them; images come back in [0, 1] on the CPU.
+        Arguments as for `sample_latents`."""
         autocast_dtype = kwargs.get("autocast_dtype")
-        z, nfe = self.sample_latents(labels, **kwargs)
+        z, nfe = self.sample_latents(labels, sample, **kwargs)
         with torch.autocast(z.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             decoded = self.decode(z)
         return self.modality.postprocess(decoded.float(), labels=labels), nfe

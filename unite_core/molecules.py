@@ -472,11 +472,7 @@ def generate_molecules(
         for first in range(0, n, bs):
             b = min(bs, n - first)
             labels = torch.zeros(b, dtype=torch.long, device=dev)
-            z, nfe = model.sample_latents(
-                labels, solver=s.solver, steps=s.steps, cfg_scale=s.cfg_scale,
-                cfg_interval=tuple(s.cfg_interval), norm_first=s.norm_first, rtol=s.rtol, atol=s.atol,
-                generator=gen, autocast_dtype=dtype,
-            )
+            z, nfe = model.sample_latents(labels, s, generator=gen, autocast_dtype=dtype)
             with torch.autocast(dev.type, dtype=dtype, enabled=dtype is not None):
                 decoded = model.decode(z)
             sizes = modality.sample_sizes(b, size_gen) if mode == "histogram" else None

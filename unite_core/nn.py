@@ -1,5 +1,11 @@
 """Transformer building blocks shared by the Generative Encoder and the decoders.
 
+The block details follow the authors' reference code (docs/FIDELITY.md): affine RMSNorms (eps 1e-6),
+biases on qkv/proj/SwiGLU, a SwiGLU hidden width of int(2/3 * mlp_ratio * dim), rotary positions on
+interleaved channel pairs, a Gaussian-Fourier timestep embedding with 256 random frequencies, and ViT
+decoder blocks with exact GELU and LayerNorm eps 1e-12. Matching them exactly is what lets the
+authors' released weights load (unite_core/authors.py).
+
 Attention goes through F.scaled_dot_product_attention (fused kernels on CPU and CUDA). RoPE is
 hand-written because it is a few lines and torch has no public module for it.
 """
@@ -37,7 +43,8 @@ def make_norm(kind: str, dim: int) -> nn.Module:
 
 
 def rope_tables(positions: torch.Tensor, head_dim: int, base: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables (N, head_dim/2) for integer positions (N,). Position 0 rotates nothing."""
+    """cos/sin tables (N, head_dim/2) for integer positions (N,). Position 0 rotates nothing, so a
+    token given position 0 (in-context class tokens, atoms) carries no rotary position."""
     half = head_dim // 2
     freqs = base ** (-torch.arange(half, dtype=torch.float32, device=positions.device) / half)
     ang = positions.float()[:, None] * freqs[None, :]
@@ -45,15 +52,15 @@ def rope_tables(positions: torch.Tensor, head_dim: int, base: float = 10000.0) -
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (B, H, N, Dh); rotate channel pairs (first half, second half)."""
-    x1, x2 = x.chunk(2, dim=-1)
-    cos = cos.to(x.dtype)
-    sin = sin.to(x.dtype)
-    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+    """x: (B, H, N, Dh); rotate interleaved channel pairs (0, 1), (2, 3), ... in fp32."""
+    pairs = x.float().unflatten(-1, (-1, 2))
+    a, b = pairs[..., 0], pairs[..., 1]
+    out = torch.stack((a * cos - b * sin, b * cos + a * sin), dim=-1)
+    return out.flatten(-2).to(x.dtype)
 
 
 class Attention(nn.Module):
-    def __init__(self, dim: int, heads: int, qk_norm: bool = True, bias: bool = False):
+    def __init__(self, dim: int, heads: int, qk_norm: bool = True, bias: bool = True):
         super().__init__()
         self.heads = heads
         self.head_dim = dim // heads
@@ -87,20 +94,20 @@ class Attention(nn.Module):
 
 
 class SwiGLU(nn.Module):
-    def __init__(self, dim: int, hidden: int):
+    def __init__(self, dim: int, hidden: int, bias: bool = True):
         super().__init__()
-        self.w12 = nn.Linear(dim, 2 * hidden, bias=False)
-        self.w3 = nn.Linear(hidden, dim, bias=False)
+        self.w12 = nn.Linear(dim, 2 * hidden, bias=bias)
+        self.w3 = nn.Linear(hidden, dim, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a, b = self.w12(x).chunk(2, dim=-1)
         return self.w3(F.silu(a) * b)
 
 
-def swiglu_hidden(dim: int, mlp_ratio: float = 4.0, multiple: int = 64) -> int:
-    """Hidden width of a SwiGLU MLP with the parameter budget of a GELU MLP of ratio mlp_ratio."""
-    h = int(2 * mlp_ratio * dim / 3)
-    return max(multiple, (h + multiple - 1) // multiple * multiple) if dim >= multiple else h
+def swiglu_hidden(dim: int, mlp_ratio: float = 4.0) -> int:
+    """Hidden width of a SwiGLU MLP with the parameter budget of a GELU MLP of ratio mlp_ratio
+    (the authors' rule, unrounded: 2048 for width 768, 2730 for 1024)."""
+    return int(2 / 3 * int(dim * mlp_ratio))
 
 
 class Mlp(nn.Module):
@@ -110,7 +117,7 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+        return self.fc2(F.gelu(self.fc1(x)))
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -118,18 +125,16 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
 
 
 class AdaLNBlock(nn.Module):
-    """DiT block with adaLN-zero conditioning, SwiGLU MLP, RMSNorm, QK-norm, optional block norm."""
+    """DiT block with adaLN-zero conditioning, SwiGLU MLP, affine RMSNorms, QK-norm, optional block norm."""
 
     def __init__(self, dim: int, heads: int, qk_norm: bool = True, block_norm: bool = True, mlp_ratio: float = 4.0):
         super().__init__()
-        self.norm1 = RMSNorm(dim, affine=False)
+        self.norm1 = RMSNorm(dim)
         self.attn = Attention(dim, heads, qk_norm=qk_norm)
-        self.norm2 = RMSNorm(dim, affine=False)
+        self.norm2 = RMSNorm(dim)
         self.mlp = SwiGLU(dim, swiglu_hidden(dim, mlp_ratio))
         self.ada = nn.Linear(dim, 6 * dim)
         self.block_norm = RMSNorm(dim) if block_norm else nn.Identity()
-        nn.init.zeros_(self.ada.weight)
-        nn.init.zeros_(self.ada.bias)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, rope=None, attn_mask=None) -> torch.Tensor:
         s1, sc1, g1, s2, sc2, g2 = self.ada(F.silu(c)).chunk(6, dim=-1)
@@ -139,13 +144,13 @@ class AdaLNBlock(nn.Module):
 
 
 class ViTBlock(nn.Module):
-    """Plain pre-norm ViT block (MAE-decoder style)."""
+    """Plain pre-norm ViT block (MAE-decoder style): LayerNorm (eps 1e-12), exact GELU MLP."""
 
-    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0):
+    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, eps: float = 1e-12):
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim)
+        self.norm1 = nn.LayerNorm(dim, eps=eps)
         self.attn = Attention(dim, heads, qk_norm=False, bias=True)
-        self.norm2 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(dim, eps=eps)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -154,30 +159,35 @@ class ViTBlock(nn.Module):
 
 
 class GaussianFourierEmbedding(nn.Module):
-    """Timestep embedding: fixed random Fourier features of t followed by an MLP."""
+    """Timestep embedding: sin/cos of t * 2 pi * W for fixed random W ~ N(0, scale^2), then an MLP."""
 
     def __init__(self, dim: int, num_features: int = 256, scale: float = 1.0):
         super().__init__()
-        self.register_buffer("freqs", torch.randn(num_features // 2) * scale * 2 * math.pi, persistent=True)
-        self.mlp = nn.Sequential(nn.Linear(num_features, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.register_buffer("freqs", torch.randn(num_features) * scale, persistent=True)
+        self.mlp = nn.Sequential(nn.Linear(2 * num_features, dim), nn.SiLU(), nn.Linear(dim, dim))
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        ang = t.float()[:, None] * self.freqs[None, :]
-        return self.mlp(torch.cat([ang.cos(), ang.sin()], dim=-1))
+        ang = t.float()[:, None] * self.freqs[None, :] * (2.0 * math.pi)
+        return self.mlp(torch.cat([ang.sin(), ang.cos()], dim=-1))
 
 
 def sincos_1d(n: int, dim: int) -> torch.Tensor:
-    pos = torch.arange(n, dtype=torch.float32)[:, None]
-    omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float32) / (dim // 2))
+    """(n, dim): [sin, cos] of position x 1/10000^(i/(dim/2)), float64 arithmetic."""
+    pos = torch.arange(n, dtype=torch.float64)[:, None]
+    omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim / 2.0))
     ang = pos * omega[None]
-    return torch.cat([ang.sin(), ang.cos()], dim=1)
+    return torch.cat([ang.sin(), ang.cos()], dim=1).float()
 
 
 def sincos_2d(h: int, w: int, dim: int) -> torch.Tensor:
+    """(h*w, dim) for a raster grid: the first half of the channels encodes the column, the second
+    half the row (the layout of the authors' decoder position table)."""
     gy, gx = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
-    half = dim // 2
-    def enc(p):
-        omega = 1.0 / 10000 ** (torch.arange(half // 2, dtype=torch.float32) / max(1, half // 2))
-        ang = p.reshape(-1, 1).float() * omega[None]
+
+    def enc(p: torch.Tensor) -> torch.Tensor:
+        half = dim // 2
+        omega = 1.0 / 10000 ** (torch.arange(half // 2, dtype=torch.float64) / (half / 2.0))
+        ang = p.reshape(-1, 1).double() * omega[None]
         return torch.cat([ang.sin(), ang.cos()], dim=1)
-    return torch.cat([enc(gy), enc(gx)], dim=1)
+
+    return torch.cat([enc(gx), enc(gy)], dim=1).float()

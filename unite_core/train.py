@@ -24,14 +24,14 @@ from typing import Callable, Iterator
 
 import torch
 import torch.distributed as dist
-from torch.optim.swa_utils import AveragedModel
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from .config import Config, config_from_dict
 from .model import UNITE
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_FORMAT = "unite-checkpoint-v1"
+CHECKPOINT_FORMAT = "unite-checkpoint-v2"
 # settings that must agree between a checkpoint and the params that load it
 ARCH_SECTIONS = ("modality", "model")
 
@@ -88,37 +88,107 @@ def fetch(dataset, indices: torch.Tensor):
 # ----------------------------------------------------------------------------------------------
 # Optimisers and schedule
 # ----------------------------------------------------------------------------------------------
+# Parameters that stay with AdamW although they are 2-D: the observation embedding (patches, atoms),
+# the GE's output layer and the learned position tables (the authors' rule: Muon for every 2-D weight
+# except patch_embed, final_layer, in_context_posemb and latent_tokens).
+_ADAMW_MODULES = {"embed", "out_proj", "out_ada"}
+_ADAMW_TABLES = {"latent_pos", "in_context_pos", "query", "slot_query"}
+
+
 def muon_eligible(name: str, p: torch.Tensor) -> bool:
-    """2-D weight matrices inside transformer blocks (GE and decoder) go to Muon."""
-    return p.ndim == 2 and ".blocks." in f".{name}"
+    """Muon takes 2-D weight matrices: the transformer blocks, the latent maps, the timestep MLP, the
+    label table, the decoder's maps; not the ones listed above."""
+    parts = name.split(".")
+    return p.ndim == 2 and not (_ADAMW_MODULES & set(parts[:-1])) and parts[-1] not in _ADAMW_TABLES
+
+
+def lr_scale(cfg: Config) -> float:
+    """The authors' linear batch scaling: max(1, global batch / train.lr_batch_base)."""
+    t = cfg.train
+    return 1.0 if t.lr_batch_base is None else max(1.0, t.batch_size / t.lr_batch_base)
 
 
 def build_optimizers(model: torch.nn.Module, cfg: Config) -> list[torch.optim.Optimizer]:
+    """[Muon, AdamW] (or [AdamW] with train.optimizer=adamw); lrs are the peak (batch-scaled) values."""
     t = cfg.train
+    scale = lr_scale(cfg)
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    adamw = dict(lr=t.lr * scale, betas=t.betas, eps=t.eps, weight_decay=t.weight_decay)
     if t.optimizer == "adamw":
-        return [torch.optim.AdamW([p for _, p in params], lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)]
+        return [torch.optim.AdamW([p for _, p in params], **adamw)]
     muon = [p for n, p in params if muon_eligible(n, p)]
     rest = [p for n, p in params if not muon_eligible(n, p)]
     opts: list[torch.optim.Optimizer] = []
     if muon:
         # update RMS matched to AdamW's, so one learning rate serves both (torch's adjust_lr_fn)
-        opts.append(torch.optim.Muon(muon, lr=t.muon_lr or t.lr, weight_decay=t.weight_decay,
-                                     adjust_lr_fn="match_rms_adamw"))
+        opts.append(torch.optim.Muon(muon, lr=(t.muon_lr or t.lr) * scale, weight_decay=t.weight_decay,
+                                     momentum=t.muon_momentum, eps=t.eps, adjust_lr_fn="match_rms_adamw"))
     if rest:
-        opts.append(torch.optim.AdamW(rest, lr=t.lr, betas=t.betas, weight_decay=t.weight_decay))
+        opts.append(torch.optim.AdamW(rest, **adamw))
     return opts
 
 
+def _cosine_between(step: int, s0: int, s1: int, start: float, end: float) -> float:
+    if s1 <= s0:
+        return end
+    progress = min(1.0, max(0.0, (step - s0) / (s1 - s0)))
+    return end + (start - end) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
 def lr_factor(step: int, cfg: Config) -> float:
-    """Linear warmup, then cosine decay from 1 to lr_min/lr at the last step."""
+    """The lr of `step` as a fraction of the peak lr.
+
+    cosine: linear warmup ((step + 1) / warmup), then cosine decay to lr_min/lr at the last step.
+    two_phase (the authors'): warmup step / warmup, hold, cosine to lr2, hold, cosine to lr_min."""
     t = cfg.train
+    floor = t.lr_min / t.lr
+    if t.schedule == "two_phase":
+        p = t.two_phase
+        mid = (p.lr2 or t.lr) / t.lr
+        if t.warmup_steps and step < t.warmup_steps:
+            return step / t.warmup_steps
+        if step < p.hold_until:
+            return 1.0
+        if step < p.decay_until:
+            return _cosine_between(step, p.hold_until, p.decay_until, 1.0, mid)
+        if step < p.hold2_until:
+            return mid
+        if step < p.decay2_until:
+            return _cosine_between(step, p.hold2_until, p.decay2_until, mid, floor)
+        return floor if p.decay2_until > p.hold2_until else mid
     if t.warmup_steps and step < t.warmup_steps:
         return (step + 1) / t.warmup_steps
-    span = max(1, t.steps - t.warmup_steps)
-    progress = min(1.0, (step - t.warmup_steps) / span)
-    floor = t.lr_min / t.lr
-    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+    return _cosine_between(step, t.warmup_steps, max(t.warmup_steps + 1, t.steps), 1.0, floor)
+
+
+def ema_with_warmup(decay: float):
+    """EMA update for AveragedModel whose decay ramps up as min(decay, (1 + n) / (10 + n)).
+
+    torch's get_ema_multi_avg_fn uses the full decay from the first step, so the average keeps
+    decay**steps of the random initial weights: 33% after 1,100 steps at 0.999, which made every
+    short run's EMA model (the one evaluated and sampled) mostly noise. The warm-up makes the
+    average follow the weights early on and reach the configured decay after ~10 / (1 - decay) steps.
+    """
+
+    @torch.no_grad()
+    def update(ema_params, model_params, num_averaged):
+        # AveragedModel calls this once per (device, dtype) group, so a group is all float or none
+        if ema_params[0].is_floating_point():
+            n = float(num_averaged)
+            torch._foreach_lerp_(ema_params, model_params, 1.0 - min(decay, (1.0 + n) / (10.0 + n)))
+        else:
+            torch._foreach_copy_(ema_params, model_params)
+
+    return update
+
+
+def make_ema(model: torch.nn.Module, cfg: Config) -> AveragedModel:
+    """The EMA of every training run (UNITE, its ablations, both stages of the two-stage baseline):
+    train.ema_decay, with the warm-up above unless train.ema_warmup is false (then the authors' plain
+    EMA, the full decay from the first step)."""
+    t = cfg.train
+    avg = ema_with_warmup(t.ema_decay) if t.ema_warmup else get_ema_multi_avg_fn(t.ema_decay)
+    return AveragedModel(model, multi_avg_fn=avg, use_buffers=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -150,8 +220,16 @@ def load_checkpoint(path: str | Path, cfg: Config | None = None) -> dict:
             f"checkpoint '{path}' is corrupt or not a UNITE checkpoint ({type(exc).__name__}): "
             "delete it and resume from an earlier one or retrain"
         ) from None
+    if isinstance(state, dict) and state.get("format") == "unite-checkpoint-v1":
+        raise CheckpointError(
+            f"checkpoint '{path}' was written by an older version of unite whose model differs from the "
+            "authors' architecture (format v1): retrain it with this version"
+        )
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"checkpoint '{path}' is not a UNITE checkpoint ({CHECKPOINT_FORMAT})")
+        raise CheckpointError(
+            f"checkpoint '{path}' is not a UNITE checkpoint ({CHECKPOINT_FORMAT}); an authors' checkpoint "
+            "is converted with `unite import-checkpoint FILE`"
+        )
     if cfg is not None:
         check_compatible(state, cfg, path)
     return state
@@ -188,12 +266,6 @@ def model_from_checkpoint(state: dict, use_ema: bool = True, device="cpu") -> UN
 # Trainer
 # ----------------------------------------------------------------------------------------------
 @dataclass
-class StepRecord:
-    step: int
-    metrics: dict[str, float]
-
-
-@dataclass
 class TrainResult:
     step: int
     history: list[dict] = field(default_factory=list)
@@ -208,27 +280,6 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise TrainingError("train.device=cuda but no CUDA device is visible: use train.device=cpu or auto")
     return torch.device(name)
-
-
-def ema_with_warmup(decay: float):
-    """EMA update for AveragedModel whose decay ramps up as min(decay, (1 + n) / (10 + n)).
-
-    torch's get_ema_multi_avg_fn uses the full decay from the first step, so the average keeps
-    decay**steps of the random initial weights: 33% after 1,100 steps at 0.999, which made every
-    short run's EMA model (the one evaluated and sampled) mostly noise. The warm-up makes the
-    average follow the weights early on and reach the configured decay after ~10 / (1 - decay) steps.
-    """
-
-    @torch.no_grad()
-    def update(ema_params, model_params, num_averaged):
-        # AveragedModel calls this once per (device, dtype) group, so a group is all float or none
-        if ema_params[0].is_floating_point():
-            n = float(num_averaged)
-            torch._foreach_lerp_(ema_params, model_params, 1.0 - min(decay, (1.0 + n) / (10.0 + n)))
-        else:
-            torch._foreach_copy_(ema_params, model_params)
-
-    return update
 
 
 class Trainer:
@@ -257,7 +308,8 @@ class Trainer:
             )
         torch.manual_seed(t.seed)  # parameter initialisation is identical on every rank
         self.model = UNITE(cfg, info).to(self.device)
-        self.ema = AveragedModel(self.model, multi_avg_fn=ema_with_warmup(t.ema_decay), use_buffers=True)
+        getattr(self.model.modality, "perceptual", None)  # a missing perceptual-loss file fails here, not at step 1
+        self.ema = make_ema(self.model, cfg)
         self.optimizers = build_optimizers(self.model, cfg)
         self.base_lrs = [[g["lr"] for g in o.param_groups] for o in self.optimizers]
         self.step = 0
@@ -300,7 +352,7 @@ class Trainer:
         for o, bases in zip(self.optimizers, self.base_lrs):
             for g, base in zip(o.param_groups, bases):
                 g["lr"] = base * f
-        return self.cfg.train.lr * f
+        return self.cfg.train.lr * lr_scale(self.cfg) * f
 
     def _micro_batches(self) -> Iterator:
         t = self.cfg.train

@@ -25,11 +25,10 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from .config import Config, config_from_dict
 from .model import UNITE
-from .train import Trainer, TrainResult, build_optimizers, save_checkpoint
+from .train import Trainer, TrainResult, build_optimizers, make_ema, save_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -162,8 +161,8 @@ class LatentDenoiserUNITE(UNITE):
 
     def compute_loss(self, batch, generator: torch.Generator | None = None):
         z0, y = batch
-        lflow = self.flow_objective(z0.float(), y, generator)
-        metrics = {"flow": lflow.detach(), "loss": lflow.detach(), "latent_std": z0.detach().float().std()}
+        lflow, per_noising = self.flow_objective(z0.float(), y, generator)
+        metrics = {"flow": per_noising.detach(), "loss": lflow.detach(), "latent_std": z0.detach().float().std()}
         return lflow, metrics
 
 
@@ -189,8 +188,7 @@ class DenoiserTrainer(Trainer):
         for module in (model.encoder, model.decoder):
             module.requires_grad_(False)
         self.model = model.to(self.device)
-        t = cfg.train
-        self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(t.ema_decay), use_buffers=True)
+        self.ema = make_ema(self.model, cfg)  # the same EMA as every other run
         self.optimizers = build_optimizers(self.model, cfg)
         self.base_lrs = [[g["lr"] for g in o.param_groups] for o in self.optimizers]
 

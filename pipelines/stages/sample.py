@@ -85,8 +85,7 @@ def run(ctx: StageContext) -> dict:
     images, nfe = [], 0
     with ctx.reporter.progress("sample", len(labels)) as task:
         for start in range(0, len(labels), batch):
-            x, n = model.generate(labels[start : start + batch], solver=s.solver, steps=s.steps, cfg_scale=cfg_scale,
-                                  cfg_interval=tuple(s.cfg_interval), norm_first=s.norm_first, generator=gen,
+            x, n = model.generate(labels[start : start + batch], s, cfg_scale=cfg_scale, generator=gen,
                                   autocast_dtype=autocast)
             images.append(x.float().cpu())
             nfe = max(nfe, int(n))

@@ -58,12 +58,12 @@ def reconstruction_grid(state: dict, data_dir: Path, n: int = RECON_IMAGES):
             if len(picks) == n:
                 break
     picks += [i for i in range(len(data.val)) if i not in picks][: max(0, n - len(picks))]
-    x, _ = fetch(data.val, torch.tensor(picks[:n]))
     model = model_from_checkpoint(state, use_ema=True, device="cpu")
+    x, _ = model.modality.unpack(fetch(data.val, torch.tensor(picks[:n])))
     with torch.no_grad():
         decoded = model.reconstruct(x, torch.Generator().manual_seed(0))
     recon = model.modality.postprocess(decoded.float())
-    originals = ((x.float() + 1) / 2).clamp(0, 1)
+    originals = model.modality.postprocess(x)
     return image_grid(torch.cat([originals, recon]), nrow=len(picks[:n]))
 
 

@@ -2,6 +2,7 @@
 
     unite prepare | classifier | train | evaluate | analyze     the DVC stages, one at a time
     unite sample --classes 0,1,2 --cfg-scale 3                   a grid of samples from a checkpoint
+    unite import-checkpoint FILE                                 the authors' released weights, as a project checkpoint
     unite ui [--port 5000]                                       the MLflow UI on this project's runs
     unite sweep | compare | bench                                when this build has them
 
@@ -95,6 +96,45 @@ def sample(
         "checkpoint": checkpoint, "classes": parse_classes(classes), "per_class": per_class,
         "cfg_scale": cfg_scale, "out": out,
     })
+
+
+@app.command("import-checkpoint")
+def import_checkpoint(
+    file: Annotated[Path, typer.Argument(help="the authors' released .pt file (UNITE-B or UNITE-L)")],
+    out: Annotated[Optional[Path], typer.Option(
+        "--out", "-o", help="project checkpoint to write (default: models/imported/<file stem>.pt)",
+        show_default=False)] = None,
+    in_context_start: Annotated[int, typer.Option(
+        "--in-context-start", min=0, help="block from which class tokens join (not stored in the weights; "
+        "the authors' config: 4)")] = 4,
+    data_root: Annotated[Optional[str], typer.Option(
+        "--data-root", help="ImageNet train/ folder to write into the params (for evaluate/resume)",
+        show_default=False)] = None,
+    epochs: Annotated[Optional[int], typer.Option(
+        "--epochs", min=1, help="epochs of the full schedule for a resumed run (default 240)",
+        show_default=False)] = None,
+    debug: DebugOption = False,
+) -> None:
+    """Convert an authors' UNITE checkpoint into a project checkpoint (+ <out>.params.yaml beside it, and
+    <out>.perceptual.pt with their LPIPS weights when present), for sample / evaluate / analyze / train."""
+    from unite_core.authors import import_checkpoint as convert
+
+    dest = out or Path("models/imported") / f"{file.stem}.pt"
+    result = convert(file, dest, in_context_start=in_context_start, data_root=data_root, epochs=epochs)
+    m = result.config.model
+    depth, width, _ = m.ge_dims()
+    ddepth, dwidth, _ = m.decoder_dims()
+    lines = [
+        f"imported {file} (step {result.step}) -> {result.checkpoint}",
+        f"  model: GE {depth} x {width}, decoder {ddepth} x {dwidth}, K={m.latent_tokens} x d={m.latent_dim}, "
+        f"{result.config.data.image_size}px, patch {m.patch_size}; optimiser state "
+        f"{'imported' if result.optimizer_state else 'not present: a resumed run starts its optimisers fresh'}",
+        f"  params: {result.params}" + (f"; perceptual-loss weights: {result.perceptual}" if result.perceptual else ""),
+        f"  next:   unite sample -c {result.checkpoint} -p {result.params}",
+        f"          unite evaluate -c {result.checkpoint} -p {result.params}   (after setting data.root)",
+        f"          unite train -p {result.params}   (continues training from the imported state)",
+    ]
+    typer.echo("\n".join(lines))
 
 
 @app.command()

@@ -333,6 +333,15 @@ def _resume(trainer, ckpt_dir: Path) -> dict:
     return json.loads((Path(ckpt_dir) / META_FILE).read_text())
 
 
+def _start_from_init(trainer, cfg) -> None:
+    """train.init_from: a run without checkpoints of its own starts from that checkpoint's state."""
+    if cfg.train.init_from:
+        from unite_core.train import load_checkpoint
+
+        trainer.load_state_dict(load_checkpoint(cfg.train.init_from, cfg))
+        log.info("started from %s at step %d (train.init_from)", cfg.train.init_from, trainer.step)
+
+
 def _resume_newest(trainer, ray_checkpoint, resume_dir: str | None) -> dict | None:
     """Load the newer of Ray's checkpoint and `resume_dir` into the trainer; its meta, or None."""
     local = Path(resume_dir) if resume_dir and Path(resume_dir).is_dir() else None
@@ -377,6 +386,8 @@ def ray_worker(config: dict) -> None:
         log.info("rank %d resumed at step %d", rank, trainer.step)
         if meta.get("final"):
             return
+    else:
+        _start_from_init(trainer, cfg)
 
     def save(final: bool) -> None:
         with tempfile.TemporaryDirectory(prefix="unite-ckpt-") as tmp:
@@ -650,6 +661,8 @@ def train_in_process(ctx, data_dir: Path) -> dict:
     if previous is not None:
         _resume(trainer, previous.path)
         log.info("run %s: resuming from its checkpoint at step %d", name, previous.step)
+    else:
+        _start_from_init(trainer, cfg)
     rdir.mkdir(parents=True, exist_ok=True)
 
     def save(final: bool) -> None:

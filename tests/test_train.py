@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from unite_core.data import load_image_data
+from unite_core.data import DataError, load_image_data
 from unite_core.train import (
     CheckpointError, Trainer, TrainingError, build_optimizers, load_checkpoint, lr_factor,
     model_from_checkpoint, muon_eligible, step_indices,
@@ -48,8 +48,13 @@ def test_data_order_is_epochwise_permutation():
     seen = torch.cat([step_indices(s, 100, 10, seed=3) for s in range(10)])
     assert sorted(seen.tolist()) == list(range(100))
     assert not torch.equal(step_indices(0, 100, 10, 3), step_indices(10, 100, 10, 3))
-    with pytest.raises(TrainingError, match="train.batch_size"):
+    with pytest.raises(DataError, match="train.batch_size"):
         step_indices(0, 5, 10, 0)
+
+
+def test_batch_larger_than_the_dataset_is_refused_at_construction(tiny_cfg, digits):
+    with pytest.raises(TrainingError, match=r"train.batch_size=4096 exceeds the \d+ training samples"):
+        Trainer(tiny_cfg(train={"batch_size": 4096}), digits.info, digits.train)
 
 
 def _mean_image_psnr(dataset) -> float:

@@ -1,4 +1,5 @@
-"""Datasets per modality. Images: mnist5k, digits, imagefolder (see ``unite_core.data.images``)."""
+"""Datasets per modality. Images: mnist5k, digits, imagefolder (see ``unite_core.data.images``); the training
+loop's step order and batch delivery (DataLoader workers): ``unite_core.data.loader``."""
 
 from unite_core.data.errors import DataError
 from unite_core.data.images import (
@@ -6,6 +7,7 @@ from unite_core.data.images import (
     IMAGE_EXTENSIONS,
     ImageData,
     ImageFolderDataset,
+    ShardImageDataset,
     TensorImageDataset,
     denormalize,
     load_image_data,
@@ -21,6 +23,7 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "ImageData",
     "ImageFolderDataset",
+    "ShardImageDataset",
     "TensorImageDataset",
     "denormalize",
     "load_image_data",

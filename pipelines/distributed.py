@@ -165,7 +165,7 @@ def export_checkpoint(ckpt_dir: Path, dest: Path) -> dict:
 # ----------------------------------------------------------------------------------------------
 # Data
 # ----------------------------------------------------------------------------------------------
-_IMAGE_DATA_KEYS = ("dataset", "image_size", "val_fraction", "split_seed", "max_items", "flip")
+_IMAGE_DATA_KEYS = ("dataset", "image_size", "val_fraction", "split_seed", "max_items", "flip", "format")
 
 
 def check_prepared(cfg, data_dir: Path) -> dict:
@@ -196,7 +196,8 @@ def num_train_items(manifest: dict) -> int:
 
 
 def load_training_data(cfg, data_dir: Path):
-    """(train_set, val_set, info) from the prepared folder."""
+    """(train_set, val_set, info) from the prepared folder; read-time settings (data.on_corrupt) come
+    from the params in force, not from the prepare that made the folder."""
     if cfg.modality == "molecules":
         from unite_core.data.molecules import load_prepared_molecules
 
@@ -204,7 +205,7 @@ def load_training_data(cfg, data_dir: Path):
     else:
         from unite_core.data import load_prepared
 
-        data = load_prepared(Path(data_dir))
+        data = load_prepared(Path(data_dir), cfg.data)
     return data.train, data.val, data.info
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -154,7 +154,7 @@ def decode_files(root: Path, size: int, chunks: Sequence[Chunk], *, processes: O
                 futures = {pool.submit(_decode_chunk, str(root), size, c): i for i, c in enumerate(chunks)}
                 pending = set(futures)
                 while pending:
-                    finished, pending = wait(pending, return_when=FIRST_EXCEPTION, timeout=1.0)
+                    finished, pending = wait(pending, return_when=FIRST_COMPLETED, timeout=1.0)
                     for f in finished:
                         i = futures[f]
                         results[i] = f.result()  # re-raises a worker's unexpected error

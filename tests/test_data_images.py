@@ -556,10 +556,10 @@ def test_prepare_decodes_only_the_images_the_split_uses(folder, tmp_path, monkey
 
 
 def _loader_batches(ds, steps: int, **kw):
-    from unite_core.data.loader import StepBatches
+    from unite_core.data.loader import StepBatches, move
 
     sb = StepBatches(ds, start=0, end=steps, **kw)
-    out = [b for s in range(steps) for b in sb.take(s)]
+    out = [move(b, "cpu") for s in range(steps) for b in sb.take(s)]
     sb.close()
     return out
 

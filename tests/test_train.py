@@ -283,7 +283,7 @@ def _reference_batches(ds, steps, batch, seed, rank, world, accum):
 @pytest.mark.parametrize("rank,world,accum", [(0, 1, 1), (1, 2, 2)])
 def test_loader_reproduces_the_step_order(image_folder, rank, world, accum):
     from unite_core.config import DataConfig
-    from unite_core.data.loader import StepBatches
+    from unite_core.data.loader import StepBatches, move
 
     data = load_image_data(DataConfig(dataset="imagefolder", root=str(image_folder), image_size=8, flip=True,
                                       val_fraction=0.25))
@@ -291,7 +291,7 @@ def test_loader_reproduces_the_step_order(image_folder, rank, world, accum):
     want = _reference_batches(data.train, steps, 8, 5, rank, world, accum)
     sb = StepBatches(data.train, batch_size=8, seed=5, rank=rank, world_size=world, grad_accum=accum, start=3,
                      end=steps, num_workers=2)
-    got = [b for s in range(3, steps) for b in sb.take(s)]
+    got = [move(b, "cpu") for s in range(3, steps) for b in sb.take(s)]
     assert sb._it is None  # the last step closed the workers
     assert len(got) == len(want[3 * accum:]) == (steps - 3) * accum
     for (xa, ya), (xb, yb) in zip(got, want[3 * accum:]):

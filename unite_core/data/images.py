@@ -185,6 +185,34 @@ def flip_decision(seed: int, epoch: int, index: int) -> bool:
     return bool(_mix64(_mix64(_mix64(seed & _MASK64) ^ (epoch & _MASK64)) ^ (index & _MASK64)) >> 63)
 
 
+def uint8_to_model(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels -> float32 in [-1, 1]: ``x / 127.5 - 1`` (in place on the new float tensor; the
+    same IEEE operations on every device, so CPU and GPU give the same bits)."""
+    return pixels.to(torch.float32).div_(127.5).sub_(1.0)
+
+
+@dataclass
+class RawImages:
+    """A batch of an image folder or shards before its conversion to model space: uint8 pixels
+    (B, 3, S, S) with the flips applied, and int64 labels. DataLoader workers return this, so worker
+    pipes, pinned memory and the host-to-device copy carry 1 byte per pixel instead of 4, and the
+    conversion runs on the training device (:meth:`to` then :meth:`finish`, see
+    ``unite_core.data.loader.move``)."""
+
+    pixels: torch.Tensor
+    labels: torch.Tensor
+
+    def pin_memory(self) -> "RawImages":  # called by the DataLoader's pinning thread
+        return RawImages(self.pixels.pin_memory(), self.labels.pin_memory())
+
+    def to(self, device, non_blocking: bool = False) -> "RawImages":
+        return RawImages(self.pixels.to(device, non_blocking=non_blocking),
+                         self.labels.to(device, non_blocking=non_blocking))
+
+    def finish(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return uint8_to_model(self.pixels), self.labels
+
+
 # ============================================================================================
 # Datasets
 # ============================================================================================
@@ -297,7 +325,20 @@ class ImageFolderDataset(Dataset):
         return torch.from_numpy(decode_square(self.path(i), self.image_size))
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        i = int(i)
+        pixels, label = self._item(int(i))
+        return uint8_to_model(pixels), torch.tensor(label, dtype=torch.int64)
+
+    def get_raw_batch(self, indices) -> "RawImages":
+        """uint8 pixels (flips applied) and labels of ``indices``; see :class:`RawImages`."""
+        items = [self._item(int(i)) for i in indices]
+        return RawImages(torch.stack([p for p, _ in items]), torch.tensor([lab for _, lab in items], dtype=torch.int64))
+
+    def get_batch(self, indices) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.get_raw_batch(indices).finish()
+
+    def _item(self, i: int) -> tuple[torch.Tensor, int]:
+        """(uint8 pixels (3, S, S), flipped if drawn, label) of item ``i``; a corrupt file is replaced by
+        the next readable one (``on_corrupt=skip``) or stops with its path."""
         n = len(self.files)
         for k in range(n):
             j = (i + k) % n
@@ -316,10 +357,9 @@ class ImageFolderDataset(Dataset):
                 self.skipped.append(str(path))
                 logger.warning("skipping unreadable image file '%s' (%s: %s)", path, type(exc).__name__, exc)
                 continue
-            x = pixels.to(torch.float32) / 127.5 - 1.0
             if self.flip and flip_decision(self.flip_seed, self.epoch, i):
-                x = torch.flip(x, dims=(-1,))
-            return x, torch.tensor(int(self.labels[j]), dtype=torch.int64)
+                pixels = torch.flip(pixels, dims=(-1,))
+            return pixels, int(self.labels[j])
         raise DataError(
             f"no readable image in the {n} files of this split under '{self.root}': "
             "check the folder (every file failed to decode)"
@@ -389,8 +429,8 @@ class ShardImageDataset(Dataset):
             self._maps = [open_shard(p, c, self.image_size) for p, c in zip(self.shard_files, self.counts)]
         return self._maps
 
-    def pixels(self, indices) -> np.ndarray:
-        """uint8 (len(indices), 3, S, S), in the order asked for."""
+    def get_raw_batch(self, indices) -> "RawImages":
+        """uint8 pixels (flips applied) and labels of ``indices``, in the order asked for."""
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
         if idx.size and (idx.min() < 0 or idx.max() >= len(self)):
             raise IndexError(f"index out of range for a split of {len(self)} images")
@@ -398,16 +438,12 @@ class ShardImageDataset(Dataset):
         shard = np.searchsorted(self.offsets, idx, side="right") - 1
         out = np.empty((len(idx), 3, self.image_size, self.image_size), dtype=np.uint8)
         for j, (i, k) in enumerate(zip(idx.tolist(), shard.tolist())):
-            out[j] = maps[k][i - int(self.offsets[k])]
-        return out
+            record = maps[k][i - int(self.offsets[k])]
+            out[j] = record[..., ::-1] if self.flip and flip_decision(self.flip_seed, self.epoch, i) else record
+        return RawImages(torch.from_numpy(out), torch.from_numpy(self.labels[idx]))
 
     def get_batch(self, indices) -> tuple[torch.Tensor, torch.Tensor]:
-        idx = torch.as_tensor(indices, dtype=torch.long).reshape(-1)
-        x = torch.from_numpy(self.pixels(idx.numpy())).to(torch.float32) / 127.5 - 1.0
-        if self.flip:
-            flips = torch.tensor([flip_decision(self.flip_seed, self.epoch, int(i)) for i in idx], dtype=torch.bool)
-            x = torch.where(flips[:, None, None, None], torch.flip(x, dims=(-1,)), x)
-        return x, torch.from_numpy(self.labels[idx.numpy()])
+        return self.get_raw_batch(indices).finish()
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = self.get_batch([int(i)])

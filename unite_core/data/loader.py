@@ -113,6 +113,10 @@ def collate(items):
 
 
 def move(batch, device):
+    """A batch on `device` (copies are non-blocking from pinned memory); a raw batch (uint8 images,
+    see unite_core.data.images.RawImages) is converted to model space there."""
+    if hasattr(batch, "finish"):
+        return batch.to(device, non_blocking=True).finish()
     if isinstance(batch, dict):
         return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
     return tuple(v.to(device, non_blocking=True) for v in batch)
@@ -152,8 +156,10 @@ class _MicroBatches(Dataset):
         ds = self.dataset
         if hasattr(ds, "set_epoch"):
             ds.set_epoch(key.epoch)
+        indices = torch.from_numpy(key.indices)
         try:
-            return fetch(ds, torch.from_numpy(key.indices))
+            raw = getattr(ds, "get_raw_batch", None)  # image folders, shards: uint8, converted on the device
+            return raw(indices) if raw is not None else fetch(ds, indices)
         except DataError as exc:
             if get_worker_info() is None:
                 raise
@@ -165,6 +171,8 @@ def _as_is(batch):
 
 
 def _pin(batch):
+    if hasattr(batch, "pin_memory"):
+        return batch.pin_memory()
     if isinstance(batch, dict):
         return {k: v.pin_memory() for k, v in batch.items()}
     return tuple(v.pin_memory() for v in batch)

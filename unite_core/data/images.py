@@ -9,9 +9,15 @@ int64 scalar tensor.
 * ``digits``: sklearn's 1,797 8x8 digits (levels 0..16). ``image_size == 8`` keeps the levels exactly
   (stored as uint8 levels with ``max_level = 16``); any other size is resized bilinearly after scaling to
   0..255. 1 channel, 10 classes.
-* ``imagefolder``: ``root/<class_name>/**/*.{jpg,jpeg,png,bmp,webp}`` (any case), classes sorted
-  alphabetically -> label ids. Lazy: each item is decoded with PIL, converted to RGB, center-cropped to a
-  square and resized to ``image_size`` (bicubic, antialiased).
+* ``imagefolder``: ``root/<class_name>/**/*.{jpg,jpeg,png,bmp,webp}`` (any case; symbolic links
+  followed, a link loop is an error naming it), classes sorted alphabetically -> label ids. Each item is
+  decoded with PIL, converted to RGB, center-cropped to a square and resized to ``image_size`` (bicubic,
+  antialiased; ``unite_core.data.decoding.decode_square``). Two prepared formats (``data.format``):
+  ``folder`` (:class:`ImageFolderDataset`) decodes the files at train time, in the trainer's DataLoader
+  workers; ``shards`` (:class:`ShardImageDataset`) has prepare store every decoded image once as uint8
+  records in a few memory-mapped ``.npy`` files. Both give the same tensors bit for bit.
+  For the training loop both also offer ``get_raw_batch`` (:class:`RawImages`: uint8 pixels with the
+  flips applied), so the conversion to float runs on the training device.
 
 In-memory sets are kept as uint8 "levels" plus a ``max_level`` (255, or 16 for 8x8 digits), so the same
 tensors are written by :func:`prepare_image_data` and read back by :func:`load_prepared` bit for bit.
@@ -23,16 +29,21 @@ Train/val split: stratified and deterministic from ``(val_fraction, split_seed)`
 Flip augmentation (``cfg.flip``, training split only): whether item ``i`` is flipped in epoch ``e`` is
 a pure function of ``(split_seed, e, i)`` (a splitmix64 hash), so it does not depend on DataLoader
 workers, their number, or any global RNG. Call ``dataset.set_epoch(e)`` before each epoch to draw new
-flips (with ``persistent_workers=True`` the workers keep the epoch they were started with).
+flips; the training loop sends the epoch with every micro-batch (``unite_core.data.loader``), so its
+worker processes always use the right one.
 
 ``content_hash``: sha256 over the preprocessing settings (dataset, image_size, val_fraction,
 split_seed, max_items, preprocessing version) and the raw content. For the in-memory sets that is the
 raw pixel and label bytes; for ``imagefolder`` it is the class list and every file's relative path, byte
-size and label (reading the bytes of 1.28M ImageNet files on each load would take minutes). ``flip`` and
-``on_corrupt`` are not part of it: they change augmentation and error handling, not the data.
+size and label (reading the bytes of 1.28M ImageNet files on each load would take minutes). ``flip``,
+``on_corrupt`` and ``format`` are not part of it: they change augmentation, error handling and storage,
+not the data.
 
-Corrupt images in an image folder are detected when they are decoded (a scan of 1.28M files would be
-too slow); ``prepare_image_data`` verifies every file with PIL once and records the bad ones.
+Corrupt images: ``prepare_image_data`` decodes every image the split uses in full (in one process per
+CPU; PIL's ``verify()`` passes truncated JPEGs), leaves the corrupt ones out (``on_corrupt=skip``) or
+stops naming them (``stop``). A file that breaks after prepare is met when it is decoded at train time;
+there ``on_corrupt`` is the value of the params in force (``load_prepared(out_dir, cfg)``), not the
+prepare-time one.
 """
 
 from __future__ import annotations

@@ -16,7 +16,10 @@ train.time_limit_minutes) is not trained again: the driver exports it and says s
 
 Ray Train: `ScalingConfig(num_workers, use_gpu, resources_per_worker={"CPU": cpus_per_worker})`,
 `FailureConfig(max_failures)`, `CheckpointConfig(num_to_keep=2)`, gloo on CPU and NCCL on GPU.
-Each worker loads the prepared data from the absolute data folder, builds a Trainer with its world
+Each worker loads the prepared data from the absolute data folder (read-time settings such as
+data.on_corrupt from the params it was given; an image folder or shards are then decoded / read by
+data.num_workers DataLoader processes of its own, which Ray's CPU accounting does not see: size
+distributed.cpus_per_worker to include them), builds a Trainer with its world
 rank (gradients are averaged with one all-reduce per step), resumes from the newest checkpoint, and
 calls `ray.train.report` at every checkpoint (a barrier on all ranks; only rank 0 hands over a
 checkpoint folder). When a worker dies, Ray replaces the worker group and training resumes from the

@@ -358,3 +358,31 @@ def test_a_corrupt_image_in_a_worker_is_one_line(tiny_cfg, image_folder, tmp_pat
         tr.run(until_step=6)  # 36 images, 4 steps per epoch: step 4 at the latest uses image 0
     msg = str(err.value)
     assert str(victim) in msg and "data.on_corrupt=skip" in msg and "\n" not in msg and "Traceback" not in msg
+
+
+class _DiesInWorkers(torch.utils.data.Dataset):
+    """A lazy set whose worker processes are killed (as by the out-of-memory killer)."""
+
+    lazy = True
+
+    def __len__(self):
+        return 32
+
+    def get_batch(self, indices):
+        import os
+        import signal
+
+        from torch.utils.data import get_worker_info
+
+        if get_worker_info() is not None:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return torch.zeros(len(indices), 1), torch.zeros(len(indices), dtype=torch.long)
+
+
+def test_a_killed_loader_worker_is_a_data_error_naming_the_fix():
+    from unite_core.data.loader import StepBatches
+
+    sb = StepBatches(_DiesInWorkers(), batch_size=8, seed=0, start=0, end=4, num_workers=1)
+    with pytest.raises(DataError, match=r"data-loading worker process ended unexpectedly .*data.num_workers"):
+        list(sb.take(0))
+    sb.close()

@@ -16,7 +16,10 @@ train.time_limit_minutes) is not trained again: the driver exports it and says s
 
 Ray Train: `ScalingConfig(num_workers, use_gpu, resources_per_worker={"CPU": cpus_per_worker})`,
 `FailureConfig(max_failures)`, `CheckpointConfig(num_to_keep=2)`, gloo on CPU and NCCL on GPU.
-Each worker loads the prepared data from the absolute data folder, builds a Trainer with its world
+Each worker loads the prepared data from the absolute data folder (read-time settings such as
+data.on_corrupt from the params it was given; an image folder or shards are then decoded / read by
+data.num_workers DataLoader processes of its own, which Ray's CPU accounting does not see: size
+distributed.cpus_per_worker to include them), builds a Trainer with its world
 rank (gradients are averaged with one all-reduce per step), resumes from the newest checkpoint, and
 calls `ray.train.report` at every checkpoint (a barrier on all ranks; only rank 0 hands over a
 checkpoint folder). When a worker dies, Ray replaces the worker group and training resumes from the
@@ -165,7 +168,7 @@ def export_checkpoint(ckpt_dir: Path, dest: Path) -> dict:
 # ----------------------------------------------------------------------------------------------
 # Data
 # ----------------------------------------------------------------------------------------------
-_IMAGE_DATA_KEYS = ("dataset", "image_size", "val_fraction", "split_seed", "max_items", "flip")
+_IMAGE_DATA_KEYS = ("dataset", "image_size", "val_fraction", "split_seed", "max_items", "flip", "format")
 
 
 def check_prepared(cfg, data_dir: Path) -> dict:
@@ -196,7 +199,8 @@ def num_train_items(manifest: dict) -> int:
 
 
 def load_training_data(cfg, data_dir: Path):
-    """(train_set, val_set, info) from the prepared folder."""
+    """(train_set, val_set, info) from the prepared folder; read-time settings (data.on_corrupt) come
+    from the params in force, not from the prepare that made the folder."""
     if cfg.modality == "molecules":
         from unite_core.data.molecules import load_prepared_molecules
 
@@ -204,7 +208,7 @@ def load_training_data(cfg, data_dir: Path):
     else:
         from unite_core.data import load_prepared
 
-        data = load_prepared(Path(data_dir))
+        data = load_prepared(Path(data_dir), cfg.data)
     return data.train, data.val, data.info
 
 

@@ -465,3 +465,218 @@ def test_imagefolder_missing_or_empty_is_a_clear_error(tmp_path):
 
     with pytest.raises(DataError, match="data.root"):
         load_image_data(DataConfig(dataset="imagefolder"))
+
+
+# ============================================================================================
+# prepare decodes in full; shards; settings read at train time; symlink loops
+# ============================================================================================
+def _truncated_jpeg(path: Path) -> Path:
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(path, "JPEG", quality=90)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    return path
+
+
+def test_prepare_catches_a_truncated_jpeg_that_verify_passes(folder, tmp_path):
+    bad = _truncated_jpeg(folder / "dog" / "cut.jpg")
+    with Image.open(bad) as img:
+        img.verify()  # the check prepare used to rely on: no complaint
+    with pytest.raises(DataError) as err:
+        prepare_image_data(_folder_cfg(folder, on_corrupt="stop"), tmp_path / "out")
+    assert str(bad) in str(err.value) and "truncated" in str(err.value) and "on_corrupt=skip" in str(err.value)
+    assert not (tmp_path / "out" / "manifest.json").exists()
+
+    manifest = prepare_image_data(_folder_cfg(folder, on_corrupt="skip"), tmp_path / "out")
+    assert [e["path"] for e in manifest["skipped_corrupt"]] == ["dog/cut.jpg"]
+    assert "dog/cut.jpg" not in {f for f, _, _ in manifest["files"]}
+
+
+def _many_images(root: Path, classes: int = 3, per_class: int = 30) -> Path:
+    rng = np.random.default_rng(1)
+    for c in range(classes):
+        (root / f"c{c}").mkdir(parents=True)
+        for k in range(per_class):
+            w, h = int(rng.integers(12, 40)), int(rng.integers(12, 40))
+            Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(root / f"c{c}" / f"{k}.jpg",
+                                                                                  quality=90)
+    return root
+
+
+class _Progress:
+    def __init__(self):
+        self.calls: list[tuple[str, float, list[float]]] = []
+
+    def __call__(self, description, total):
+        from contextlib import contextmanager
+
+        seen: list[float] = []
+        self.calls.append((description, total, seen))
+
+        @contextmanager
+        def ctx():
+            class Task:
+                def update(self, completed, **fields):
+                    seen.append(completed)
+
+            yield Task()
+
+        return ctx()
+
+
+def test_prepare_decodes_in_parallel_processes_with_progress(tmp_path):
+    """90 files, 2 processes (forkserver workers), one corrupt file among them: the manifest equals
+    the in-process one and the progress reaches every file."""
+    root = _many_images(tmp_path / "many")
+    _truncated_jpeg(root / "c1" / "zz_cut.jpg")
+    cfg = _folder_cfg(root, image_size=8, on_corrupt="skip", val_fraction=0.2)
+    progress = _Progress()
+    parallel = prepare_image_data(cfg, tmp_path / "p", processes=2, progress=progress)
+    serial = prepare_image_data(cfg, tmp_path / "s", processes=1)
+    for key in ("files", "split", "content_hash", "skipped_corrupt"):
+        assert parallel[key] == serial[key], key
+    assert [e["path"] for e in parallel["skipped_corrupt"]] == ["c1/zz_cut.jpg"]
+    description, total, seen = progress.calls[0]
+    assert total == 91 and seen[-1] == 91 and seen == sorted(seen) and len(seen) > 1
+
+
+def test_prepare_decodes_only_the_images_the_split_uses(folder, tmp_path, monkeypatch):
+    decoded = []
+    real = images_module.decode_files
+
+    def counting(root, size, chunks, **kw):
+        decoded.extend(r for c in chunks for r in c.rels)
+        return real(root, size, chunks, **kw)
+
+    monkeypatch.setattr(images_module, "decode_files", counting)
+    manifest = prepare_image_data(_folder_cfg(folder, max_items=9), tmp_path / "out")
+    used = manifest["split"]["train"] + manifest["split"]["val"]
+    assert len(used) == 9 and len(manifest["files"]) == 24
+    assert sorted(decoded) == sorted(manifest["files"][i][0] for i in used)
+
+
+def _loader_batches(ds, steps: int, **kw):
+    from unite_core.data.loader import StepBatches, move
+
+    sb = StepBatches(ds, start=0, end=steps, **kw)
+    out = [move(b, "cpu") for s in range(steps) for b in sb.take(s)]
+    sb.close()
+    return out
+
+
+def test_shards_give_the_folder_format_batches(tmp_path):
+    """Same seed, same params but data.format: the training batches (flips over several epochs,
+    2 ranks, accumulation) are equal bit for bit; shards split into several files."""
+    root = _many_images(tmp_path / "many", per_class=10)
+    base = dict(image_size=16, val_fraction=0.2, flip=True)
+    folder_m = prepare_image_data(_folder_cfg(root, **base), tmp_path / "f")
+    shard_m = prepare_image_data(_folder_cfg(root, format="shards", **base), tmp_path / "s",
+                                 shard_bytes=7 * 3 * 16 * 16)
+    assert folder_m["content_hash"] == shard_m["content_hash"] and folder_m["split"] == shard_m["split"]
+    assert [c for _, c in shard_m["shards"]["train"]] == [7, 7, 7, 3] and len(shard_m["shards"]["val"]) == 1
+    f = load_prepared(tmp_path / "f", _folder_cfg(root, **base))
+    s = load_prepared(tmp_path / "s", _folder_cfg(root, format="shards", **base))
+    assert type(s.train).__name__ == "ShardImageDataset" and s.info == f.info
+    kw = dict(batch_size=8, seed=3, rank=1, world_size=2, grad_accum=2)
+    a = _loader_batches(f.train, 9, **kw)  # 24 training images, 3 steps per epoch: 3 epochs
+    b = _loader_batches(s.train, 9, num_workers=2, **kw)
+    assert len(a) == len(b) == 18
+    for (xa, ya), (xb, yb) in zip(a, b):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    flipped = sum(int(not torch.equal(x, torch.flip(x, dims=(-1,)))) for x, _ in a)
+    assert flipped == 18  # random images: a flip always shows
+    xs, ys = _all_items(f.val)
+    xs2, ys2 = _all_items(s.val)
+    assert torch.equal(xs, xs2) and torch.equal(ys, ys2)
+
+
+def test_shards_are_replaced_atomically(tmp_path, monkeypatch):
+    root = _many_images(tmp_path / "many", classes=2, per_class=6)
+    cfg = _folder_cfg(root, image_size=8, format="shards")
+    out = tmp_path / "out"
+    first = prepare_image_data(cfg, out)
+    old_dir = out / first["shards"]["dir"]
+    assert old_dir.is_dir()
+
+    def broken(*args, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(images_module, "decode_files", broken)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_image_data(cfg, out)
+    # the interrupted prepare left the previous one whole and no staging folder
+    assert json.loads((out / "manifest.json").read_text()) == first
+    assert sorted(p.name for p in out.iterdir()) == sorted(["manifest.json", old_dir.name])
+    monkeypatch.undo()
+    assert len(load_prepared(out).train) == first["info"]["num_train"]
+
+    again = prepare_image_data(cfg, out)
+    assert again["shards"]["dir"] != first["shards"]["dir"] and not old_dir.exists()
+    prepare_image_data(_folder_cfg(root, image_size=8), out)  # back to format=folder: shards removed
+    assert [p.name for p in out.iterdir()] == ["manifest.json"]
+
+
+def test_damaged_shard_or_format_mismatch_is_a_clear_error(tmp_path):
+    root = _many_images(tmp_path / "many", classes=2, per_class=6)
+    cfg = _folder_cfg(root, image_size=8, format="shards")
+    out = tmp_path / "out"
+    manifest = prepare_image_data(cfg, out)
+    with pytest.raises(DataError, match=r"prepared with data.format=shards but the params say folder.*unite prepare"):
+        load_prepared(out, _folder_cfg(root, image_size=8))
+    shard = out / manifest["shards"]["dir"] / manifest["shards"]["train"][0][0]
+    shard.write_bytes(shard.read_bytes()[:-100])
+    with pytest.raises(DataError, match="unite prepare") as err:
+        load_prepared(out, cfg)
+    assert str(shard) in str(err.value)
+    from unite_core.config import ConfigError, config_from_dict
+
+    with pytest.raises(ConfigError, match="data.format=shards applies to data.dataset=imagefolder only"):
+        config_from_dict({"data": {"dataset": "digits", "format": "shards"}})
+
+
+def test_on_corrupt_is_read_at_train_time(folder, tmp_path):
+    """Prepared with on_corrupt=stop; a file breaks afterwards; the params in force decide."""
+    from pipelines.distributed import load_training_data
+    from unite_core.config import config_from_dict
+
+    out = tmp_path / "prepared"
+    prepare_image_data(_folder_cfg(folder, on_corrupt="stop"), out)
+    victim = folder / "dog" / "3_photo.jpg"
+    _truncated_jpeg(victim)
+    params = {"data": {"dataset": "imagefolder", "root": str(folder), "image_size": 16, "val_fraction": 0.25,
+                       "on_corrupt": "skip"}, "model": {"patch_size": 4}}
+    train, val, _ = load_training_data(config_from_dict(params), out)
+    assert train.on_corrupt == val.on_corrupt == "skip"
+    for ds in (train, val):
+        _all_items(ds)
+    assert train.skipped + val.skipped == [str(victim)]
+
+    stop = load_prepared(out, _folder_cfg(folder, on_corrupt="stop"))
+    with pytest.raises(DataError) as err:
+        for ds in (stop.train, stop.val):
+            _all_items(ds)
+    msg = str(err.value)
+    assert str(victim) in msg and "data.on_corrupt=skip" in msg and "unite prepare" in msg and "\n" not in msg
+
+
+def test_symlink_loops_in_an_image_root_are_named(folder):
+    (folder / "dog" / "again").symlink_to(folder)  # a link back to the root
+    with pytest.raises(DataError, match="symbolic link loop") as err:
+        load_image_data(_folder_cfg(folder))
+    assert str(folder / "dog" / "again") in str(err.value) and "\n" not in str(err.value)
+    (folder / "dog" / "again").unlink()
+
+    (folder / "cat" / "self.jpg").symlink_to(folder / "cat" / "self.jpg")  # resolves to itself
+    with pytest.raises(DataError, match="symbolic link loop") as err:
+        load_image_data(_folder_cfg(folder))
+    assert str(folder / "cat" / "self.jpg") in str(err.value)
+    (folder / "cat" / "self.jpg").unlink()
+
+
+def test_symlinked_folders_that_are_no_loop_are_followed(folder, tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    Image.fromarray(_pattern(20, 20)).save(elsewhere / "x.png")
+    (folder / "ant" / "more").symlink_to(elsewhere)
+    data = load_image_data(_folder_cfg(folder))
+    assert data.info["num_train"] + data.info["num_val"] == 25

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from unite_core.config import ConfigError
-from unite_core.data import load_image_data
+from unite_core.data import DataError, load_image_data
 from unite_core.train import (
     CheckpointError, Trainer, TrainingError, build_optimizers, load_checkpoint, lr_factor,
     model_from_checkpoint, step_indices,
@@ -78,8 +78,13 @@ def test_data_order_is_epochwise_permutation():
     seen = torch.cat([step_indices(s, 100, 10, seed=3) for s in range(10)])
     assert sorted(seen.tolist()) == list(range(100))
     assert not torch.equal(step_indices(0, 100, 10, 3), step_indices(10, 100, 10, 3))
-    with pytest.raises(TrainingError, match="train.batch_size"):
+    with pytest.raises(DataError, match="train.batch_size"):
         step_indices(0, 5, 10, 0)
+
+
+def test_batch_larger_than_the_dataset_is_refused_at_construction(tiny_cfg, digits):
+    with pytest.raises(TrainingError, match=r"train.batch_size=4096 exceeds the \d+ training samples"):
+        Trainer(tiny_cfg(train={"batch_size": 4096}), digits.info, digits.train)
 
 
 def _mean_image_psnr(dataset) -> float:
@@ -267,3 +272,148 @@ def test_time_limit_stops_early_with_checkpoint(tiny_cfg, digits, tmp_path):
     assert res.stopped_early and 0 < res.step < 10_000
     assert load_checkpoint(tmp_path / "c.pt")["step"] == res.step
     assert math.isfinite(res.history[-1]["loss"]) if res.history else True
+
+
+# ----------------------------------------------------------------------------------------------
+# The loader path: image folders decoded by DataLoader worker processes
+# ----------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("images") / "folder"
+    rng = np.random.default_rng(0)
+    for c in range(3):
+        (root / f"c{c}").mkdir(parents=True)
+        for k in range(16):
+            h, w = (int(v) for v in rng.integers(10, 30, 2))
+            Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(root / f"c{c}" / f"{k}.png")
+    return root
+
+
+def _folder_cfg(tiny_cfg, root, workers: int, **train):
+    data = {"dataset": "imagefolder", "root": str(root), "image_size": 8, "flip": True, "val_fraction": 0.25,
+            "num_workers": workers}
+    return tiny_cfg(data=data, train={"batch_size": 8, **train})
+
+
+def _reference_batches(ds, steps, batch, seed, rank, world, accum):
+    """The in-thread order of the loop before the DataLoader, written out."""
+    from unite_core.train import fetch
+
+    out = []
+    for s in range(steps):
+        idx = step_indices(s, len(ds), batch, seed)
+        ds.set_epoch(s // (len(ds) // batch))
+        for chunk in idx[rank::world].chunk(accum):
+            out.append(fetch(ds, chunk))
+    return out
+
+
+@pytest.mark.parametrize("rank,world,accum", [(0, 1, 1), (1, 2, 2)])
+def test_loader_reproduces_the_step_order(image_folder, rank, world, accum):
+    from unite_core.config import DataConfig
+    from unite_core.data.loader import StepBatches, move
+
+    data = load_image_data(DataConfig(dataset="imagefolder", root=str(image_folder), image_size=8, flip=True,
+                                      val_fraction=0.25))
+    steps = 10  # 36 training images, 4 steps of 8 per epoch: crosses two epoch boundaries
+    want = _reference_batches(data.train, steps, 8, 5, rank, world, accum)
+    sb = StepBatches(data.train, batch_size=8, seed=5, rank=rank, world_size=world, grad_accum=accum, start=3,
+                     end=steps, num_workers=2)
+    got = [move(b, "cpu") for s in range(3, steps) for b in sb.take(s)]
+    assert sb._it is None  # the last step closed the workers
+    assert len(got) == len(want[3 * accum:]) == (steps - 3) * accum
+    for (xa, ya), (xb, yb) in zip(got, want[3 * accum:]):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
+def test_images_are_decoded_in_worker_processes(tiny_cfg, image_folder, monkeypatch):
+    from torch.utils.data import get_worker_info
+
+    from unite_core.data import ImageFolderDataset
+
+    real = ImageFolderDataset._decode
+
+    def only_in_workers(self, i):
+        if get_worker_info() is None:
+            raise AssertionError("decoded in the training process")
+        return real(self, i)
+
+    monkeypatch.setattr(ImageFolderDataset, "_decode", only_in_workers)  # forked workers inherit it
+    cfg = _folder_cfg(tiny_cfg, image_folder, 2)
+    data = load_image_data(cfg.data)
+    tr = Trainer(cfg, data.info, data.train)
+    tr.run(until_step=3)
+    assert tr.step == 3 and tr._batches is None  # run() stopped its workers
+    in_thread = Trainer(_folder_cfg(tiny_cfg, image_folder, 0), data.info, data.train)
+    with pytest.raises(DataError, match="decoded in the training process"):  # the guard works
+        in_thread.train_step()
+
+
+def test_resume_on_the_loader_path_matches_uninterrupted_run(tiny_cfg, image_folder, tmp_path):
+    """Workers, accumulation and flips: a run resumed from step 3 ends bit-identical to an uninterrupted
+    one, and both equal the run that fetched every batch in the training thread."""
+    train = {"steps": 8, "checkpoint_every": 3, "grad_accum": 2, "log_every": 4, "eval_every": 4}
+    cfg = _folder_cfg(tiny_cfg, image_folder, 2, **train)
+    data = load_image_data(cfg.data)
+    full = Trainer(cfg, data.info, data.train)
+    full.run()
+    part = Trainer(cfg, data.info, data.train)
+    part.run(until_step=3, checkpoint_path=tmp_path / "c.pt")
+    resumed = Trainer(cfg, data.info, data.train)
+    resumed.train_step()  # opens workers at step 0; loading the checkpoint must move them to step 3
+    resumed.load_state_dict(load_checkpoint(tmp_path / "c.pt", cfg))
+    resumed.run()
+    thread = Trainer(_folder_cfg(tiny_cfg, image_folder, 0, **train), data.info, data.train)
+    thread.run()
+    assert resumed.step == full.step == thread.step == 8
+    for other in (resumed, thread):
+        for (k, a), b in zip(full.model.state_dict().items(), other.model.state_dict().values()):
+            assert torch.equal(a, b), k
+    assert [r["loss"] for r in full.history] == [r["loss"] for r in thread.history]
+
+
+def test_a_corrupt_image_in_a_worker_is_one_line(tiny_cfg, image_folder, tmp_path):
+    import shutil
+
+    root = tmp_path / "folder"
+    shutil.copytree(image_folder, root)
+    cfg = _folder_cfg(tiny_cfg, root, 2)
+    data = load_image_data(cfg.data)
+    victim = data.train.path(0)
+    victim.write_bytes(b"\x89PNG\r\n\x1a\n not a png")
+    tr = Trainer(cfg, data.info, data.train)
+    with pytest.raises(DataError) as err:
+        tr.run(until_step=6)  # 36 images, 4 steps per epoch: step 4 at the latest uses image 0
+    msg = str(err.value)
+    assert str(victim) in msg and "data.on_corrupt=skip" in msg and "\n" not in msg and "Traceback" not in msg
+
+
+class _DiesInWorkers(torch.utils.data.Dataset):
+    """A lazy set whose worker processes are killed (as by the out-of-memory killer)."""
+
+    lazy = True
+
+    def __len__(self):
+        return 32
+
+    def get_batch(self, indices):
+        import os
+        import signal
+
+        from torch.utils.data import get_worker_info
+
+        if get_worker_info() is not None:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return torch.zeros(len(indices), 1), torch.zeros(len(indices), dtype=torch.long)
+
+
+def test_a_killed_loader_worker_is_a_data_error_naming_the_fix():
+    from unite_core.data.loader import StepBatches
+
+    sb = StepBatches(_DiesInWorkers(), batch_size=8, seed=0, start=0, end=4, num_workers=1)
+    with pytest.raises(DataError, match=r"data-loading worker process ended unexpectedly .*data.num_workers"):
+        list(sb.take(0))
+    sb.close()

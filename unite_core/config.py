@@ -35,11 +35,33 @@ class DataConfig(_Section):
     val_fraction: float = Field(0.1, gt=0.0, lt=1.0)
     split_seed: int = 0
     flip: bool = Field(False, description="random horizontal flip (training only)")
-    on_corrupt: Literal["skip", "stop"] = "stop"
+    on_corrupt: Literal["skip", "stop"] = Field(
+        "stop", description="imagefolder, an unreadable image: stop with its path, or skip it (prepare leaves it "
+        "out; at train time the next readable image of the split takes its place); read at prepare and at train time"
+    )
     max_items: Optional[int] = Field(None, ge=1, description="cap the dataset size (debugging)")
     max_heavy_atoms: int = Field(9, ge=1, description="molecules: heavy-atom limit")
     max_atoms: int = Field(29, ge=2, description="molecules: max atoms incl. hydrogens (padding length)")
     conformer_seed: int = 0
+    format: Literal["folder", "shards"] = Field(
+        "folder", description="imagefolder: 'folder' decodes the image files at train time; 'shards' has prepare "
+        "write every image once, cropped and resized, as uint8 arrays in a few large .npy files that training "
+        "memory-maps (no decoding at train time; 3 x image_size^2 bytes per image on disk). Same batches either way"
+    )
+    num_workers: int = Field(
+        2, ge=0, le=256, description="DataLoader worker processes per training process that decode image folders / "
+        "read shards ahead of the training step; 0 = in the training thread. In-memory sets (mnist5k, digits, "
+        "molecules) are always fetched in the training thread. GPU nodes: about (CPU cores per GPU) - 2"
+    )
+
+    @model_validator(mode="after")
+    def _check_format(self) -> "DataConfig":
+        if self.format == "shards" and self.dataset != "imagefolder":
+            raise ValueError(
+                f"data.format=shards applies to data.dataset=imagefolder only ({self.dataset} is held in memory "
+                "already): set data.format=folder"
+            )
+        return self
 
 
 # Named sizes: (depth, width, heads)

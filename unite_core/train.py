@@ -27,6 +27,7 @@ import torch.distributed as dist
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from .config import Config, config_from_dict
+from .data.loader import StepBatches, collate, fetch, loader_workers, move, step_indices  # noqa: F401
 from .model import UNITE
 
 log = logging.getLogger(__name__)
@@ -45,44 +46,12 @@ class CheckpointError(RuntimeError):
 
 
 # ----------------------------------------------------------------------------------------------
-# Data order
+# Data order and delivery: unite_core.data.loader (re-exported here for the callers that import them)
 # ----------------------------------------------------------------------------------------------
-def step_indices(step: int, n: int, batch: int, seed: int) -> torch.Tensor:
-    """Global sample indices of optimizer step `step`: epoch-wise permutations, last partial dropped."""
-    if batch > n:
-        raise TrainingError(f"train.batch_size={batch} exceeds the {n} training samples: lower train.batch_size")
-    per_epoch = n // batch
-    epoch, pos = divmod(step, per_epoch)
-    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    perm = torch.randperm(n, generator=g)
-    return perm[pos * batch : (pos + 1) * batch]
-
-
 def step_generator(seed: int, step: int, rank: int, device: torch.device) -> torch.Generator:
     g = torch.Generator(device=device)
     g.manual_seed((seed * 7_919 + step) * 131 + rank)
     return g
-
-
-def collate(items):
-    first = items[0]
-    if isinstance(first, dict):
-        return {k: torch.stack([torch.as_tensor(it[k]) for it in items]) for k in first}
-    return tuple(torch.stack([torch.as_tensor(it[i]) for it in items]) for i in range(len(first)))
-
-
-def move(batch, device):
-    if isinstance(batch, dict):
-        return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-    return tuple(v.to(device, non_blocking=True) for v in batch)
-
-
-def fetch(dataset, indices: torch.Tensor):
-    """A batch from a dataset; tensor-backed datasets index in one go (fast path)."""
-    getter = getattr(dataset, "get_batch", None)
-    if getter is not None:
-        return getter(indices)
-    return collate([dataset[int(i)] for i in indices])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -306,6 +275,10 @@ class Trainer:
                 f"train.batch_size={t.batch_size} must be divisible by workers x grad_accum = "
                 f"{world_size} x {t.grad_accum}"
             )
+        if t.batch_size > len(train_set):
+            raise TrainingError(
+                f"train.batch_size={t.batch_size} exceeds the {len(train_set)} training samples: lower train.batch_size"
+            )
         torch.manual_seed(t.seed)  # parameter initialisation is identical on every rank
         self.model = UNITE(cfg, info).to(self.device)
         getattr(self.model.modality, "perceptual", None)  # a missing perceptual-loss file fails here, not at step 1
@@ -315,6 +288,10 @@ class Trainer:
         self.step = 0
         self.history: list[dict] = []
         self.autocast_dtype = torch.bfloat16 if t.precision == "bf16" else None
+        # data delivery: the micro-batches of steps [step, _batch_end), decoded ahead by DataLoader
+        # workers for lazy sets (image folders, shards); reopened whenever self.step jumps (resume)
+        self._batches: StepBatches | None = None
+        self._batch_end: int | None = None
 
     # ------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -355,13 +332,24 @@ class Trainer:
         return self.cfg.train.lr * lr_scale(self.cfg) * f
 
     def _micro_batches(self) -> Iterator:
+        """This rank's grad_accum micro-batches of step self.step, on the device (see unite_core.data.loader)."""
         t = self.cfg.train
-        idx = step_indices(self.step, len(self.train_set), t.batch_size, t.seed)
-        if hasattr(self.train_set, "set_epoch"):  # per-epoch augmentation draws
-            self.train_set.set_epoch(self.step // (len(self.train_set) // t.batch_size))
-        local = idx[self.rank :: self.world_size]
-        for chunk in local.chunk(t.grad_accum):
-            yield move(fetch(self.train_set, chunk), self.device)
+        if self._batches is None or not self._batches.ready_for(self.step):
+            self.close_batches()
+            self._batches = StepBatches(
+                self.train_set, batch_size=t.batch_size, seed=t.seed, rank=self.rank, world_size=self.world_size,
+                grad_accum=t.grad_accum, start=self.step, end=max(self._batch_end or t.steps, self.step + 1),
+                num_workers=loader_workers(self.train_set, self.cfg.data.num_workers),
+                pin_memory=self.device.type == "cuda",
+            )
+        for batch in self._batches.take(self.step):
+            yield move(batch, self.device)
+
+    def close_batches(self) -> None:
+        """Stop the data-loading workers (they are restarted on the next step)."""
+        if self._batches is not None:
+            self._batches.close()
+            self._batches = None
 
     def _allreduce_grads(self) -> None:
         if self.world_size <= 1 or not (dist.is_available() and dist.is_initialized()):
@@ -395,8 +383,10 @@ class Trainer:
             with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
                 loss, metrics = self.model.compute_loss(batch, gen, **warm)
             (loss / t.grad_accum).backward()
-            for k, v in metrics.items():
-                sums[k] = sums.get(k, 0.0) + float(v) / t.grad_accum
+            for k, v in metrics.items():  # summed on the device: no host sync per micro-batch
+                v = v.detach().to(torch.float64) if torch.is_tensor(v) else float(v)
+                sums[k] = sums.get(k, 0.0) + v / t.grad_accum
+        sums = {k: float(v) for k, v in sums.items()}
         self._allreduce_grads()
         if not math.isfinite(sums["loss"]):
             raise TrainingError(
@@ -462,6 +452,7 @@ class Trainer:
             if on_checkpoint is not None:
                 on_checkpoint(self.step, final)
 
+        self._batch_end = until  # the data loader reads ahead no further than this run goes
         while self.step < until:
             metrics = self.train_step()
             window_steps += 1
@@ -487,4 +478,6 @@ class Trainer:
                 stopped_early = True
                 log.info("time limit reached at step %d of %d", self.step, until)
                 break
+        self.close_batches()
+        self._batch_end = None
         return TrainResult(self.step, self.history, time.perf_counter() - start, stopped_early, last_ckpt)

@@ -1,7 +1,9 @@
 """Stage `prepare`: the dataset the params describe, written once to data/<dataset>/.
 
-Images (mnist5k, digits, imagefolder) go through unite_core.data.prepare_image_data, molecules
-(molecules_embedded, qm9) through prepare_molecule_data (conformers are computed here, once).
+Images (mnist5k, digits, imagefolder) go through unite_core.data.prepare_image_data (an image folder:
+every image the split uses is decoded, in one process per CPU, with a progress bar; data.format=shards
+also writes the resized images into shard files), molecules (molecules_embedded, qm9) through
+prepare_molecule_data (conformers are computed here, once).
 Returns counts and the content hash (metrics/prepare.json).
 """
 
@@ -27,7 +29,7 @@ def run(ctx: StageContext) -> dict:
     else:
         from unite_core.data import prepare_image_data
 
-        manifest = prepare_image_data(cfg.data, out_dir)
+        manifest = prepare_image_data(cfg.data, out_dir, progress=ctx.reporter.progress)
         info = manifest["info"]
     seconds = time.perf_counter() - t0
     metrics = {
@@ -44,6 +46,8 @@ def run(ctx: StageContext) -> dict:
             metrics[key] = info[key]
     if manifest.get("skipped_corrupt"):
         metrics["num_corrupt_skipped"] = len(manifest["skipped_corrupt"])
+    if manifest.get("format"):
+        metrics["format"] = manifest["format"]
     ctx.tracker.log_metrics({k: v for k, v in metrics.items() if k.startswith("num_") or k == "seconds"})
     ctx.tracker.set_tags({"unite.data_hash": manifest["content_hash"], "unite.dataset": cfg.data.dataset})
     log.debug("prepared %s: %d train / %d val items in %s (%.1f s)", cfg.data.dataset, metrics["num_train"],

@@ -9,9 +9,15 @@ int64 scalar tensor.
 * ``digits``: sklearn's 1,797 8x8 digits (levels 0..16). ``image_size == 8`` keeps the levels exactly
   (stored as uint8 levels with ``max_level = 16``); any other size is resized bilinearly after scaling to
   0..255. 1 channel, 10 classes.
-* ``imagefolder``: ``root/<class_name>/**/*.{jpg,jpeg,png,bmp,webp}`` (any case), classes sorted
-  alphabetically -> label ids. Lazy: each item is decoded with PIL, converted to RGB, center-cropped to a
-  square and resized to ``image_size`` (bicubic, antialiased).
+* ``imagefolder``: ``root/<class_name>/**/*.{jpg,jpeg,png,bmp,webp}`` (any case; symbolic links
+  followed, a link loop is an error naming it), classes sorted alphabetically -> label ids. Each item is
+  decoded with PIL, converted to RGB, center-cropped to a square and resized to ``image_size`` (bicubic,
+  antialiased; ``unite_core.data.decoding.decode_square``). Two prepared formats (``data.format``):
+  ``folder`` (:class:`ImageFolderDataset`) decodes the files at train time, in the trainer's DataLoader
+  workers; ``shards`` (:class:`ShardImageDataset`) has prepare store every decoded image once as uint8
+  records in a few memory-mapped ``.npy`` files. Both give the same tensors bit for bit.
+  For the training loop both also offer ``get_raw_batch`` (:class:`RawImages`: uint8 pixels with the
+  flips applied), so the conversion to float runs on the training device.
 
 In-memory sets are kept as uint8 "levels" plus a ``max_level`` (255, or 16 for 8x8 digits), so the same
 tensors are written by :func:`prepare_image_data` and read back by :func:`load_prepared` bit for bit.
@@ -23,26 +29,34 @@ Train/val split: stratified and deterministic from ``(val_fraction, split_seed)`
 Flip augmentation (``cfg.flip``, training split only): whether item ``i`` is flipped in epoch ``e`` is
 a pure function of ``(split_seed, e, i)`` (a splitmix64 hash), so it does not depend on DataLoader
 workers, their number, or any global RNG. Call ``dataset.set_epoch(e)`` before each epoch to draw new
-flips (with ``persistent_workers=True`` the workers keep the epoch they were started with).
+flips; the training loop sends the epoch with every micro-batch (``unite_core.data.loader``), so its
+worker processes always use the right one.
 
 ``content_hash``: sha256 over the preprocessing settings (dataset, image_size, val_fraction,
 split_seed, max_items, preprocessing version) and the raw content. For the in-memory sets that is the
 raw pixel and label bytes; for ``imagefolder`` it is the class list and every file's relative path, byte
-size and label (reading the bytes of 1.28M ImageNet files on each load would take minutes). ``flip`` and
-``on_corrupt`` are not part of it: they change augmentation and error handling, not the data.
+size and label (reading the bytes of 1.28M ImageNet files on each load would take minutes). ``flip``,
+``on_corrupt`` and ``format`` are not part of it: they change augmentation, error handling and storage,
+not the data.
 
-Corrupt images in an image folder are detected when they are decoded (a scan of 1.28M files would be
-too slow); ``prepare_image_data`` verifies every file with PIL once and records the bad ones.
+Corrupt images: ``prepare_image_data`` decodes every image the split uses in full (in one process per
+CPU; PIL's ``verify()`` passes truncated JPEGs), leaves the corrupt ones out (``on_corrupt=skip``) or
+stops naming them (``stop``). A file that breaks after prepare is met when it is decoded at train time;
+there ``on_corrupt`` is the value of the params in force (``load_prepared(out_dir, cfg)``), not the
+prepare-time one.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
 import os
+import shutil
+import stat
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
+import time
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -55,6 +69,9 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from unite_core.config import DataConfig
+from unite_core.data.decoding import (
+    Chunk, ProgressFactory, chunked, create_shard, decode_files, decode_square, open_shard,
+)
 from unite_core.data.errors import DataError
 
 __all__ = [
@@ -62,6 +79,7 @@ __all__ = [
     "ImageData",
     "TensorImageDataset",
     "ImageFolderDataset",
+    "ShardImageDataset",
     "IMAGE_DATASETS",
     "IMAGE_EXTENSIONS",
     "load_image_data",
@@ -178,6 +196,34 @@ def flip_decision(seed: int, epoch: int, index: int) -> bool:
     return bool(_mix64(_mix64(_mix64(seed & _MASK64) ^ (epoch & _MASK64)) ^ (index & _MASK64)) >> 63)
 
 
+def uint8_to_model(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels -> float32 in [-1, 1]: ``x / 127.5 - 1`` (in place on the new float tensor; the
+    same IEEE operations on every device, so CPU and GPU give the same bits)."""
+    return pixels.to(torch.float32).div_(127.5).sub_(1.0)
+
+
+@dataclass
+class RawImages:
+    """A batch of an image folder or shards before its conversion to model space: uint8 pixels
+    (B, 3, S, S) with the flips applied, and int64 labels. DataLoader workers return this, so worker
+    pipes, pinned memory and the host-to-device copy carry 1 byte per pixel instead of 4, and the
+    conversion runs on the training device (:meth:`to` then :meth:`finish`, see
+    ``unite_core.data.loader.move``)."""
+
+    pixels: torch.Tensor
+    labels: torch.Tensor
+
+    def pin_memory(self) -> "RawImages":  # called by the DataLoader's pinning thread
+        return RawImages(self.pixels.pin_memory(), self.labels.pin_memory())
+
+    def to(self, device, non_blocking: bool = False) -> "RawImages":
+        return RawImages(self.pixels.to(device, non_blocking=non_blocking),
+                         self.labels.to(device, non_blocking=non_blocking))
+
+    def finish(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return uint8_to_model(self.pixels), self.labels
+
+
 # ============================================================================================
 # Datasets
 # ============================================================================================
@@ -237,8 +283,12 @@ class ImageFolderDataset(Dataset):
 
     File paths are kept as a numpy bytes array (no per-file Python objects, so forked DataLoader
     workers do not copy them). ``skipped`` lists the files this process found unreadable
-    (``on_corrupt="skip"``); each DataLoader worker keeps its own list.
+    (``on_corrupt="skip"``); each DataLoader worker keeps its own list. An unreadable file is replaced
+    by the next readable one of the split, a pure function of the folder, so the batches do not depend
+    on which worker met it.
     """
+
+    lazy = True  # decoded on access: the trainer fetches it in DataLoader worker processes
 
     def __init__(
         self,
@@ -283,11 +333,23 @@ class ImageFolderDataset(Dataset):
         return self.root / os.fsdecode(bytes(self.files[i]))
 
     def _decode(self, i: int) -> torch.Tensor:
-        with Image.open(self.path(i)) as img:
-            return _square_rgb_tensor(img, self.image_size)
+        return torch.from_numpy(decode_square(self.path(i), self.image_size))
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        i = int(i)
+        pixels, label = self._item(int(i))
+        return uint8_to_model(pixels), torch.tensor(label, dtype=torch.int64)
+
+    def get_raw_batch(self, indices) -> "RawImages":
+        """uint8 pixels (flips applied) and labels of ``indices``; see :class:`RawImages`."""
+        items = [self._item(int(i)) for i in indices]
+        return RawImages(torch.stack([p for p, _ in items]), torch.tensor([lab for _, lab in items], dtype=torch.int64))
+
+    def get_batch(self, indices) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.get_raw_batch(indices).finish()
+
+    def _item(self, i: int) -> tuple[torch.Tensor, int]:
+        """(uint8 pixels (3, S, S), flipped if drawn, label) of item ``i``; a corrupt file is replaced by
+        the next readable one (``on_corrupt=skip``) or stops with its path."""
         n = len(self.files)
         for k in range(n):
             j = (i + k) % n
@@ -299,17 +361,16 @@ class ImageFolderDataset(Dataset):
                 path = self.path(j)
                 if self.on_corrupt == "stop":
                     raise DataError(
-                        f"image file '{path}' cannot be read ({type(exc).__name__}: {exc}): "
-                        "remove or replace it, or set data.on_corrupt=skip"
-                    ) from exc
+                        f"image file '{path}' cannot be read ({type(exc).__name__}: {exc}): restore or remove it "
+                        "and run `unite prepare` again, or set data.on_corrupt=skip to train on without it"
+                    ) from None
                 self._bad.add(j)
                 self.skipped.append(str(path))
                 logger.warning("skipping unreadable image file '%s' (%s: %s)", path, type(exc).__name__, exc)
                 continue
-            x = pixels.to(torch.float32) / 127.5 - 1.0
             if self.flip and flip_decision(self.flip_seed, self.epoch, i):
-                x = torch.flip(x, dims=(-1,))
-            return x, torch.tensor(int(self.labels[j]), dtype=torch.int64)
+                pixels = torch.flip(pixels, dims=(-1,))
+            return pixels, int(self.labels[j])
         raise DataError(
             f"no readable image in the {n} files of this split under '{self.root}': "
             "check the folder (every file failed to decode)"
@@ -322,17 +383,82 @@ def _as_path_array(files: np.ndarray | Sequence[str]) -> np.ndarray:
     return np.array([os.fsencode(f) for f in files], dtype=np.bytes_)
 
 
-def _square_rgb_tensor(img: Image.Image, size: int) -> torch.Tensor:
-    """RGB, center square crop, bicubic (antialiased) resize; returns uint8 (3, size, size)."""
-    img = img.convert("RGB")
-    w, h = img.size
-    s = min(w, h)
-    left, top = (w - s) // 2, (h - s) // 2
-    img = img.crop((left, top, left + s, top + s))
-    if s != size:
-        img = img.resize((size, size), Image.Resampling.BICUBIC)
-    arr = np.asarray(img, dtype=np.uint8)
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+class ShardImageDataset(Dataset):
+    """An image-folder split stored by ``prepare`` (``data.format=shards``) as uint8 ``(n, 3, S, S)``
+    records in a few ``.npy`` shard files, memory-mapped: reading item ``i`` copies one contiguous
+    record of 3 S^2 bytes from the page cache or disk, nothing is decoded, and the whole set never has
+    to fit in RAM. Items equal :class:`ImageFolderDataset`'s bit for bit (same decode at prepare time,
+    same float conversion and flips here).
+
+    Worker processes re-open the maps (``__getstate__`` drops them), so spawning a DataLoader worker
+    never pickles the pixels.
+    """
+
+    lazy = True  # read on access: the trainer fetches it in DataLoader worker processes
+
+    def __init__(
+        self,
+        shards: Sequence[tuple[str | Path, int]],
+        labels: np.ndarray | Sequence[int],
+        class_names: Sequence[str],
+        image_size: int,
+        *,
+        flip: bool = False,
+        flip_seed: int = 0,
+        source_index: Optional[np.ndarray] = None,
+    ) -> None:
+        self.shard_files = [Path(p) for p, _ in shards]
+        self.counts = [int(c) for _, c in shards]
+        self.offsets = np.concatenate([[0], np.cumsum(self.counts, dtype=np.int64)]).astype(np.int64)
+        self.labels = np.asarray(labels, dtype=np.int64)
+        if int(self.offsets[-1]) != len(self.labels):
+            raise ValueError(f"{int(self.offsets[-1])} shard records but {len(self.labels)} labels")
+        self.class_names = list(class_names)
+        self.image_size = int(image_size)
+        self.flip = bool(flip)
+        self.flip_seed = int(flip_seed)
+        self.epoch = 0
+        self.source_index = (
+            np.arange(len(self.labels), dtype=np.int64) if source_index is None
+            else np.asarray(source_index, dtype=np.int64)
+        )
+        self._maps: Optional[list[np.ndarray]] = None
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_maps"] = None
+        return state
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def _arrays(self) -> list[np.ndarray]:
+        if self._maps is None:
+            self._maps = [open_shard(p, c, self.image_size) for p, c in zip(self.shard_files, self.counts)]
+        return self._maps
+
+    def get_raw_batch(self, indices) -> "RawImages":
+        """uint8 pixels (flips applied) and labels of ``indices``, in the order asked for."""
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if idx.size and (idx.min() < 0 or idx.max() >= len(self)):
+            raise IndexError(f"index out of range for a split of {len(self)} images")
+        maps = self._arrays()
+        shard = np.searchsorted(self.offsets, idx, side="right") - 1
+        out = np.empty((len(idx), 3, self.image_size, self.image_size), dtype=np.uint8)
+        for j, (i, k) in enumerate(zip(idx.tolist(), shard.tolist())):
+            record = maps[k][i - int(self.offsets[k])]
+            out[j] = record[..., ::-1] if self.flip and flip_decision(self.flip_seed, self.epoch, i) else record
+        return RawImages(torch.from_numpy(out), torch.from_numpy(self.labels[idx]))
+
+    def get_batch(self, indices) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.get_raw_batch(indices).finish()
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = self.get_batch([int(i)])
+        return x[0], y[0]
 
 
 # ============================================================================================
@@ -360,6 +486,7 @@ def _all_settings(cfg: DataConfig) -> dict[str, Any]:
         "flip": bool(cfg.flip),
         "on_corrupt": cfg.on_corrupt,
         "max_items": cfg.max_items,
+        "format": cfg.format,
     }
 
 
@@ -564,15 +691,23 @@ def _scan_folder(root: str | Path | None) -> _FolderScan:
         entries = sorted(os.scandir(root), key=lambda e: e.name)
     except OSError as exc:
         raise DataError(f"image folder '{root}' cannot be listed ({exc}): check its permissions") from exc
-    class_dirs = [e for e in entries if not e.name.startswith(".") and e.is_dir(follow_symlinks=True)]
+    root_key = _dir_key(os.stat(root))
+    class_dirs = []
+    for e in entries:
+        if e.name.startswith("."):
+            continue
+        st = _entry_stat(e, root)
+        if st is not None and _is_dir(st):
+            _check_not_ancestor(e, st, {root_key}, root)
+            class_dirs.append((e, _dir_key(st)))
     if not class_dirs:
         loose = [e.name for e in entries if e.name.lower().endswith(IMAGE_EXTENSIONS)]
         hint = f" ({len(loose)} images lie directly in it: move them into per-class subfolders)" if loose else ""
         raise DataError(f"image folder '{root}' has no class subfolders{hint}; expected {_LAYOUT}")
 
     class_names, files, sizes, labels = [], [], [], []
-    for d in class_dirs:
-        found = _walk_images(Path(d.path), d.name)
+    for d, key in class_dirs:
+        found = _walk_images(Path(d.path), d.name, root, frozenset({root_key, key}))
         if not found:
             raise DataError(
                 f"class folder '{Path(d.path)}' has no images ({'/'.join(IMAGE_EXTENSIONS)}): "
@@ -588,26 +723,57 @@ def _scan_folder(root: str | Path | None) -> _FolderScan:
     return _FolderScan(root, class_names, files, sizes, np.asarray(labels, dtype=np.int64))
 
 
-def _walk_images(folder: Path, prefix: str) -> list[tuple[str, int]]:
-    """Sorted (relative path, byte size) of the images below ``folder`` (recursive, hidden skipped)."""
+def _walk_images(folder: Path, prefix: str, root: Path, ancestors: frozenset) -> list[tuple[str, int]]:
+    """Sorted (relative path, byte size) of the images below ``folder`` (recursive, hidden skipped).
+
+    Symbolic links are followed; ``ancestors`` holds the (device, inode) of every folder from the root
+    down to ``folder``, so a link back to one of them is reported as a loop instead of recursing."""
     out: list[tuple[str, int]] = []
     try:
         entries = sorted(os.scandir(folder), key=lambda e: e.name)
     except OSError as exc:
-        raise DataError(f"folder '{folder}' cannot be listed ({exc}): check its permissions") from exc
+        raise DataError(f"folder '{folder}' cannot be listed ({exc.strerror or exc}): check its permissions") from None
     for e in entries:
         if e.name.startswith("."):
             continue
         rel = f"{prefix}/{e.name}"
-        if e.is_dir(follow_symlinks=True):
-            out.extend(_walk_images(Path(e.path), rel))
+        st = _entry_stat(e, root)
+        if st is not None and _is_dir(st):
+            _check_not_ancestor(e, st, ancestors, root)
+            out.extend(_walk_images(Path(e.path), rel, root, ancestors | {_dir_key(st)}))
         elif e.name.lower().endswith(IMAGE_EXTENSIONS):
-            try:
-                size = e.stat(follow_symlinks=True).st_size
-            except OSError:
-                size = -1  # broken link etc.: reported as unreadable when decoded
-            out.append((rel, int(size)))
+            # a broken link keeps size -1: reported as unreadable when decoded
+            out.append((rel, int(st.st_size) if st is not None else -1))
     return out
+
+
+def _dir_key(st: os.stat_result) -> tuple[int, int]:
+    return (st.st_dev, st.st_ino)
+
+
+def _is_dir(st: os.stat_result) -> bool:
+    return stat.S_ISDIR(st.st_mode)
+
+
+def _entry_stat(e: os.DirEntry, root: Path) -> Optional[os.stat_result]:
+    """The entry's stat, links followed; None for a broken link; DataError for a link loop."""
+    try:
+        return e.stat(follow_symlinks=True)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise DataError(
+                f"image folder '{root}' has a symbolic link loop at '{e.path}' (it never resolves to a file or folder): "
+                "remove the link or point it at a real file or folder"
+            ) from None
+        return None
+
+
+def _check_not_ancestor(e: os.DirEntry, st: os.stat_result, ancestors: frozenset | set, root: Path) -> None:
+    if _dir_key(st) in ancestors:
+        raise DataError(
+            f"image folder '{root}' has a symbolic link loop: '{e.path}' leads back to '{os.path.realpath(e.path)}', "
+            "a folder above it; remove the link or point it outside the image folder"
+        )
 
 
 def _hash_folder(settings: dict, class_names: list[str], files: Sequence[str], sizes: Sequence[int],
@@ -661,30 +827,168 @@ def _load_folder(cfg: DataConfig) -> ImageData:
                               train_idx, val_idx, content_hash)
 
 
-def _verify_file(path: Path) -> Optional[str]:
-    """None if PIL can open and verify the file, else a short reason."""
+def _shard_image_data(cfg: DataConfig, out_dir: Path, class_names: list[str], labels: np.ndarray,
+                      train_idx: np.ndarray, val_idx: np.ndarray, shards: dict, info: dict) -> ImageData:
+    """The two splits of a shard-format prepare (``shards`` is the manifest's entry)."""
+    folder = out_dir / shards["dir"]
+    size = int(shards["image_size"])
+
+    def make(split: str, idx: np.ndarray, train: bool) -> ShardImageDataset:
+        files = [(folder / name, int(count)) for name, count in shards[split]]
+        for path, count in files:  # a missing or truncated shard is reported now, not in a worker
+            open_shard(path, count, size)
+        return ShardImageDataset(files, labels[idx], class_names, size, flip=cfg.flip and train,
+                                 flip_seed=cfg.split_seed, source_index=idx)
+
+    return ImageData(train=make("train", train_idx, True), val=make("val", val_idx, False), info=dict(info))
+
+
+# a shard file holds up to this many bytes of pixels: ~21.8k images of 256x256, ImageNet's 1.28M in ~59 files
+SHARD_BYTES = 4 << 30
+
+
+def _plan_shards(staging: Path, files: Sequence[str], parts: dict[str, np.ndarray], size: int,
+                 shard_bytes: int, processes: Optional[int]) -> tuple[dict, list[Chunk]]:
+    """Create the (empty) shard files of each split in ``staging``; their layout and the decode chunks
+    that fill them (records in split order)."""
+    from unite_core.data.decoding import available_cpus
+
+    per = max(1, int(shard_bytes) // (3 * size * size))
+    procs = processes or available_cpus()
+    layout: dict[str, Any] = {"image_size": int(size)}
+    chunks: list[Chunk] = []
+    for split, idx in parts.items():
+        layout[split] = []
+        for k, start in enumerate(range(0, len(idx), per)):
+            part = idx[start:start + per]
+            name = f"{split}-{k:05d}.npy"
+            create_shard(staging / name, len(part), size)
+            layout[split].append([name, int(len(part))])
+            chunks += chunked([files[i] for i in part], procs, shard=str(staging / name), shard_count=len(part))
+    return layout, chunks
+
+
+def _prepare_folder(cfg: DataConfig, out_dir: Path, progress: Optional[ProgressFactory],
+                    processes: Optional[int], shard_bytes: int) -> dict:
+    """Scan, decode every image the split uses (in parallel), optionally write shards; the manifest.
+
+    Decoding is :func:`decode_square`, the very function training runs, so a file that passes here
+    decodes at train time. Files found corrupt are left out (``on_corrupt=skip``) and the split is
+    drawn again over the rest, decoding only the images it newly takes in; with ``stop`` the first
+    corrupt file ends the prepare (after the pass, so the message can count them all). With
+    ``format=shards`` the first pass writes the images into shard files laid out for its split; only
+    when corrupt files changed the split are they written again, in a second pass.
+    """
+    from unite_core.data.decoding import available_cpus
+
+    scan = _scan_folder(cfg.root)
+    size = int(cfg.image_size)
+    procs = processes or available_cpus()
+    n = len(scan.files)
+    good = np.ones(n, dtype=bool)
+    checked = np.zeros(n, dtype=bool)
+    bad: dict[int, str] = {}
+    shards = cfg.format == "shards"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    staging: Optional[Path] = None
+    layout: Optional[dict] = None
     try:
-        with Image.open(path) as img:
-            img.verify()
-        return None
-    except Exception as exc:
-        return f"{type(exc).__name__}: {exc}"
+        for round_ in range(n + 1):
+            keep = np.flatnonzero(good)
+            if keep.size == 0:
+                raise DataError(f"image folder '{scan.root}' holds no readable image: every file is corrupt")
+            train_pos, val_pos = stratified_split(scan.labels[keep], cfg.val_fraction, cfg.split_seed, cfg.max_items)
+            used = keep[np.concatenate([train_pos, val_pos])]
+            todo = np.sort(used[~checked[used]])
+            if todo.size == 0:
+                break
+            if round_ == 0:
+                desc = f"prepare: decoding {todo.size} images"
+            else:
+                desc = f"prepare: decoding {todo.size} more images (in place of corrupt ones)"
+            if shards and round_ == 0:  # every used file is new: write them where this split puts them
+                staging = Path(tempfile.mkdtemp(prefix=".shards-tmp-", dir=out_dir))
+                order = np.concatenate([keep[train_pos], keep[val_pos]])
+                layout, chunks = _plan_shards(staging, scan.files, {"train": keep[train_pos], "val": keep[val_pos]},
+                                              size, shard_bytes, processes)
+                desc += " into shards"
+            else:
+                order = todo
+                chunks = chunked([scan.files[i] for i in order], procs)
+            reasons = decode_files(scan.root, size, chunks, processes=procs, progress=progress, description=desc)
+            checked[order] = True
+            found = [(int(i), why) for i, why in zip(order, reasons) if why is not None]
+            for i, why in found:
+                bad[i] = why
+                good[i] = False
+                logger.warning("corrupt image file '%s' (%s)", scan.root / scan.files[i], why)
+            if bad and cfg.on_corrupt == "stop":
+                first = min(bad)
+                more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+                raise DataError(
+                    f"image file '{scan.root / scan.files[first]}' is corrupt ({bad[first]}){more}: remove or replace "
+                    "it, or set data.on_corrupt=skip to leave corrupt files out"
+                )
+            if found:
+                layout = None  # the split changed: the shards written so far are laid out for the old one
 
-
-def _verify_all(root: Path, files: list[str], threads: Optional[int] = None) -> list[Optional[str]]:
-    paths = [root / f for f in files]
-    if len(paths) < 256:
-        return [_verify_file(p) for p in paths]
-    chunk = 2048
-    chunks = [paths[i:i + chunk] for i in range(0, len(paths), chunk)]
-    workers = threads or min(32, (os.cpu_count() or 1) * 2)
-    out: list[Optional[str]] = []
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        for k, part in enumerate(pool.map(lambda ps: [_verify_file(p) for p in ps], chunks)):
-            out.extend(part)
-            if (k + 1) % 50 == 0:
-                logger.info("verified %d / %d images", len(out), len(paths))
-    return out
+        keep = np.flatnonzero(good)
+        files = [scan.files[i] for i in keep]
+        sizes = [scan.sizes[i] for i in keep]
+        labels = scan.labels[keep]
+        train_idx, val_idx = stratified_split(labels, cfg.val_fraction, cfg.split_seed, cfg.max_items)
+        used = np.sort(np.concatenate([train_idx, val_idx]))
+        content_hash = _hash_folder(
+            _settings(cfg), scan.class_names, [files[i] for i in used], [sizes[i] for i in used], labels[used]
+        )
+        if shards and layout is None:
+            if staging is not None:
+                shutil.rmtree(staging, ignore_errors=True)
+            staging = Path(tempfile.mkdtemp(prefix=".shards-tmp-", dir=out_dir))
+            layout, chunks = _plan_shards(staging, files, {"train": train_idx, "val": val_idx}, size, shard_bytes,
+                                          processes)
+            reasons = decode_files(scan.root, size, chunks, processes=procs, progress=progress,
+                                   description=f"prepare: writing {len(train_idx) + len(val_idx)} images into shards")
+            failed = [r for r in reasons if r is not None]
+            if failed:
+                raise DataError(
+                    f"an image in '{scan.root}' became unreadable while prepare ran ({failed[0]}): "
+                    "run `unite prepare` again once the folder is stable"
+                )
+        data = _folder_image_data(cfg, scan.root, scan.class_names, files, labels, train_idx, val_idx,
+                                  content_hash)
+        manifest = {
+            "format_version": MANIFEST_VERSION,
+            "modality": "images",
+            "dataset": "imagefolder",
+            "settings": _all_settings(cfg),
+            "info": data.info,
+            "content_hash": content_hash,
+            "root": str(scan.root.resolve()),
+            "class_names": scan.class_names,
+            "format": cfg.format,
+            "files": [[f, int(sz), int(lab)] for f, sz, lab in zip(files, sizes, labels)],
+            "split": {"train": train_idx.tolist(), "val": val_idx.tolist()},
+            "skipped_corrupt": [{"path": scan.files[i], "error": why} for i, why in sorted(bad.items())],
+        }
+        if shards:
+            assert staging is not None and layout is not None
+            final = out_dir / f"shards-{content_hash[:12]}-{staging.name.rsplit('-', 1)[-1]}"
+            os.replace(staging, final)
+            staging = None
+            manifest["shards"] = dict(layout, dir=final.name)
+        _atomic_write_text(json.dumps(manifest, indent=1), out_dir / "manifest.json")
+    finally:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+    # what an earlier prepare left: embedded tensors, shard folders of other runs
+    keep_dir = manifest.get("shards", {}).get("dir")
+    for stale in ("train.pt", "val.pt"):
+        (out_dir / stale).unlink(missing_ok=True)
+    for old in out_dir.glob("shards-*"):
+        if old.name != keep_dir:
+            shutil.rmtree(old, ignore_errors=True)
+    return manifest
 
 
 # ============================================================================================
@@ -707,16 +1011,22 @@ def load_image_data(cfg: DataConfig, cache_dir: str | Path | None = None) -> Ima
     )
 
 
-def prepare_image_data(cfg: DataConfig, out_dir: Path) -> dict:
+def prepare_image_data(cfg: DataConfig, out_dir: Path, *, progress: Optional[ProgressFactory] = None,
+                       processes: Optional[int] = None, shard_bytes: int = SHARD_BYTES) -> dict:
     """Write the prepared dataset to ``out_dir`` and return its manifest.
 
     Embedded sets: ``train.pt`` / ``val.pt`` (dicts of ``images`` uint8 (N,C,S,S), ``labels`` int64,
     ``source_index`` int64; ``torch.load(..., weights_only=True)``) and ``manifest.json`` (info, settings,
-    ``max_level``, sha256 of each tensor file). ``imagefolder``: only ``manifest.json`` with the class
-    list, every readable file with its byte size and label, the split and the corrupt files found by
-    ``PIL.Image.verify``. With ``on_corrupt=stop`` a corrupt file raises :class:`DataError` naming the
-    first one (nothing is written); with ``skip`` corrupt files are listed and left out of the split.
-    The manifest is written last, atomically: a missing manifest means an unfinished prepare.
+    ``max_level``, sha256 of each tensor file). ``imagefolder``: ``manifest.json`` with the class list,
+    every file found (less the corrupt ones) with its byte size and label, the split (positions in
+    that list) and the corrupt files found; every image the split uses is decoded in full, in
+    ``processes`` worker processes (default: one per available CPU), reporting to ``progress`` (a
+    ``Reporter.progress``-style factory). With ``on_corrupt=stop`` a corrupt file raises
+    :class:`DataError` naming the first one; with ``skip`` corrupt files are left out of the split.
+    ``format=shards`` also writes ``shards-<hash>-<id>/{train,val}-NNNNN.npy`` (uint8 (n, 3, S, S), records
+    in split order, at most ``shard_bytes`` each), built in a hidden staging folder and renamed into place.
+    The manifest is written last, atomically: a missing manifest means an unfinished prepare, and an
+    interrupted prepare leaves the previous manifest and the shards it names untouched.
     """
     out_dir = Path(out_dir)
     settings = _all_settings(cfg)
@@ -739,59 +1049,24 @@ def prepare_image_data(cfg: DataConfig, out_dir: Path) -> dict:
             "max_level": payload["max_level"],
             "files": files,
         }
+        _atomic_write_text(json.dumps(manifest, indent=1), out_dir / "manifest.json")
     elif cfg.dataset == "imagefolder":
-        scan = _scan_folder(cfg.root)
-        problems = _verify_all(scan.root, scan.files)
-        bad = [(scan.files[i], why) for i, why in enumerate(problems) if why is not None]
-        if bad and cfg.on_corrupt == "stop":
-            first, why = bad[0]
-            more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
-            raise DataError(
-                f"image file '{scan.root / first}' is corrupt ({why}){more}: remove or replace it, "
-                "or set data.on_corrupt=skip to leave corrupt files out"
-            )
-        for rel, why in bad:
-            logger.warning("leaving out corrupt image file '%s' (%s)", scan.root / rel, why)
-        good = [i for i, why in enumerate(problems) if why is None]
-        files = [scan.files[i] for i in good]
-        sizes = [scan.sizes[i] for i in good]
-        labels = scan.labels[good]
-        if not files:
-            raise DataError(f"image folder '{scan.root}' holds no readable image: every file is corrupt")
-        train_idx, val_idx = stratified_split(labels, cfg.val_fraction, cfg.split_seed, cfg.max_items)
-        used = np.sort(np.concatenate([train_idx, val_idx]))
-        content_hash = _hash_folder(
-            _settings(cfg), scan.class_names, [files[i] for i in used], [sizes[i] for i in used], labels[used]
-        )
-        data = _folder_image_data(cfg, scan.root, scan.class_names, files, labels, train_idx, val_idx,
-                                  content_hash)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        for stale in ("train.pt", "val.pt"):
-            (out_dir / stale).unlink(missing_ok=True)
-        manifest = {
-            "format_version": MANIFEST_VERSION,
-            "modality": "images",
-            "dataset": "imagefolder",
-            "settings": settings,
-            "info": data.info,
-            "content_hash": content_hash,
-            "root": str(scan.root.resolve()),
-            "class_names": scan.class_names,
-            "files": [[f, int(s), int(lab)] for f, s, lab in zip(files, sizes, labels)],
-            "split": {"train": train_idx.tolist(), "val": val_idx.tolist()},
-            "skipped_corrupt": [{"path": rel, "error": why} for rel, why in bad],
-        }
+        manifest = _prepare_folder(cfg, out_dir, progress, processes, shard_bytes)
     else:
         raise DataError(
             f"data.dataset={cfg.dataset} is not an image dataset: use one of {list(IMAGE_DATASETS)}"
         )
-    _atomic_write_text(json.dumps(manifest, indent=1), out_dir / "manifest.json")
     logger.info("prepared %s in %s (content hash %s)", cfg.dataset, out_dir, manifest["content_hash"][:12])
     return manifest
 
 
-def load_prepared(out_dir: Path) -> ImageData:
-    """Read what :func:`prepare_image_data` wrote; a missing or damaged file raises :class:`DataError`."""
+def load_prepared(out_dir: Path, cfg: Optional[DataConfig] = None) -> ImageData:
+    """Read what :func:`prepare_image_data` wrote; a missing or damaged file raises :class:`DataError`.
+
+    ``cfg`` (the params in force, e.g. at train time) supplies the settings that act when images are
+    read rather than when they are prepared: ``on_corrupt``. Its ``format`` must be the prepared one.
+    Without ``cfg`` the prepare-time settings apply.
+    """
     out_dir = Path(out_dir)
     mpath = out_dir / "manifest.json"
     if not mpath.is_file():
@@ -803,6 +1078,7 @@ def load_prepared(out_dir: Path) -> ImageData:
         info = manifest["info"]
         if manifest.get("format_version") != MANIFEST_VERSION:
             raise ValueError(f"format_version {manifest.get('format_version')} != {MANIFEST_VERSION}")
+        runtime = cfg
         cfg = DataConfig(**settings)
     except Exception as exc:
         raise DataError(f"prepared manifest '{mpath}' is unreadable ({exc}): {_PREPARE_HINT} again") from exc
@@ -829,6 +1105,14 @@ def load_prepared(out_dir: Path) -> ImageData:
         return _embedded_from_payload(payload, cfg.flip, cfg.split_seed)
 
     if dataset == "imagefolder":
+        prepared_format = manifest.get("format", "folder")
+        if runtime is not None:
+            if runtime.format != prepared_format:
+                raise DataError(
+                    f"the data in '{out_dir}' was prepared with data.format={prepared_format} but the params say "
+                    f"{runtime.format}: {_PREPARE_HINT} again"
+                )
+            cfg = cfg.model_copy(update={"on_corrupt": runtime.on_corrupt})
         try:
             root = Path(manifest["root"])
             entries = manifest["files"]
@@ -837,8 +1121,11 @@ def load_prepared(out_dir: Path) -> ImageData:
             train_idx = np.asarray(manifest["split"]["train"], dtype=np.int64)
             val_idx = np.asarray(manifest["split"]["val"], dtype=np.int64)
             class_names = list(manifest["class_names"])
+            shards = manifest["shards"] if prepared_format == "shards" else None
         except Exception as exc:
             raise DataError(f"prepared manifest '{mpath}' is unreadable ({exc}): {_PREPARE_HINT} again") from exc
+        if shards is not None:  # the image folder itself is not read again
+            return _shard_image_data(cfg, out_dir, class_names, labels, train_idx, val_idx, shards, info)
         if not root.is_dir():
             raise DataError(
                 f"image folder '{root}' named in '{mpath}' does not exist: restore it, or set data.root and "

@@ -20,7 +20,7 @@ if [ "${1:-}" = "--test" ]; then
   fi
 fi
 # DVC needs a git repository; a fresh clone has one, a tarball does not.
-if [ ! -d .git ]; then
+if ! git rev-parse --git-dir >/dev/null 2>&1; then
   git init -q && git add -A && git -c user.name=unite -c user.email=unite@localhost commit -qm "initial import"
 fi
 echo "setup: ready ($(.venv/bin/python -c 'import torch; print("torch", torch.__version__)'))"

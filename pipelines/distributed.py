@@ -231,14 +231,15 @@ def preflight(cfg, manifest: dict, workers: int) -> None:
 # ----------------------------------------------------------------------------------------------
 # The loop (shared by the in-process path and every Ray worker)
 # ----------------------------------------------------------------------------------------------
-def _average_over_ranks(record: dict, world_size: int) -> None:
-    """Average the rank-local training metrics of a log record in place (one all-reduce)."""
+def _average_over_ranks(record: dict, world_size: int, device) -> None:
+    """Average the rank-local training metrics of a log record in place (one all-reduce, on the
+    training device: NCCL reduces CUDA tensors only)."""
     import torch
     import torch.distributed as dist
 
     keys = sorted(k for k, v in record.items()
                   if k not in _NOT_AVERAGED and not k.startswith("val_") and isinstance(v, (int, float)))
-    vals = torch.tensor([float(record[k]) for k in keys], dtype=torch.float64)
+    vals = torch.tensor([float(record[k]) for k in keys], dtype=torch.float32, device=device)
     dist.all_reduce(vals)
     for i, k in enumerate(keys):
         record[k] = float(vals[i]) / world_size
@@ -283,7 +284,7 @@ def run_session(
     def on_log(step: int, record: dict) -> None:
         record["time_s"] = round(float(record["time_s"]) + offset, 3)
         if world_size > 1:
-            _average_over_ranks(record, world_size)
+            _average_over_ranks(record, world_size, trainer.device)
         if rank == 0:
             with open(records, "a") as f:
                 f.write(json.dumps(record) + "\n")

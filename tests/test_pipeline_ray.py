@@ -56,8 +56,9 @@ def reference(tmp_path_factory):
             "losses": metric_history(root)}
 
 
-def fixed_batch_loss(checkpoint_path, cfg) -> float:
-    """The training objective of the final weights on one fixed batch with fixed noise (train mode)."""
+def fixed_batch_loss(checkpoint_path, cfg) -> tuple[float, float]:
+    """The training objective of the final weights on one fixed batch with fixed noise (train mode):
+    (total, reconstruction part)."""
     from unite_core.data import load_image_data
     from unite_core.train import fetch, load_checkpoint, model_from_checkpoint
 
@@ -66,8 +67,8 @@ def fixed_batch_loss(checkpoint_path, cfg) -> float:
     data = load_image_data(cfg.data)
     batch = fetch(data.val, torch.arange(128))
     with torch.no_grad():
-        loss, _ = model.compute_loss(batch, torch.Generator().manual_seed(123))
-    return float(loss)
+        loss, parts = model.compute_loss(batch, torch.Generator().manual_seed(123))
+    return float(loss), float(parts["recon"])
 
 
 def test_two_ray_workers_survive_a_crash_and_train_like_the_single_process_loop(ray_cluster, reference, tmp_path):
@@ -103,18 +104,23 @@ def test_two_ray_workers_survive_a_crash_and_train_like_the_single_process_loop(
     # of the same stochastic training, not the same numbers:
     # - the loss of the final weights on a fixed batch with fixed noise agrees within 6% (measured
     #   1-2% before the latent-collapse fixes, 3.2% after: the latents now carry per-image signal,
-    #   so the two stochastic runs part more), while training moved it far more (the first logged
-    #   loss is over 3x the final one);
-    # - the reconstruction loss (low-variance: an L1 over every pixel) agrees within 5% at every
+    #   so the two stochastic runs part more);
+    # - training moved the reconstruction part far more than that: the first logged reconstruction
+    #   loss is over 1.3x the final weights' on the fixed batch (measured 0.423 vs 0.290 and 0.290,
+    #   while the two runs' fixed-batch losses agree within 0.1%). With the authors' zero-initialised
+    #   GE output (the preset's schema default) the latents of 30 steps barely differ between images,
+    #   so the flow term is near zero and the total is almost all reconstruction;
+    # - the reconstruction loss (low-variance: an error over every pixel) agrees within 5% at every
     #   logged step (measured <= 2%); the total loss, whose flow part is a noisy estimate from 3 x 32
-    #   timestep draws (1.22 vs 0.92 at step 5), agrees within 10% at the end (measured ~1.5%).
-    ref = fixed_batch_loss(reference["root"] / "models" / "unite.pt", cfg)
-    two = fixed_batch_loss(root / "models" / "unite.pt", cfg)
-    first = reference["losses"][5]
-    print(f"fixed-batch loss: 1 process {ref:.5f}, 2 Ray workers {two:.5f} (first logged loss {first:.4f}); "
+    #   timestep draws, agrees within 10% at the end (measured ~1.5%).
+    ref, ref_recon = fixed_batch_loss(reference["root"] / "models" / "unite.pt", cfg)
+    two, two_recon = fixed_batch_loss(root / "models" / "unite.pt", cfg)
+    first_recon = metric_history(reference["root"], "recon")[5]
+    print(f"fixed-batch loss: 1 process {ref:.5f} (recon {ref_recon:.5f}), 2 Ray workers {two:.5f} "
+          f"(recon {two_recon:.5f}); first logged recon {first_recon:.4f}; "
           f"`unite train` with a crash and a restart took {wall:.1f} s")
     assert two == pytest.approx(ref, rel=0.06)
-    assert first > 3 * ref
+    assert first_recon > 1.3 * max(ref_recon, two_recon)
     ours = metric_history(root, "recon")
     theirs = metric_history(reference["root"], "recon")
     assert sorted(ours) == sorted(theirs) == list(range(5, STEPS + 1, 5))

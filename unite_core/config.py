@@ -222,6 +222,9 @@ class TrainConfig(_Section):
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = Field(1e-6, gt=0.0, description="AdamW's and Muon's epsilon")
     muon_momentum: float = Field(0.95, ge=0.0, lt=1.0)
+    muon_batched: bool = Field(
+        True, description="run Muon's Newton-Schulz iterations batched over same-shape matrices (same update)")
+    compile: bool = Field(False, description="torch.compile each transformer block (GE and decoder)")
     weight_decay: float = Field(0.0, ge=0.0)
     grad_clip: Optional[float] = Field(3.0, gt=0.0)
     ema_decay: float = Field(0.999, ge=0.0, lt=1.0)

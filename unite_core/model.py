@@ -212,6 +212,10 @@ class UNITE(nn.Module):
         return self.decode(self.tokenize(obs, generator))
 
     # ------------------------------------------------------------------------------------------
+    def forward(self, batch, generator: torch.Generator | None = None, **kwargs) -> tuple[torch.Tensor, dict]:
+        """The training objective (compute_loss): the call DistributedDataParallel hooks into."""
+        return self.compute_loss(batch, generator, **kwargs)
+
     def compute_loss(self, batch, generator: torch.Generator | None = None, *,
                      with_flow: bool = True) -> tuple[torch.Tensor, dict]:
         """One UNITE step's objective: L_recon + w_gen * L_flow. Returns (loss, detached metrics).

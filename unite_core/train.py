@@ -5,9 +5,10 @@ step (noise, timesteps, label dropout, augmentation) comes from a generator seed
 A run resumed from a checkpoint therefore ends with the same weights as an uninterrupted one.
 
 Distributed data parallelism: when torch.distributed is initialised with world_size > 1, each rank
-trains on its slice of the global batch and gradients are averaged with one all-reduce per step
-(no DDP wrapper: the shared-weight GE is called twice per step and some parameters are unused in
-some variants, which DDP's bucketing handles poorly).
+trains on its slice of the global batch inside torch's DistributedDataParallel (bucketed gradient
+all-reduce overlapping the backward pass; with gradient accumulation, one all-reduce per step). Every
+other collective (the non-finite-loss agreement, the time-limit flag) runs on the training device, so
+NCCL groups work. A non-finite loss on any rank stops all ranks before any optimizer step.
 """
 
 from __future__ import annotations
@@ -18,15 +19,16 @@ import math
 import os
 import tempfile
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
 import torch.distributed as dist
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from .config import Config, config_from_dict
+from .optim import build_optimizers, ema_with_warmup, lr_factor, lr_scale, make_ema, muon_eligible  # noqa: F401
 from .data.loader import StepBatches, collate, fetch, loader_workers, move, step_indices  # noqa: F401
 from .model import UNITE
 
@@ -52,112 +54,6 @@ def step_generator(seed: int, step: int, rank: int, device: torch.device) -> tor
     g = torch.Generator(device=device)
     g.manual_seed((seed * 7_919 + step) * 131 + rank)
     return g
-
-
-# ----------------------------------------------------------------------------------------------
-# Optimisers and schedule
-# ----------------------------------------------------------------------------------------------
-# Parameters that stay with AdamW although they are 2-D: the observation embedding (patches, atoms),
-# the GE's output layer and the learned position tables (the authors' rule: Muon for every 2-D weight
-# except patch_embed, final_layer, in_context_posemb and latent_tokens).
-_ADAMW_MODULES = {"embed", "out_proj", "out_ada"}
-_ADAMW_TABLES = {"latent_pos", "in_context_pos", "query", "slot_query"}
-
-
-def muon_eligible(name: str, p: torch.Tensor) -> bool:
-    """Muon takes 2-D weight matrices: the transformer blocks, the latent maps, the timestep MLP, the
-    label table, the decoder's maps; not the ones listed above."""
-    parts = name.split(".")
-    return p.ndim == 2 and not (_ADAMW_MODULES & set(parts[:-1])) and parts[-1] not in _ADAMW_TABLES
-
-
-def lr_scale(cfg: Config) -> float:
-    """The authors' linear batch scaling: max(1, global batch / train.lr_batch_base)."""
-    t = cfg.train
-    return 1.0 if t.lr_batch_base is None else max(1.0, t.batch_size / t.lr_batch_base)
-
-
-def build_optimizers(model: torch.nn.Module, cfg: Config) -> list[torch.optim.Optimizer]:
-    """[Muon, AdamW] (or [AdamW] with train.optimizer=adamw); lrs are the peak (batch-scaled) values."""
-    t = cfg.train
-    scale = lr_scale(cfg)
-    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    adamw = dict(lr=t.lr * scale, betas=t.betas, eps=t.eps, weight_decay=t.weight_decay)
-    if t.optimizer == "adamw":
-        return [torch.optim.AdamW([p for _, p in params], **adamw)]
-    muon = [p for n, p in params if muon_eligible(n, p)]
-    rest = [p for n, p in params if not muon_eligible(n, p)]
-    opts: list[torch.optim.Optimizer] = []
-    if muon:
-        # update RMS matched to AdamW's, so one learning rate serves both (torch's adjust_lr_fn)
-        opts.append(torch.optim.Muon(muon, lr=(t.muon_lr or t.lr) * scale, weight_decay=t.weight_decay,
-                                     momentum=t.muon_momentum, eps=t.eps, adjust_lr_fn="match_rms_adamw"))
-    if rest:
-        opts.append(torch.optim.AdamW(rest, **adamw))
-    return opts
-
-
-def _cosine_between(step: int, s0: int, s1: int, start: float, end: float) -> float:
-    if s1 <= s0:
-        return end
-    progress = min(1.0, max(0.0, (step - s0) / (s1 - s0)))
-    return end + (start - end) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def lr_factor(step: int, cfg: Config) -> float:
-    """The lr of `step` as a fraction of the peak lr.
-
-    cosine: linear warmup ((step + 1) / warmup), then cosine decay to lr_min/lr at the last step.
-    two_phase (the authors'): warmup step / warmup, hold, cosine to lr2, hold, cosine to lr_min."""
-    t = cfg.train
-    floor = t.lr_min / t.lr
-    if t.schedule == "two_phase":
-        p = t.two_phase
-        mid = (p.lr2 or t.lr) / t.lr
-        if t.warmup_steps and step < t.warmup_steps:
-            return step / t.warmup_steps
-        if step < p.hold_until:
-            return 1.0
-        if step < p.decay_until:
-            return _cosine_between(step, p.hold_until, p.decay_until, 1.0, mid)
-        if step < p.hold2_until:
-            return mid
-        if step < p.decay2_until:
-            return _cosine_between(step, p.hold2_until, p.decay2_until, mid, floor)
-        return floor if p.decay2_until > p.hold2_until else mid
-    if t.warmup_steps and step < t.warmup_steps:
-        return (step + 1) / t.warmup_steps
-    return _cosine_between(step, t.warmup_steps, max(t.warmup_steps + 1, t.steps), 1.0, floor)
-
-
-def ema_with_warmup(decay: float):
-    """EMA update for AveragedModel whose decay ramps up as min(decay, (1 + n) / (10 + n)).
-
-    torch's get_ema_multi_avg_fn uses the full decay from the first step, so the average keeps
-    decay**steps of the random initial weights: 33% after 1,100 steps at 0.999, which made every
-    short run's EMA model (the one evaluated and sampled) mostly noise. The warm-up makes the
-    average follow the weights early on and reach the configured decay after ~10 / (1 - decay) steps.
-    """
-
-    @torch.no_grad()
-    def update(ema_params, model_params, num_averaged):
-        # AveragedModel calls this once per (device, dtype) group, so a group is all float or none
-        if ema_params[0].is_floating_point():
-            n = float(num_averaged)
-            torch._foreach_lerp_(ema_params, model_params, 1.0 - min(decay, (1.0 + n) / (10.0 + n)))
-        else:
-            torch._foreach_copy_(ema_params, model_params)
-
-    return update
-
-
-def make_ema(model: torch.nn.Module, cfg: Config) -> AveragedModel:
-    """The EMA of every training run (UNITE, its ablations, both stages of the two-stage baseline):
-    train.ema_decay, with the warm-up above unless train.ema_warmup is false (then the authors' plain
-    EMA, the full decay from the first step)."""
-    t = cfg.train
-    avg = ema_with_warmup(t.ema_decay) if t.ema_warmup else get_ema_multi_avg_fn(t.ema_decay)
-    return AveragedModel(model, multi_avg_fn=avg, use_buffers=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -243,6 +139,18 @@ class TrainResult:
     last_checkpoint: Path | None = None
 
 
+def compile_blocks(model: torch.nn.Module) -> int:
+    """torch.compile every transformer block in place (the state_dict keeps its names): the norms,
+    modulation, rotary and activation ops around each block's matrix products fuse. Whole-model
+    compilation would break its graph at the data-dependent in-context and masking steps."""
+    from .nn import AdaLNBlock, ViTBlock
+
+    blocks = [m for m in model.modules() if isinstance(m, (AdaLNBlock, ViTBlock))]
+    for block in blocks:
+        block.compile()
+    return len(blocks)
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -282,6 +190,8 @@ class Trainer:
         torch.manual_seed(t.seed)  # parameter initialisation is identical on every rank
         self.model = UNITE(cfg, info).to(self.device)
         getattr(self.model.modality, "perceptual", None)  # a missing perceptual-loss file fails here, not at step 1
+        if t.compile:
+            compile_blocks(self.model)
         self.ema = make_ema(self.model, cfg)
         self.optimizers = build_optimizers(self.model, cfg)
         self.base_lrs = [[g["lr"] for g in o.param_groups] for o in self.optimizers]
@@ -292,6 +202,7 @@ class Trainer:
         # workers for lazy sets (image folders, shards); reopened whenever self.step jumps (resume)
         self._batches: StepBatches | None = None
         self._batch_end: int | None = None
+        self._ddp = None  # DistributedDataParallel wrapper, built at the first step with several ranks
 
     # ------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -351,22 +262,35 @@ class Trainer:
             self._batches.close()
             self._batches = None
 
-    def _allreduce_grads(self) -> None:
-        if self.world_size <= 1 or not (dist.is_available() and dist.is_initialized()):
-            return
-        grads = []
-        for p in self.model.parameters():
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            grads.append(p.grad)
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat)
-        flat /= self.world_size
-        offset = 0
-        for g in grads:
-            n = g.numel()
-            g.copy_(flat[offset : offset + n].view_as(g))
-            offset += n
+    def _all_reduce(self, tensor: torch.Tensor, op=None) -> torch.Tensor:
+        """Every collective of the loop goes through here: on the training device (NCCL reduces CUDA
+        tensors only), in place."""
+        if tensor.device != self.device:
+            raise RuntimeError(f"collective on {tensor.device} while training on {self.device}")
+        dist.all_reduce(tensor, op=op or dist.ReduceOp.SUM)
+        return tensor
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1 and dist.is_available() and dist.is_initialized()
+
+    def _forward_model(self) -> torch.nn.Module:
+        """The module the loss is computed through: DistributedDataParallel around the model when
+        several ranks train (bucketed gradient all-reduce overlapping the backward pass)."""
+        if not self.distributed:
+            return self.model
+        if self._ddp is None:
+            from torch.nn.parallel import DistributedDataParallel
+
+            m = self.cfg.model
+            # parameters that get no gradient in some steps: the separate denoiser during a
+            # reconstruction-only phase
+            unused = m.weight_sharing == "separate" and (self.cfg.loss.flow_warmup_steps > 0 or self.cfg.loss.recon_only)
+            self._ddp = DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                broadcast_buffers=False, find_unused_parameters=unused, gradient_as_bucket_view=True,
+            )
+        return self._ddp
 
     def train_step(self) -> dict[str, float]:
         t = self.cfg.train
@@ -378,29 +302,41 @@ class Trainer:
         # loss.flow_warmup_steps: reconstruction alone for the first steps (keyword only then, so
         # objectives without a flow term need not know it)
         warm = {"with_flow": False} if self.step < self.cfg.loss.flow_warmup_steps else {}
-        sums: dict[str, float] = {}
-        for batch in self._micro_batches():
-            with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
-                loss, metrics = self.model.compute_loss(batch, gen, **warm)
-            (loss / t.grad_accum).backward()
+        net = self._forward_model()
+        sums: dict[str, torch.Tensor] = {}
+        for i, batch in enumerate(self._micro_batches()):
+            # gradients are averaged across ranks once, in the last micro-batch's backward
+            sync = not self.distributed or i == t.grad_accum - 1
+            with (nullcontext() if sync else net.no_sync()):
+                with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+                    loss, metrics = net(batch, gen, **warm)
+                (loss / t.grad_accum).backward()
             for k, v in metrics.items():  # summed on the device: no host sync per micro-batch
-                v = v.detach().to(torch.float64) if torch.is_tensor(v) else float(v)
+                v = v.detach().float() if torch.is_tensor(v) else torch.tensor(float(v), device=self.device)
                 sums[k] = sums.get(k, 0.0) + v / t.grad_accum
-        sums = {k: float(v) for k, v in sums.items()}
-        self._allreduce_grads()
-        if not math.isfinite(sums["loss"]):
-            raise TrainingError(
-                f"the loss became {sums['loss']} at step {self.step}: training stopped, the last good checkpoint "
-                "is kept; lower train.lr, keep train.grad_clip on, or use train.precision=fp32"
-            )
         if t.grad_clip:
-            sums["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip))
+            sums["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
+        # a non-finite loss on any rank stops every rank before any optimizer step
+        bad = (~torch.isfinite(sums["loss"])).float().reshape(1)
+        if self.distributed:
+            self._all_reduce(bad, dist.ReduceOp.MAX)
+        keys = list(sums)
+        values = torch.stack([bad[0].to(torch.float64)] + [sums[k].reshape(()).to(torch.float64) for k in keys])
+        host = values.tolist()  # the step's one host sync
+        out = dict(zip(keys, host[1:]))
+        if host[0] > 0:
+            where = "" if math.isfinite(out["loss"]) else f" ({out['loss']})"
+            raise TrainingError(
+                f"the loss became non-finite{where} at step {self.step}{' on one of the ranks' if not where else ''}: "
+                "training stopped, the last good checkpoint is kept; lower train.lr, keep train.grad_clip on, "
+                "or use train.precision=fp32"
+            )
         for o in self.optimizers:
             o.step()
         self.ema.update_parameters(self.model)
         self.step += 1
-        sums["lr"] = lr
-        return sums
+        out["lr"] = lr
+        return out
 
     # ------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -457,10 +393,9 @@ class Trainer:
             metrics = self.train_step()
             window_steps += 1
             out_of_time = limit is not None and self.step < until and time.perf_counter() - start > limit
-            if limit is not None and self.world_size > 1:  # every rank joins, so all stop at one step
-                flag = torch.tensor([1.0 if out_of_time else 0.0])
-                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-                out_of_time = bool(flag.item())
+            if limit is not None and self.distributed:  # every rank joins, so all stop at one step
+                flag = torch.tensor([1.0 if out_of_time else 0.0], device=self.device)
+                out_of_time = bool(self._all_reduce(flag, dist.ReduceOp.MAX).item())
             last = self.step == until or out_of_time
             if self.step % t.log_every == 0 or last:
                 now = time.perf_counter()

@@ -61,6 +61,7 @@ import yaml
 from ray import tune
 
 from unite_core.config import Config, ConfigError, config_from_dict
+from unite_core.io import atomic_write_text
 
 from . import distributed
 from .context import StageContext
@@ -574,11 +575,7 @@ def write_best_params(path: Path, params_doc: dict, overrides: dict, row: dict, 
         "# or by making this file the params (dvc exp run reads params.yaml):\n"
         "#   cp reports/best_params.yaml params.yaml && dvc exp run\n"
     )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(header + yaml.safe_dump(doc, sort_keys=False))
-    tmp.replace(path)
-    return path
+    return atomic_write_text(path, header + yaml.safe_dump(doc, sort_keys=False))
 
 
 def _fmt(v) -> str:

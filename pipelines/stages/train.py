@@ -17,6 +17,8 @@ import io
 import logging
 from pathlib import Path
 
+from unite_core.io import atomic_write
+
 from ..context import StageContext
 from . import atomic_write_text, image_grid
 
@@ -115,10 +117,7 @@ def run(ctx: StageContext) -> dict:
     if cfg.modality == "images":
         grid = reconstruction_grid(state, data_dir)
         out = ctx.paths.plots / RECON_FILE
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.tmp")
-        grid.save(tmp, format="PNG")
-        tmp.replace(out)
+        atomic_write(out, lambda f: grid.save(f, format="PNG"))
         tracker.log_image(grid, RECON_FILE)
     tracker.log_artifact(ctx.paths.checkpoint, "model")
     verb = "trained" if summary["trained_now"] else "reused the finished run"

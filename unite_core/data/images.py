@@ -41,7 +41,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -56,6 +55,7 @@ from torch.utils.data import Dataset
 
 from unite_core.config import DataConfig
 from unite_core.data.errors import DataError
+from unite_core.io import atomic_torch_save, atomic_write_text
 
 __all__ = [
     "DataError",
@@ -519,7 +519,7 @@ def _load_embedded(cfg: DataConfig, cache_dir: str | Path | None) -> ImageData:
             payload = _build_embedded(cfg)
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)
-                _atomic_torch_save(payload, path)
+                atomic_torch_save(payload, path)
             except OSError as exc:
                 logger.warning("could not write data cache '%s' (%s); continuing without it", path, exc)
     return _embedded_from_payload(payload, cfg.flip, cfg.split_seed)
@@ -726,7 +726,7 @@ def prepare_image_data(cfg: DataConfig, out_dir: Path) -> dict:
         files = {}
         for split in ("train", "val"):
             path = out_dir / f"{split}.pt"
-            _atomic_torch_save(payload[split], path)
+            atomic_torch_save(payload[split], path)
             files[path.name] = {"sha256": _file_sha256(path), "bytes": path.stat().st_size}
         info = dict(payload["info"], flip=bool(cfg.flip))
         manifest = {
@@ -785,7 +785,7 @@ def prepare_image_data(cfg: DataConfig, out_dir: Path) -> dict:
         raise DataError(
             f"data.dataset={cfg.dataset} is not an image dataset: use one of {list(IMAGE_DATASETS)}"
         )
-    _atomic_write_text(json.dumps(manifest, indent=1), out_dir / "manifest.json")
+    atomic_write_text(out_dir / "manifest.json", json.dumps(manifest, indent=1))
     logger.info("prepared %s in %s (content hash %s)", cfg.dataset, out_dir, manifest["content_hash"][:12])
     return manifest
 
@@ -862,24 +862,3 @@ def _file_sha256(path: Path) -> str:
             h.update(block)
     return h.hexdigest()
 
-
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _atomic_write_text(text: str, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -40,8 +40,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,6 +54,7 @@ from torch.utils.data import Dataset
 
 from unite_core.config import DataConfig
 from unite_core.data.errors import DataError
+from unite_core.io import atomic_torch_save, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -491,18 +490,6 @@ def load_molecule_data(cfg: DataConfig) -> MoleculeData:
     return MoleculeData(_to_dataset(train), _to_dataset(val), info, list(train["smiles"]))
 
 
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def prepare_molecule_data(cfg: DataConfig, out_dir: Path) -> dict[str, Any]:
     """Build the dataset and write ``out_dir``/{train.pt, val.pt, manifest.json}; return the manifest.
 
@@ -522,7 +509,7 @@ def prepare_molecule_data(cfg: DataConfig, out_dir: Path) -> dict[str, Any]:
             "mask": torch.from_numpy(arrays["mask"]),
             "smiles": list(arrays["smiles"]),
         }
-        _atomic_write(out_dir / name, lambda p, obj=payload: torch.save(obj, p))
+        atomic_torch_save(payload, out_dir / name)
         files[name] = _file_sha256(out_dir / name)
     manifest = {
         "format_version": FORMAT_VERSION,
@@ -532,7 +519,7 @@ def prepare_molecule_data(cfg: DataConfig, out_dir: Path) -> dict[str, Any]:
         "files": files,
     }
     text = json.dumps(manifest, indent=2)
-    _atomic_write(out_dir / "manifest.json", lambda p: Path(p).write_text(text))
+    atomic_write_text(out_dir / "manifest.json", text)
     logger.info("prepared %s: %d train / %d val molecules in %s",
                 cfg.dataset, info["num_train"], info["num_val"], out_dir)
     return manifest

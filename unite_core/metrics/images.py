@@ -39,6 +39,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from ..io import atomic_torch_save
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -431,15 +433,7 @@ def save_classifier(model: FeatureClassifier, path: str | os.PathLike, meta: dic
         "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
         "meta": merged,
     }
-    path = os.fspath(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_torch_save(payload, path)
     logger.info("saved feature classifier to %s", path)
 
 

@@ -282,11 +282,26 @@ def _click_exceptions():
     return tuple(tuple(found[name]) for name in ("Exit", "ClickException", "Abort"))
 
 
+def _disk_error(exc: BaseException) -> str | None:
+    """One line for a full disk met outside unite_core.io's writers (Ray, MLflow, torch), else None."""
+    import errno
+
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        where = f" to write '{exc.filename}'" if exc.filename else ""
+        return f"no space left on the device{where}: free some space (or move the project to a larger disk) and " \
+               "run the command again"
+    return None
+
+
 def main(argv: list[str] | None = None) -> None:
+    from .interrupt import Interrupted, install_default_handlers
+
     exit_types, click_errors, abort_types = _click_exceptions()
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # a user turns it on with =false
+    install_default_handlers()
     setup_logging(debug)
     words = [a for a in argv if not a.startswith("-")]
     first = words[0] if words else None
@@ -296,12 +311,18 @@ def main(argv: list[str] | None = None) -> None:
         register_optional()  # top-level help or an unknown command: list everything
     command = typer.main.get_command(app)
     try:
-        code = command.main(args=argv, prog_name="unite", standalone_mode=False)
+        # click's make_context + invoke rather than command.main: Typer's main turns a KeyboardInterrupt
+        # into a bare exit code 130, losing the message that says how to resume
+        with command.make_context("unite", argv) as ctx:
+            code = command.invoke(ctx)
         code = code if isinstance(code, int) else 0
     except exit_types as exc:
         code = exc.exit_code
     except click_errors as exc:  # usage errors: click's own message, exit 2
         exc.show()
+        code = exc.exit_code
+    except Interrupted as exc:  # a signal: the message says what was kept and how to go on
+        sys.stderr.write(f"error: {_one_line(exc)}\n")
         code = exc.exit_code
     except (*abort_types, KeyboardInterrupt):
         err_console().print("error: interrupted", markup=False)
@@ -311,6 +332,8 @@ def main(argv: list[str] | None = None) -> None:
             raise
         if is_user_error(exc):
             msg = _one_line(exc)
+        elif _disk_error(exc):
+            msg = _disk_error(exc)
         else:
             msg = f"unexpected {type(exc).__name__}: {_one_line(exc)} (rerun with --debug for the traceback)"
         sys.stderr.write(f"error: {msg}\n")

@@ -370,7 +370,7 @@ class SweepDriver:
         return trial.config["trial"]["name"]
 
     def _tracker(self, name: str):
-        from .tracking import NullTracker, Tracker
+        from .tracking import NullTracker, Tracker, source_tags
 
         if self.client is None:
             return NullTracker()
@@ -379,16 +379,17 @@ class SweepDriver:
             spec = self.by_name[name]
             exp_id = self.client.get_run(self.tracker.run_id).info.experiment_id
             run = self.client.create_run(exp_id, run_name=f"{name} {describe(spec['overrides'])}", tags={
+                **source_tags(self.ctx.root, self.trial_cfgs[name]),
                 "mlflow.parentRunId": self.tracker.run_id, "unite.stage": "sweep_trial",
                 "unite.sweep": self.name, "unite.trial": name,
             })
             run_id = run.info.run_id
             self.trial_runs[name] = run_id
-            tr = Tracker(run_id, self.client)
+            tr = Tracker(run_id, self.client, self.tracker.health)
             tr.log_params({"sweep.trial": name, "sweep.name": self.name,
                            **{f"sweep.override.{k}": v for k, v in spec["overrides"].items()}})
             tr.log_params(self.trial_cfgs[name])
-        return Tracker(run_id, self.client)
+        return Tracker(run_id, self.client, self.tracker.health)
 
     def _log_curve(self, name: str) -> None:
         """Log the trial's metrics.jsonl records that MLflow does not have yet (each step once)."""

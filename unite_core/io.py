@@ -42,7 +42,17 @@ _FULL = {errno.ENOSPC, errno.EDQUOT}
 
 
 class WriteError(OSError):
-    """A file could not be written (permissions, read-only disk, ...); the message names the path."""
+    """A file could not be written (permissions, read-only disk, ...); the message names the path.
+
+    str() is the message alone (errno and filename are attributes, not part of the text)."""
+
+    def __init__(self, message: str, errno_: int | None = None, filename: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.errno, self.filename = errno_, filename
+
+    def __str__(self) -> str:
+        return self.message
 
 
 class DiskFullError(WriteError):
@@ -61,11 +71,11 @@ def raise_write_error(exc: OSError, path: str | Path) -> None:
     if isinstance(exc, WriteError):
         raise exc
     if exc.errno in _FULL:
-        raise DiskFullError(exc.errno, f"no space left on the device to write '{path}': free some space there "
-                                       "(or move the project to a larger disk) and run the command again") from None
+        raise DiskFullError(f"no space left on the device to write '{path}': free some space there (or move the "
+                            "project to a larger disk) and run the command again", exc.errno, str(path)) from None
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        raise WriteError(exc.errno, f"cannot write '{path}' ({exc.strerror}): check the folder's permissions "
-                                    "or that its disk is writable") from None
+        raise WriteError(f"cannot write '{path}' ({exc.strerror}): check the folder's permissions or that its "
+                         "disk is writable", exc.errno, str(path)) from None
     raise exc
 
 

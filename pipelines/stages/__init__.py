@@ -114,7 +114,8 @@ def execute(
         module = stage_module(stage)
         if module is None:
             raise StageError(f"stage '{stage}' is not available in this build (no pipelines/stages/{stage}.py)")
-    with stage_run(Path(root), cfg.tracking.experiment, stage, cfg.to_dict(), enabled=cfg.tracking.enabled) as tracker:
+    with stage_run(Path(root), cfg.tracking.experiment, stage, cfg.to_dict(), enabled=cfg.tracking.enabled,
+                   strict=cfg.tracking.strict) as tracker:
         ctx = StageContext(cfg, Path(root), tracker, params_path=params_path, overrides=list(overrides or []),
                            debug=debug, reporter=reporter or Reporter(), options=dict(options or {}))
         result = module.run(ctx) or {}

@@ -413,7 +413,8 @@ def run(ctx: StageContext, **options) -> dict:
                 skipped.append(name)
                 continue
             with stage_run(ctx.root, cfg.tracking.experiment, f"compare-{name}", base_params,
-                           enabled=cfg.tracking.enabled, extra_tags={"unite.variant": name}) as tracker:
+                           enabled=cfg.tracking.enabled, extra_tags={"unite.variant": name},
+                           strict=cfg.tracking.strict) as tracker:
                 task.update(i, variant=name)
                 rows[name] = run_variant(ctx, name, vcfg, data, hash_=h, train_hash=th, budget=budget, minutes=minutes,
                                          num_samples=num_samples, scales=scale_list,

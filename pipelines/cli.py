@@ -3,7 +3,8 @@
     unite prepare | classifier | train | evaluate | analyze     the DVC stages, one at a time
     unite sample --classes 0,1,2 --cfg-scale 3                   a grid of samples from a checkpoint
     unite ui [--port 5000]                                       the MLflow UI on this project's runs
-    unite sweep | compare | bench                                when this build has them
+    unite sweep | compare                                        when this build has them
+    unite bench [NAME [OPTIONS]]                                 run a benchmark of benchmarks/ (JSON lines)
 
 Every command reads params.yaml (or --params FILE), takes `--set section.key=value` overrides
 (repeatable, validated like the file) and `--debug`. A user error (bad params, missing data or
@@ -27,7 +28,8 @@ from typing import List, Optional
 import typer
 from typing_extensions import Annotated
 
-from .commands import DEFAULT_PARAMS, DebugOption, ParamsOption, SetOption, err_console, load_cfg, project_root, run_stage
+from .commands import (DEFAULT_PARAMS, DebugOption, ParamsOption, QuietOption, SetOption, err_console, load_cfg,
+                       project_root, run_stage)
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +49,7 @@ OPTIONAL_COMMANDS = {
     "analyze": ("analyze", "Analyses of the trained model (alignment, probe, compression)."),
     "sweep": (None, "Ray Tune sweep over the `sweep:` section of the params."),
     "compare": (None, "UNITE vs its ablations and the two-stage baseline at equal budget."),
-    "bench": (None, "Benchmarks."),
+    "bench": (None, "Run a benchmark (benchmarks/NAME.py) and print its JSON lines; no NAME lists them."),
 }
 
 
@@ -55,19 +57,21 @@ OPTIONAL_COMMANDS = {
 # Core commands
 # ----------------------------------------------------------------------------------------------
 @app.command()
-def prepare(params: ParamsOption = DEFAULT_PARAMS, set_: SetOption = None, debug: DebugOption = False) -> None:
+def prepare(params: ParamsOption = DEFAULT_PARAMS, set_: SetOption = None, debug: DebugOption = False,
+            quiet: QuietOption = False) -> None:
     """Prepare the dataset into data/<dataset>/ (counts and content hash in metrics/prepare.json)."""
-    run_stage("prepare", params, set_, debug)
+    run_stage("prepare", params, set_, debug, quiet=quiet)
 
 
 @app.command()
-def train(params: ParamsOption = DEFAULT_PARAMS, set_: SetOption = None, debug: DebugOption = False) -> None:
+def train(params: ParamsOption = DEFAULT_PARAMS, set_: SetOption = None, debug: DebugOption = False,
+          quiet: QuietOption = False) -> None:
     """Train on the prepared data (Ray Train with distributed.num_workers workers; 0 = in-process).
 
     Writes models/unite.pt, metrics/train.json, plots/train_curve.csv and plots/train_reconstructions.png.
     An interrupted run with the same params resumes; a finished one is exported without training.
     """
-    run_stage("train", params, set_, debug)
+    run_stage("train", params, set_, debug, quiet=quiet)
 
 
 @app.command()
@@ -75,6 +79,7 @@ def sample(
     params: ParamsOption = DEFAULT_PARAMS,
     set_: SetOption = None,
     debug: DebugOption = False,
+    quiet: QuietOption = False,
     checkpoint: Annotated[Path, typer.Option("--checkpoint", "-c", help="checkpoint to sample from")] = Path(
         "models/unite.pt"),
     classes: Annotated[Optional[str], typer.Option(
@@ -91,7 +96,7 @@ def sample(
     """Write a grid of generated samples (one row per class) from a checkpoint, with EMA weights."""
     from .stages.sample import parse_classes
 
-    run_stage("sample", params, set_, debug, write_metrics=False, options={
+    run_stage("sample", params, set_, debug, quiet=quiet, write_metrics=False, options={
         "checkpoint": checkpoint, "classes": parse_classes(classes), "per_class": per_class,
         "cfg_scale": cfg_scale, "out": out,
     })
@@ -167,8 +172,9 @@ class UIError(RuntimeError):
 # Optional commands: pipelines.commands.<name>.register(app), or a stage fallback, or a stub
 # ----------------------------------------------------------------------------------------------
 def _stage_command(name: str, help_text: str) -> None:
-    def command(params: ParamsOption = DEFAULT_PARAMS, set_: SetOption = None, debug: DebugOption = False) -> None:
-        run_stage(name, params, set_, debug)
+    def command(params: ParamsOption = DEFAULT_PARAMS, set_: SetOption = None, debug: DebugOption = False,
+                quiet: QuietOption = False) -> None:
+        run_stage(name, params, set_, debug, quiet=quiet)
 
     command.__name__ = name
     command.__doc__ = help_text

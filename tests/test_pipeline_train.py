@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from pipelines.distributed import RECORDS_FILE, latest_checkpoint, run_name
+from pipelines.distributed import RECORDS_FILE, latest_checkpoint
 from pipelines.stages import execute
 from tests.ray_fixtures import read_json, tiny_params, write_params
 from unite_core.config import config_from_dict
@@ -22,7 +22,7 @@ def test_time_limit_stops_with_a_final_logged_and_checkpointed_step(tmp_path):
     assert metrics["stopped_early"] and 0 < metrics["steps"] < 100000
     # checked after every step (not only at log steps): stops within a step or two of 1.8 s
     assert 1.8 <= metrics["seconds"] < 1.8 + 5
-    ckpt = latest_checkpoint(tmp_path / "ray_results" / run_name(cfg))
+    ckpt = latest_checkpoint(tmp_path / "ray_results" / metrics["run_name"])
     assert ckpt.final and ckpt.step == metrics["steps"] and ckpt.meta["stopped_early"]
     # the stopping step is logged with a validation pass, although it is no log or eval step
     last = json.loads((ckpt.path.parent / RECORDS_FILE).read_text().splitlines()[-1])

@@ -93,6 +93,25 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+class _RecordingFile:
+    """A file whose write errors are remembered: torch.save turns an OSError of the file it writes
+    (ENOSPC) into a RuntimeError without the errno, so the cause is taken from here instead."""
+
+    def __init__(self, f: IO[bytes]):
+        self._f = f
+        self.error: OSError | None = None
+
+    def write(self, data) -> int:
+        try:
+            return self._f.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def __getattr__(self, name: str):
+        return getattr(self._f, name)
+
+
 def atomic_write(path: str | Path, write: Callable[[IO[bytes]], Any], *, fsync: bool = True) -> Path:
     """Write `path` atomically: `write(f)` fills a binary temp file beside it, then fsync and rename."""
     path = Path(path)
@@ -101,7 +120,13 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], Any], *, fsync: 
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
-            write(f)
+            recording = _RecordingFile(f)
+            try:
+                write(recording)  # type: ignore[arg-type]
+            except Exception as exc:
+                if recording.error is not None and not isinstance(exc, OSError):
+                    raise recording.error from exc
+                raise
             f.flush()
             if fsync:
                 os.fsync(f.fileno())

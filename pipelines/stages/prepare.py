@@ -19,16 +19,22 @@ def run(ctx: StageContext) -> dict:
     cfg = ctx.cfg
     out_dir = ctx.paths.dataset_dir(cfg)
     t0 = time.perf_counter()
-    if cfg.modality == "molecules":
-        from unite_core.data.molecules import prepare_molecule_data
+    what = {"molecules_embedded": "conformers", "qm9": "SDF records", "imagefolder": "images verified"}.get(
+        cfg.data.dataset, "steps")
+    with ctx.reporter.progress(f"prepare {cfg.data.dataset} ({what})", None) as task:
+        def progress(done: int, total: int) -> None:
+            task.update(done, total=total)
 
-        manifest = prepare_molecule_data(cfg.data, out_dir)
-        info = manifest
-    else:
-        from unite_core.data import prepare_image_data
+        if cfg.modality == "molecules":
+            from unite_core.data.molecules import prepare_molecule_data
 
-        manifest = prepare_image_data(cfg.data, out_dir)
-        info = manifest["info"]
+            manifest = prepare_molecule_data(cfg.data, out_dir, progress=progress)
+            info = manifest
+        else:
+            from unite_core.data import prepare_image_data
+
+            manifest = prepare_image_data(cfg.data, out_dir, progress=progress)
+            info = manifest["info"]
     seconds = time.perf_counter() - t0
     metrics = {
         "modality": cfg.modality,

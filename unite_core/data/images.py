@@ -45,7 +45,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -671,10 +671,16 @@ def _verify_file(path: Path) -> Optional[str]:
         return f"{type(exc).__name__}: {exc}"
 
 
-def _verify_all(root: Path, files: list[str], threads: Optional[int] = None) -> list[Optional[str]]:
+def _verify_all(root: Path, files: list[str], threads: Optional[int] = None,
+                progress: Optional[Callable[[int, int], None]] = None) -> list[Optional[str]]:
     paths = [root / f for f in files]
     if len(paths) < 256:
-        return [_verify_file(p) for p in paths]
+        out = []
+        for p in paths:
+            out.append(_verify_file(p))
+            if progress is not None:
+                progress(len(out), len(paths))
+        return out
     chunk = 2048
     chunks = [paths[i:i + chunk] for i in range(0, len(paths), chunk)]
     workers = threads or min(32, (os.cpu_count() or 1) * 2)
@@ -682,6 +688,8 @@ def _verify_all(root: Path, files: list[str], threads: Optional[int] = None) -> 
     with ThreadPoolExecutor(max_workers=workers) as pool:
         for k, part in enumerate(pool.map(lambda ps: [_verify_file(p) for p in ps], chunks)):
             out.extend(part)
+            if progress is not None:
+                progress(len(out), len(paths))
             if (k + 1) % 50 == 0:
                 logger.info("verified %d / %d images", len(out), len(paths))
     return out
@@ -707,7 +715,8 @@ def load_image_data(cfg: DataConfig, cache_dir: str | Path | None = None) -> Ima
     )
 
 
-def prepare_image_data(cfg: DataConfig, out_dir: Path) -> dict:
+def prepare_image_data(cfg: DataConfig, out_dir: Path,
+                       progress: Optional[Callable[[int, int], None]] = None) -> dict:
     """Write the prepared dataset to ``out_dir`` and return its manifest.
 
     Embedded sets: ``train.pt`` / ``val.pt`` (dicts of ``images`` uint8 (N,C,S,S), ``labels`` int64,
@@ -717,17 +726,23 @@ def prepare_image_data(cfg: DataConfig, out_dir: Path) -> dict:
     ``PIL.Image.verify``. With ``on_corrupt=stop`` a corrupt file raises :class:`DataError` naming the
     first one (nothing is written); with ``skip`` corrupt files are listed and left out of the split.
     The manifest is written last, atomically: a missing manifest means an unfinished prepare.
+    ``progress(done, total)`` (optional) follows the work: files verified (``imagefolder``), or the
+    three steps build / write train / write val (embedded sets).
     """
     out_dir = Path(out_dir)
     settings = _all_settings(cfg)
     if cfg.dataset in ("mnist5k", "digits"):
         payload = _build_embedded(cfg)
+        if progress is not None:
+            progress(1, 3)
         out_dir.mkdir(parents=True, exist_ok=True)
         files = {}
-        for split in ("train", "val"):
+        for k, split in enumerate(("train", "val")):
             path = out_dir / f"{split}.pt"
             atomic_torch_save(payload[split], path)
             files[path.name] = {"sha256": _file_sha256(path), "bytes": path.stat().st_size}
+            if progress is not None:
+                progress(2 + k, 3)
         info = dict(payload["info"], flip=bool(cfg.flip))
         manifest = {
             "format_version": MANIFEST_VERSION,
@@ -741,7 +756,7 @@ def prepare_image_data(cfg: DataConfig, out_dir: Path) -> dict:
         }
     elif cfg.dataset == "imagefolder":
         scan = _scan_folder(cfg.root)
-        problems = _verify_all(scan.root, scan.files)
+        problems = _verify_all(scan.root, scan.files, progress=progress)
         bad = [(scan.files[i], why) for i, why in enumerate(problems) if why is not None]
         if bad and cfg.on_corrupt == "stop":
             first, why = bad[0]

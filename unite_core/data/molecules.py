@@ -43,7 +43,7 @@ import logging
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import numpy as np
 import torch
@@ -333,7 +333,7 @@ def embed_molecule(smiles: str, seed: int) -> Optional[tuple[np.ndarray, np.ndar
     return types, center_at_com(types, coords), relaxation
 
 
-def _build_embedded(cfg: DataConfig):
+def _build_embedded(cfg: DataConfig, progress: Optional[Callable[[int, int], None]] = None):
     candidates, stats = _embedded_candidates(cfg)
     if cfg.max_items is not None and cfg.max_items < len(candidates):
         rng = np.random.default_rng(cfg.split_seed)
@@ -343,7 +343,9 @@ def _build_embedded(cfg: DataConfig):
     molecules, smiles_out, failed = [], [], []
     relax: Counter = Counter()
     with BlockLogs():
-        for smi in candidates:
+        for k, smi in enumerate(candidates):
+            if progress is not None:
+                progress(k, len(candidates))
             out = embed_molecule(smi, cfg.conformer_seed)
             if out is None:
                 failed.append(smi)
@@ -395,7 +397,7 @@ def _sdf_smiles(mol: Chem.Mol, types: np.ndarray, coords: np.ndarray) -> str:
         return canonical_smiles(built) if built is not None else ""
 
 
-def _build_qm9(cfg: DataConfig):
+def _build_qm9(cfg: DataConfig, progress: Optional[Callable[[int, int], None]] = None):
     path = _qm9_path(cfg)
     molecules, smiles_out = [], []
     unreadable: list[int] = []
@@ -403,8 +405,11 @@ def _build_qm9(cfg: DataConfig):
     n_records = 0
     with BlockLogs():
         supplier = Chem.SDMolSupplier(str(path), removeHs=False, sanitize=False)
-        for index, mol in enumerate(supplier):
+        total = len(supplier) if progress is not None else 0  # records in the file (with data.max_items
+        for index, mol in enumerate(supplier):                  # reading may end before the last)
             n_records += 1
+            if progress is not None and index % 256 == 0:
+                progress(index, total)
             if mol is None or mol.GetNumConformers() == 0 or mol.GetNumAtoms() == 0:
                 unreadable.append(index)
                 continue
@@ -447,11 +452,12 @@ def _build_qm9(cfg: DataConfig):
 # ---------------------------------------------------------------------------------------------
 # Building, saving, loading
 # ---------------------------------------------------------------------------------------------
-def _build(cfg: DataConfig) -> tuple[dict, dict, dict[str, Any]]:
+def _build(cfg: DataConfig, progress: Optional[Callable[[int, int], None]] = None
+           ) -> tuple[dict, dict, dict[str, Any]]:
     if cfg.dataset == "molecules_embedded":
-        molecules, smiles, stats = _build_embedded(cfg)
+        molecules, smiles, stats = _build_embedded(cfg, progress)
     elif cfg.dataset == "qm9":
-        molecules, smiles, stats = _build_qm9(cfg)
+        molecules, smiles, stats = _build_qm9(cfg, progress)
     else:
         raise DataError(
             f"data.dataset={cfg.dataset} is not a molecule dataset; use molecules_embedded or qm9"
@@ -490,17 +496,19 @@ def load_molecule_data(cfg: DataConfig) -> MoleculeData:
     return MoleculeData(_to_dataset(train), _to_dataset(val), info, list(train["smiles"]))
 
 
-def prepare_molecule_data(cfg: DataConfig, out_dir: Path) -> dict[str, Any]:
+def prepare_molecule_data(cfg: DataConfig, out_dir: Path,
+                          progress: Optional[Callable[[int, int], None]] = None) -> dict[str, Any]:
     """Build the dataset and write ``out_dir``/{train.pt, val.pt, manifest.json}; return the manifest.
 
     ``train.pt``/``val.pt`` hold {types, coords, mask: tensors; smiles: list of str} and load with
     ``torch.load(weights_only=True)``. The manifest holds ``info``'s keys at the top level plus
     ``format_version``, ``config`` (the data settings used) and ``files`` (sha256 per file).
-    Files are written atomically; the manifest last.
+    Files are written atomically; the manifest last. ``progress(done, total)`` (optional) follows the
+    conformer embedding (molecules_embedded) or the records read of the SDF file (qm9).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    train, val, info = _build(cfg)
+    train, val, info = _build(cfg, progress)
     files = {}
     for name, arrays in (("train.pt", train), ("val.pt", val)):
         payload = {

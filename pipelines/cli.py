@@ -327,6 +327,9 @@ def main(argv: list[str] | None = None) -> None:
     except click_errors as exc:  # usage errors: click's own message, exit 2
         exc.show()
         code = exc.exit_code
+    except BrokenPipeError:  # `unite bench ... | head`: the reader left; say nothing more
+        sys.stdout = open(os.devnull, "w")
+        code = 1
     except Interrupted as exc:  # a signal: the message says what was kept and how to go on
         sys.stderr.write(f"error: {_one_line(exc)}\n")
         code = exc.exit_code

@@ -680,12 +680,12 @@ def _already_finished(cfg, name: str, run_dir: Path, workers: int, t0: float) ->
                     wall_s=time.perf_counter() - t0)
 
 
-def _run_fit_in_thread(fit: Callable[[], Any], stop: GracefulStop):
+def _run_fit_in_thread(fit: Callable[[], Any]):
     """Run Ray's blocking fit in a helper thread and wait for it in the main thread.
 
     From the main thread, Ray Train V2's fit() installs a SIGINT handler that aborts the run at once
     (no checkpoint) and never restores the previous one; from another thread it does not, so the
-    main thread keeps `stop`'s handlers and joins in short waits (signals are handled in between).
+    main thread keeps the GracefulStop handlers and joins in short waits (signals are handled in between).
     """
     box: dict[str, Any] = {}
 
@@ -763,7 +763,7 @@ def train_with_ray(ctx, data_dir: Path, live=None) -> dict:
                                                       fsync=False))
             follower = _follow(rdir, task, live, after_step=previous.step if previous else 0)
             try:
-                _run_fit_in_thread(trainer.fit, stop)
+                _run_fit_in_thread(trainer.fit)
             except Exception as exc:
                 from ray.train import TrainingFailedError
 

@@ -4,7 +4,8 @@
     unite sample --classes 0,1,2 --cfg-scale 3                   a grid of samples from a checkpoint
     unite import-checkpoint FILE                                 the authors' released weights, as a project checkpoint
     unite ui [--port 5000]                                       the MLflow UI on this project's runs
-    unite sweep | compare | bench                                when this build has them
+    unite sweep | compare                                        when this build has them
+    unite bench [NAME [OPTIONS]]                                 run a benchmark of benchmarks/ (JSON lines)
 
 Every command reads params.yaml (or --params FILE), takes `--set section.key=value` overrides
 (repeatable, validated like the file) and `--debug`. A user error (bad params, missing data or
@@ -28,7 +29,8 @@ from typing import List, Optional
 import typer
 from typing_extensions import Annotated
 
-from .commands import DEFAULT_PARAMS, DebugOption, ParamsOption, SetOption, err_console, load_cfg, project_root, run_stage
+from .commands import (DEFAULT_PARAMS, DebugOption, ParamsOption, QuietOption, SetOption, err_console, load_cfg,
+                       project_root, run_stage)
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +50,7 @@ OPTIONAL_COMMANDS = {
     "analyze": ("analyze", "Analyses of the trained model (alignment, probe, compression)."),
     "sweep": (None, "Ray Tune sweep over the `sweep:` section of the params."),
     "compare": (None, "UNITE vs its ablations and the two-stage baseline at equal budget."),
-    "bench": (None, "Benchmarks."),
+    "bench": (None, "Run a benchmark (benchmarks/NAME.py) and print its JSON lines; no NAME lists them."),
 }
 
 
@@ -56,19 +58,21 @@ OPTIONAL_COMMANDS = {
 # Core commands
 # ----------------------------------------------------------------------------------------------
 @app.command()
-def prepare(params: ParamsOption = DEFAULT_PARAMS, set_: SetOption = None, debug: DebugOption = False) -> None:
+def prepare(params: ParamsOption = DEFAULT_PARAMS, set_: SetOption = None, debug: DebugOption = False,
+            quiet: QuietOption = False) -> None:
     """Prepare the dataset into data/<dataset>/ (counts and content hash in metrics/prepare.json)."""
-    run_stage("prepare", params, set_, debug)
+    run_stage("prepare", params, set_, debug, quiet=quiet)
 
 
 @app.command()
-def train(params: ParamsOption = DEFAULT_PARAMS, set_: SetOption = None, debug: DebugOption = False) -> None:
+def train(params: ParamsOption = DEFAULT_PARAMS, set_: SetOption = None, debug: DebugOption = False,
+          quiet: QuietOption = False) -> None:
     """Train on the prepared data (Ray Train with distributed.num_workers workers; 0 = in-process).
 
     Writes models/unite.pt, metrics/train.json, plots/train_curve.csv and plots/train_reconstructions.png.
     An interrupted run with the same params resumes; a finished one is exported without training.
     """
-    run_stage("train", params, set_, debug)
+    run_stage("train", params, set_, debug, quiet=quiet)
 
 
 @app.command()
@@ -76,6 +80,7 @@ def sample(
     params: ParamsOption = DEFAULT_PARAMS,
     set_: SetOption = None,
     debug: DebugOption = False,
+    quiet: QuietOption = False,
     checkpoint: Annotated[Path, typer.Option("--checkpoint", "-c", help="checkpoint to sample from")] = Path(
         "models/unite.pt"),
     classes: Annotated[Optional[str], typer.Option(
@@ -92,7 +97,7 @@ def sample(
     """Write a grid of generated samples (one row per class) from a checkpoint, with EMA weights."""
     from .stages.sample import parse_classes
 
-    run_stage("sample", params, set_, debug, write_metrics=False, options={
+    run_stage("sample", params, set_, debug, quiet=quiet, write_metrics=False, options={
         "checkpoint": checkpoint, "classes": parse_classes(classes), "per_class": per_class,
         "cfg_scale": cfg_scale, "out": out,
     })
@@ -207,8 +212,9 @@ class UIError(RuntimeError):
 # Optional commands: pipelines.commands.<name>.register(app), or a stage fallback, or a stub
 # ----------------------------------------------------------------------------------------------
 def _stage_command(name: str, help_text: str) -> None:
-    def command(params: ParamsOption = DEFAULT_PARAMS, set_: SetOption = None, debug: DebugOption = False) -> None:
-        run_stage(name, params, set_, debug)
+    def command(params: ParamsOption = DEFAULT_PARAMS, set_: SetOption = None, debug: DebugOption = False,
+                quiet: QuietOption = False) -> None:
+        run_stage(name, params, set_, debug, quiet=quiet)
 
     command.__name__ = name
     command.__doc__ = help_text
@@ -322,11 +328,26 @@ def _click_exceptions():
     return tuple(tuple(found[name]) for name in ("Exit", "ClickException", "Abort"))
 
 
+def _disk_error(exc: BaseException) -> str | None:
+    """One line for a full disk met outside unite_core.io's writers (Ray, MLflow, torch), else None."""
+    import errno
+
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        where = f" to write '{exc.filename}'" if exc.filename else ""
+        return f"no space left on the device{where}: free some space (or move the project to a larger disk) and " \
+               "run the command again"
+    return None
+
+
 def main(argv: list[str] | None = None) -> None:
+    from .interrupt import Interrupted, install_default_handlers
+
     exit_types, click_errors, abort_types = _click_exceptions()
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # a user turns it on with =false
+    install_default_handlers()
     setup_logging(debug)
     words = [a for a in argv if not a.startswith("-")]
     first = words[0] if words else None
@@ -336,12 +357,21 @@ def main(argv: list[str] | None = None) -> None:
         register_optional()  # top-level help or an unknown command: list everything
     command = typer.main.get_command(app)
     try:
-        code = command.main(args=argv, prog_name="unite", standalone_mode=False)
+        # click's make_context + invoke rather than command.main: Typer's main turns a KeyboardInterrupt
+        # into a bare exit code 130, losing the message that says how to resume
+        with command.make_context("unite", argv) as ctx:
+            code = command.invoke(ctx)
         code = code if isinstance(code, int) else 0
     except exit_types as exc:
         code = exc.exit_code
     except click_errors as exc:  # usage errors: click's own message, exit 2
         exc.show()
+        code = exc.exit_code
+    except BrokenPipeError:  # `unite bench ... | head`: the reader left; say nothing more
+        sys.stdout = open(os.devnull, "w")
+        code = 1
+    except Interrupted as exc:  # a signal: the message says what was kept and how to go on
+        sys.stderr.write(f"error: {_one_line(exc)}\n")
         code = exc.exit_code
     except (*abort_types, KeyboardInterrupt):
         err_console().print("error: interrupted", markup=False)
@@ -351,6 +381,8 @@ def main(argv: list[str] | None = None) -> None:
             raise
         if is_user_error(exc):
             msg = _one_line(exc)
+        elif _disk_error(exc):
+            msg = _disk_error(exc)
         else:
             msg = f"unexpected {type(exc).__name__}: {_one_line(exc)} (rerun with --debug for the traceback)"
         sys.stderr.write(f"error: {msg}\n")

@@ -75,9 +75,10 @@ class Paths:
 
 
 class ProgressTask:
-    """Handle of one progress bar: `update(completed, **fields)`; fields are shown beside the bar."""
+    """Handle of one progress bar: `update(completed, total=None, **fields)`; fields are shown beside
+    the bar; `total` sets (or corrects) the total once it is known."""
 
-    def update(self, completed: float, **fields: Any) -> None:  # noqa: D401 - no-op by default
+    def update(self, completed: float, total: float | None = None, **fields: Any) -> None:  # noqa: D401
         return None
 
 

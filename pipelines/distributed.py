@@ -8,11 +8,24 @@ in-process and vice versa:
     checkpoint_00000250/meta.json  {"step": 250, "final": false, ...}
     metrics.jsonl                  one line per log step (rank 0), rewritten from the checkpoint's
                                    history on resume, so it never holds a step twice
+    stop_requested                 written by the driver on SIGINT/SIGTERM: training stops before
+                                   its next step with a checkpoint (removed when the next run starts)
 
-Run names: `unite-<fingerprint>` (model, data, loss, flow and train settings; not `distributed`), or
-`unite-<DVC experiment>-<fingerprint>` inside `dvc exp run`. Other params never "resume" a run that
-trained something else. A run whose newest checkpoint is final (all train.steps done, or stopped by
-train.time_limit_minutes) is not trained again: the driver exports it and says so.
+Run names: `unite-<key>`, or `unite-<DVC experiment>-<key>` inside `dvc exp run`, where the key
+hashes the settings that define the trained model (Config.fingerprint: modality, data, model, flow,
+loss and train, less the operational keys such as train.log_every, train.device or data.root) and
+the prepared data's content hash. Changing an operational key resumes the same run; changing
+anything else starts another one. A run whose newest checkpoint has all train.steps, or was
+stopped by train.time_limit_minutes with that budget used up, is not trained again: the driver
+exports it and says so (raise the time limit and the run continues).
+
+The driver follows metrics.jsonl while training runs: each new record moves the progress bar and is
+logged to the stage's MLflow run (a live curve, pipelines.tracking.LiveMetrics). On the first
+SIGINT/SIGTERM the driver asks the workers to stop (in-process: a flag; Ray: the stop_requested
+file); they stop before the next step, every rank together, and write a checkpoint; the command
+ends with pipelines.interrupt.Interrupted, whose one line says how to resume. Ray's fit runs in a
+helper thread, so that the main thread keeps the signal handlers (Ray Train installs its own
+abort-everything SIGINT handler when fit is called from the main thread).
 
 Ray Train: `ScalingConfig(num_workers, use_gpu, resources_per_worker={"CPU": cpus_per_worker})`,
 `FailureConfig(max_failures)`, `CheckpointConfig(num_to_keep=2)`, gloo on CPU and NCCL on GPU.
@@ -39,6 +52,7 @@ itself). Not a params key on purpose: nobody sets it by accident.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -52,11 +66,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from unite_core.io import atomic_dir, atomic_torch_save, atomic_write_text, fsync_tree
+
+from .interrupt import GracefulStop, Interrupted, signal_name
+
 log = logging.getLogger(__name__)
 
 STATE_FILE = "state.pt"
 META_FILE = "meta.json"
 RECORDS_FILE = "metrics.jsonl"
+STOP_FILE = "stop_requested"
 CRASH_MARKER = ".unite_crash_injected"
 CRASH_ENV = "UNITE_TEST_CRASH_AT_STEP"
 KEEP_CHECKPOINTS = 2
@@ -70,8 +89,16 @@ _NOT_AVERAGED = {"step", "time_s", "lr", "grad_norm", "samples_per_s"}
 # ----------------------------------------------------------------------------------------------
 # Run folders and checkpoints
 # ----------------------------------------------------------------------------------------------
-def run_name(cfg) -> str:
+def run_key(cfg, data_hash: str = "") -> str:
+    """12 hex digits: the model-defining settings (Config.fingerprint) and the data's content hash."""
     fp = cfg.fingerprint()
+    if not data_hash:
+        return fp
+    return hashlib.sha256(f"{fp}:{data_hash}".encode()).hexdigest()[:12]
+
+
+def run_name(cfg, data_hash: str = "") -> str:
+    fp = run_key(cfg, data_hash)
     exp = os.environ.get("DVC_EXP_NAME")
     if exp:
         safe = re.sub(r"[^A-Za-z0-9_.-]+", "-", exp).strip("-")[:60] or "exp"
@@ -111,8 +138,22 @@ def latest_checkpoint(run_dir: Path) -> CheckpointInfo | None:
     return found[-1] if found else None
 
 
+def meta_finished(meta: dict | None, cfg) -> bool:
+    """True when a checkpoint needs no more training under `cfg`: all train.steps done, or stopped by
+    the time limit with the current train.time_limit_minutes used up (a raised or removed limit
+    lets the run go on; the limit is not part of the run's key)."""
+    if meta is None:
+        return False
+    if int(meta.get("step", -1)) >= cfg.train.steps:
+        return True
+    if meta.get("final") and meta.get("stopped_early"):
+        limit = cfg.train.time_limit_minutes
+        return limit is not None and float(meta.get("train_seconds", 0.0)) >= limit * 60.0 - 1e-6
+    return False
+
+
 def is_finished(ckpt: CheckpointInfo | None, cfg) -> bool:
-    return ckpt is not None and (ckpt.final or ckpt.step >= cfg.train.steps)
+    return ckpt is not None and meta_finished(ckpt.meta, cfg)
 
 
 def checkpoint_meta(trainer, cfg, final: bool, world_size: int) -> dict:
@@ -129,12 +170,11 @@ def checkpoint_meta(trainer, cfg, final: bool, world_size: int) -> dict:
 
 
 def write_checkpoint_dir(folder: Path, trainer, meta: dict) -> Path:
-    """state.pt then meta.json (a folder without meta.json is ignored as incomplete)."""
-    import torch
-
+    """state.pt then meta.json, each written atomically and fsynced (a folder without meta.json is
+    ignored as incomplete)."""
     folder.mkdir(parents=True, exist_ok=True)
-    torch.save(trainer.state_dict(), folder / STATE_FILE)
-    (folder / META_FILE).write_text(json.dumps(meta, indent=1))
+    atomic_torch_save(trainer.state_dict(), folder / STATE_FILE)
+    atomic_write_text(folder / META_FILE, json.dumps(meta, indent=1))
     return folder
 
 
@@ -246,9 +286,7 @@ def _average_over_ranks(record: dict, world_size: int, device) -> None:
 
 
 def _write_records(path: Path, history: list[dict]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in history))
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in history), fsync=False)
 
 
 def run_session(
@@ -261,8 +299,13 @@ def run_session(
     world_size: int = 1,
     crash_at: int | None = None,
     on_record: Callable[[dict], None] | None = None,
-) -> bool:
-    """Train a (resumed) Trainer to train.steps within the time budget; returns True if stopped early.
+    should_stop: Callable[[], bool] | None = None,
+) -> str:
+    """Train a (resumed) Trainer to train.steps within the time budget.
+
+    Returns "finished" (all steps), "stopped_early" (time budget used up) or "interrupted"
+    (`should_stop` said so: checked before every step, on rank 0, and agreed by all ranks with one
+    tiny all-reduce; the steps done are checkpointed with save(False) on every rank).
 
     `save(final)` writes or reports a checkpoint and is called on every rank at the same steps: every
     train.checkpoint_every steps and once at the end. The time budget (train.time_limit_minutes)
@@ -291,16 +334,54 @@ def run_session(
             if on_record is not None:
                 on_record(record)
 
+    saved_step = trainer.step  # a resumed step has its checkpoint already
+
     def on_checkpoint(step: int, final: bool) -> None:
+        nonlocal saved_step
         save(final)
+        saved_step = step
 
     if trainer.step >= until:
-        return False
-    result = trainer.run(until, on_log=on_log, on_checkpoint=on_checkpoint, time_limit_s=budget)
+        return "finished"
+    if should_stop is not None:
+        _arm_stop(trainer, should_stop if rank == 0 else (lambda: False), world_size)
+    try:
+        result = trainer.run(until, on_log=on_log, on_checkpoint=on_checkpoint, time_limit_s=budget)
+    except _StopRequested:
+        if trainer.step > saved_step:
+            save(False)
+        log.debug("stop requested: rank %d stopped at step %d of %d with a checkpoint", rank, trainer.step, until)
+        return "interrupted"
     if result.stopped_early:
         log.info("train.time_limit_minutes=%s used up at step %d of %d: stopped with a final checkpoint",
                  t.time_limit_minutes, trainer.step, until)
-    return result.stopped_early
+        return "stopped_early"
+    return "finished"
+
+
+class _StopRequested(Exception):
+    """Raised before a training step once a stop was requested (caught in run_session)."""
+
+
+def _arm_stop(trainer, should_stop: Callable[[], bool], world_size: int) -> None:
+    """Check for a stop request before every step; with several ranks they agree (MAX all-reduce on
+    the training device: NCCL reduces device tensors only), so all stop at the same step."""
+    train_step = trainer.train_step
+
+    def checked_step():
+        stop = bool(should_stop())
+        if world_size > 1:
+            import torch
+            import torch.distributed as dist
+
+            flag = torch.tensor([1.0 if stop else 0.0], device=trainer.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            stop = bool(flag.item())
+        if stop:
+            raise _StopRequested()
+        return train_step()
+
+    trainer.train_step = checked_step
 
 
 def _arm_crash(trainer, step: int, marker: Path) -> None:
@@ -389,12 +470,13 @@ def ray_worker(config: dict) -> None:
     meta = _resume_newest(trainer, ray.train.get_checkpoint(), config.get("resume_dir"))
     if meta is not None:
         log.info("rank %d resumed at step %d", rank, trainer.step)
-        if meta.get("final"):
+        if meta_finished(meta, cfg):
             return
     else:
         _start_from_init(trainer, cfg)
 
     def save(final: bool) -> None:
+        name = f"checkpoint_{trainer.step:08d}"
         with tempfile.TemporaryDirectory(prefix="unite-ckpt-") as tmp:
             checkpoint = None
             if rank == 0:
@@ -404,21 +486,30 @@ def ray_worker(config: dict) -> None:
             ray.train.report(
                 {"step": trainer.step, "final": final, "loss": last.get("loss")},
                 checkpoint=checkpoint,
-                checkpoint_dir_name=f"checkpoint_{trainer.step:08d}",
+                checkpoint_dir_name=name,
             )
+        if rank == 0 and (run_dir / name).is_dir():  # Ray copied it to local storage: make the copy durable
+            fsync_tree(run_dir / name)
 
-    run_session(trainer, cfg, run_dir, save=save, rank=rank, world_size=world, crash_at=config.get("crash_at"))
+    stop_file = run_dir / STOP_FILE
+    run_session(trainer, cfg, run_dir, save=save, rank=rank, world_size=world, crash_at=config.get("crash_at"),
+                should_stop=stop_file.exists)
 
 
 # ----------------------------------------------------------------------------------------------
 # Driver side
 # ----------------------------------------------------------------------------------------------
 class _RecordFollower(threading.Thread):
-    """Tails metrics.jsonl (rewritten on resume) and feeds each new record to a callback."""
+    """Tails metrics.jsonl (rewritten on resume) and feeds each new record to a callback.
 
-    def __init__(self, path: Path, callback: Callable[[dict], None], interval: float = 0.5):
+    `after_poll` runs after every poll that found new records (the live MLflow logging: one batch
+    per poll, so the curve in the UI is at most `interval` seconds behind the records file).
+    """
+
+    def __init__(self, path: Path, callback: Callable[[dict], None], interval: float = 1.0,
+                 after_poll: Callable[[], None] | None = None):
         super().__init__(daemon=True, name="unite-record-follower")
-        self.path, self.callback, self.interval = path, callback, interval
+        self.path, self.callback, self.interval, self.after_poll = path, callback, interval, after_poll
         self._halt = threading.Event()
         self._pos, self._inode, self._buf = 0, None, ""
 
@@ -445,6 +536,11 @@ class _RecordFollower(threading.Thread):
                     continue
                 except Exception:  # noqa: BLE001 - a display problem must not stop training
                     log.debug("progress callback failed", exc_info=True)
+        if self.after_poll is not None:
+            try:
+                self.after_poll()
+            except Exception:  # noqa: BLE001 - tracking problems are reported by the tracker itself
+                log.debug("after-poll callback failed", exc_info=True)
 
     def run(self) -> None:
         while not self._halt.wait(self.interval):
@@ -452,8 +548,44 @@ class _RecordFollower(threading.Thread):
 
     def stop(self) -> None:
         self._halt.set()
-        self.join(timeout=5)
+        self.join(timeout=30)
         self.poll()
+
+
+def _follow(rdir: Path, task, live, after_step: int = 0) -> _RecordFollower:
+    """Start following the run's records: progress from every new record (those up to `after_step`
+    are a resumed run's history, rewritten at its start), live MLflow logging once per poll."""
+    shown = after_step
+
+    def on_record(record: dict) -> None:
+        nonlocal shown
+        if task is not None and record["step"] > shown:
+            shown = record["step"]
+            task.update(record["step"], **_progress_fields(record))
+        if live is not None:
+            live.add(record)
+
+    follower = _RecordFollower(rdir / RECORDS_FILE, on_record, after_poll=live.flush if live is not None else None)
+    follower.start()
+    return follower
+
+
+def _interrupted(stop: GracefulStop, name: str, rdir: Path, cfg) -> Interrupted:
+    """The one line that ends an interrupted training command: where the checkpoint is, how to resume."""
+    ckpt = latest_checkpoint(rdir)
+    how = signal_name(stop.requested or 2)
+    if ckpt is None:
+        return Interrupted(f"training of {name} stopped by {how} before its first step; nothing to resume: run the "
+                           "same command again to start it", stop.requested or 2)
+    try:
+        where = ckpt.path.relative_to(Path.cwd())
+    except ValueError:
+        where = ckpt.path
+    return Interrupted(
+        f"training stopped by {how} at step {ckpt.step} of {cfg.train.steps}; checkpoint saved in {where}: run the "
+        "same command again (`unite train` or `dvc repro`, same params) to resume from it",
+        stop.requested or 2,
+    )
 
 
 def _progress_fields(record: dict) -> dict:
@@ -564,14 +696,41 @@ def _already_finished(cfg, name: str, run_dir: Path, workers: int, t0: float) ->
                     wall_s=time.perf_counter() - t0)
 
 
-def train_with_ray(ctx, data_dir: Path) -> dict:
-    """Train through Ray Train; returns a summary (run name, final checkpoint folder, timings)."""
+def _run_fit_in_thread(fit: Callable[[], Any]):
+    """Run Ray's blocking fit in a helper thread and wait for it in the main thread.
+
+    From the main thread, Ray Train V2's fit() installs a SIGINT handler that aborts the run at once
+    (no checkpoint) and never restores the previous one; from another thread it does not, so the
+    main thread keeps the GracefulStop handlers and joins in short waits (signals are handled in between).
+    """
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["result"] = fit()
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the main thread
+            box["error"] = exc
+
+    thread = threading.Thread(target=target, name="unite-ray-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.5)
+    if "error" in box:
+        raise box["error"]
+    return box.get("result")
+
+
+def train_with_ray(ctx, data_dir: Path, live=None) -> dict:
+    """Train through Ray Train; returns a summary (run name, final checkpoint folder, timings).
+
+    `live` (pipelines.tracking.LiveMetrics) receives every record while training runs.
+    """
     cfg = ctx.cfg
     d = cfg.distributed
     t0 = time.perf_counter()
     manifest = check_prepared(cfg, data_dir)
     preflight(cfg, manifest, d.num_workers)
-    name = run_name(cfg)
+    name = run_name(cfg, manifest.get("content_hash", ""))
     storage = ctx.paths.ray_storage
     rdir = storage / name
     done = _already_finished(cfg, name, rdir, d.num_workers, t0)
@@ -582,6 +741,8 @@ def train_with_ray(ctx, data_dir: Path) -> dict:
         log.info("run %s: resuming from its checkpoint at step %d", name, previous.step)
     crash_at = crash_step_from_env()
     rdir.mkdir(parents=True, exist_ok=True)
+    stop_file = rdir / STOP_FILE
+    stop_file.unlink(missing_ok=True)
 
     started = ensure_ray(cfg, debug=ctx.debug)
     try:
@@ -611,29 +772,36 @@ def train_with_ray(ctx, data_dir: Path) -> dict:
                 checkpoint_config=CheckpointConfig(num_to_keep=KEEP_CHECKPOINTS),
             ),
         )
-        with ctx.reporter.progress(f"train ({d.num_workers} Ray worker{'s' if d.num_workers > 1 else ''})",
-                                   cfg.train.steps) as task:
-            if previous is not None:
-                task.update(previous.step)
-            follower = _RecordFollower(rdir / RECORDS_FILE,
-                                       lambda r: task.update(r["step"], **_progress_fields(r)))
-            follower.start()
+        with GracefulStop() as stop, \
+                ctx.reporter.progress(f"train ({d.num_workers} Ray worker{'s' if d.num_workers > 1 else ''})",
+                                      cfg.train.steps) as task:
+            stop.on_request(lambda: atomic_write_text(stop_file, f"stop requested by {signal_name(stop.requested)}\n",
+                                                      fsync=False))
+            follower = _follow(rdir, task, live, after_step=previous.step if previous else 0)
             try:
-                trainer.fit()
+                _run_fit_in_thread(trainer.fit)
             except Exception as exc:
                 from ray.train import TrainingFailedError
 
-                if isinstance(exc, TrainingFailedError):
+                if stop.requested is not None:
+                    log.debug("Ray Train ended with %s after the stop request", type(exc).__name__, exc_info=True)
+                elif isinstance(exc, TrainingFailedError):
                     raise _user_error_from(exc, cfg) from None
-                raise
+                else:
+                    raise
             finally:
                 follower.stop()
+                if live is not None:
+                    live.flush()
+                stop_file.unlink(missing_ok=True)
     finally:
         if started:
             import ray
 
             ray.shutdown()
     ckpt = latest_checkpoint(rdir)
+    if stop.requested is not None and not is_finished(ckpt, cfg):
+        raise _interrupted(stop, name, rdir, cfg)
     if not is_finished(ckpt, cfg):
         from unite_core.train import TrainingError
 
@@ -643,7 +811,7 @@ def train_with_ray(ctx, data_dir: Path) -> dict:
                     resumed_from=previous.step if previous else None)
 
 
-def train_in_process(ctx, data_dir: Path) -> dict:
+def train_in_process(ctx, data_dir: Path, live=None) -> dict:
     """The same loop without Ray (distributed.num_workers=0): same run folder, checkpoints, resume."""
     import torch
 
@@ -653,7 +821,7 @@ def train_in_process(ctx, data_dir: Path) -> dict:
     t0 = time.perf_counter()
     manifest = check_prepared(cfg, data_dir)
     preflight(cfg, manifest, 1)
-    name = run_name(cfg)
+    name = run_name(cfg, manifest.get("content_hash", ""))
     rdir = ctx.paths.ray_storage / name
     done = _already_finished(cfg, name, rdir, 0, t0)
     if done is not None:
@@ -671,24 +839,23 @@ def train_in_process(ctx, data_dir: Path) -> dict:
     rdir.mkdir(parents=True, exist_ok=True)
 
     def save(final: bool) -> None:
-        folder = rdir / f"checkpoint_{trainer.step:08d}"
-        tmp = Path(tempfile.mkdtemp(prefix=".tmp-ckpt-", dir=rdir))
-        try:
+        with atomic_dir(rdir / f"checkpoint_{trainer.step:08d}") as tmp:
             write_checkpoint_dir(tmp, trainer, checkpoint_meta(trainer, cfg, final, 1))
-            if folder.exists():
-                shutil.rmtree(folder)
-            os.replace(tmp, folder)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
         for old in list_checkpoints(rdir)[:-KEEP_CHECKPOINTS]:
             shutil.rmtree(old.path, ignore_errors=True)
 
     startup_s = time.perf_counter() - t0
-    with ctx.reporter.progress("train (in-process)", cfg.train.steps) as task:
-        if previous is not None:
-            task.update(previous.step)
-        run_session(trainer, cfg, rdir, save=save,
-                    on_record=lambda r: task.update(r["step"], **_progress_fields(r)))
+    with GracefulStop() as stop, ctx.reporter.progress("train (in-process)", cfg.train.steps) as task:
+        follower = _follow(rdir, None, live)
+        try:
+            outcome = run_session(trainer, cfg, rdir, save=save, should_stop=stop,
+                                  on_record=lambda r: task.update(r["step"], **_progress_fields(r)))
+        finally:
+            follower.stop()
+            if live is not None:
+                live.flush()
+    if outcome == "interrupted":
+        raise _interrupted(stop, name, rdir, cfg)
     ckpt = latest_checkpoint(rdir)
     return _summary(cfg, name, rdir, ckpt, trained_now=True, workers=0, wall_s=time.perf_counter() - t0,
                     startup_s=startup_s, resumed_from=previous.step if previous else None)

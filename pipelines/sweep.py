@@ -61,6 +61,7 @@ import yaml
 from ray import tune
 
 from unite_core.config import Config, ConfigError, config_from_dict
+from unite_core.io import atomic_write_text
 
 from . import distributed
 from .context import StageContext
@@ -369,7 +370,7 @@ class SweepDriver:
         return trial.config["trial"]["name"]
 
     def _tracker(self, name: str):
-        from .tracking import NullTracker, Tracker
+        from .tracking import NullTracker, Tracker, source_tags
 
         if self.client is None:
             return NullTracker()
@@ -378,16 +379,17 @@ class SweepDriver:
             spec = self.by_name[name]
             exp_id = self.client.get_run(self.tracker.run_id).info.experiment_id
             run = self.client.create_run(exp_id, run_name=f"{name} {describe(spec['overrides'])}", tags={
+                **source_tags(self.ctx.root, self.trial_cfgs[name]),
                 "mlflow.parentRunId": self.tracker.run_id, "unite.stage": "sweep_trial",
                 "unite.sweep": self.name, "unite.trial": name,
             })
             run_id = run.info.run_id
             self.trial_runs[name] = run_id
-            tr = Tracker(run_id, self.client)
+            tr = Tracker(run_id, self.client, self.tracker.health)
             tr.log_params({"sweep.trial": name, "sweep.name": self.name,
                            **{f"sweep.override.{k}": v for k, v in spec["overrides"].items()}})
             tr.log_params(self.trial_cfgs[name])
-        return Tracker(run_id, self.client)
+        return Tracker(run_id, self.client, self.tracker.health)
 
     def _log_curve(self, name: str) -> None:
         """Log the trial's metrics.jsonl records that MLflow does not have yet (each step once)."""
@@ -574,11 +576,7 @@ def write_best_params(path: Path, params_doc: dict, overrides: dict, row: dict, 
         "# or by making this file the params (dvc exp run reads params.yaml):\n"
         "#   cp reports/best_params.yaml params.yaml && dvc exp run\n"
     )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(header + yaml.safe_dump(doc, sort_keys=False))
-    tmp.replace(path)
-    return path
+    return atomic_write_text(path, header + yaml.safe_dump(doc, sort_keys=False))
 
 
 def _fmt(v) -> str:

@@ -11,18 +11,29 @@
   run under it. Re-running a stage for the same parent creates a fresh child run and soft-deletes
   the previous one(s) (restorable in the UI), so each stage of a pipeline run is shown once and no
   metric is ever logged twice into one run.
-- Only one process writes: the stage driver. Under Ray, rank 0 writes its per-step records to a
-  file and the driver logs them after training. SQLite allows one writer at a time; every write is
-  retried briefly on "database is locked" in case two drivers (say, two `unite` commands) overlap.
+- Only one process writes: the stage driver. Under Ray (and in-process), rank 0 appends its per-step
+  records to a file; the driver follows that file and logs each new record while training runs, so
+  the UI shows a growing curve (`LiveMetrics`). SQLite allows one writer at a time; every write is
+  retried with backoff on "database is locked" (two `unite` commands overlapping).
+- A store that stays locked, is corrupt or cannot be reached costs one warning line: the stage
+  runs untracked (its metrics/<stage>.json is written as always). `tracking.strict: true` makes
+  that an error instead (`TrackingError`).
+- Every run carries the git commit of the project (`mlflow.source.git.commit`, with the branch and
+  `unite.git_dirty`) and the params hash (`unite.params_hash`).
+- The trained model is logged as an MLflow model (mlflow.pytorch: the EMA weights wrapped in
+  `pipelines.generator_model.GeneratorModel`, class labels in, images out, with a signature and an input example).
+- MLflow's telemetry is off unless the user turns it on (MLFLOW_DISABLE_TELEMETRY=false).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
 import math
 import os
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,12 +41,23 @@ from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 log = logging.getLogger(__name__)
 
+# off by default, before mlflow is imported; a user turns it on with MLFLOW_DISABLE_TELEMETRY=false
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
 T = TypeVar("T")
 
 PIPELINE_TAG = "unite.pipeline"
 STAGE_TAG = "unite.stage"
+PARAMS_HASH_TAG = "unite.params_hash"
+GIT_COMMIT_TAG = "mlflow.source.git.commit"
+MODEL_NAME = "model"  # the MLflow model of a train run
 MAX_PARAM_LENGTH = 6000  # MLflow's limit on a param value
 _LOCK_RETRIES = 8
+_REACH_TIMEOUT_S = 5.0
+
+
+class TrackingError(RuntimeError):
+    """The MLflow store failed and tracking.strict=true asked to stop; the message names store and fix."""
 
 
 def project_home(root: Path) -> Path:
@@ -114,23 +136,80 @@ def _retry(fn: Callable[[], T]) -> T:
     raise AssertionError("unreachable")
 
 
-class Tracker:
-    """Logging API used by stages. `NullTracker` keeps the same API when tracking is off."""
+class StoreHealth:
+    """What the trackers of one stage share about the store: its URI, strictness, and whether it failed.
 
-    def __init__(self, run_id: str, client):
+    Not strict: the first failure logs one warning and every later call through a tracker sharing
+    this object does nothing (the stage runs on untracked). Strict: every failure raises TrackingError.
+    """
+
+    def __init__(self, uri: str, strict: bool = False, stage: str = ""):
+        self.uri, self.strict, self.stage = uri, strict, stage
+        self.failed = False
+
+    def fail(self, exc: BaseException, doing: str) -> None:
+        reason = _one_line(exc)
+        if self.strict:
+            raise TrackingError(
+                f"MLflow store {self.uri} failed while {doing} ({reason}); tracking.strict=true stops here: "
+                "fix or move the store (MLFLOW_TRACKING_URI), or set tracking.strict=false to run untracked"
+            ) from None
+        if not self.failed:
+            what = f"the {self.stage} stage" if self.stage else "this stage"
+            log.warning("MLflow store %s failed while %s (%s): %s goes on untracked; its metrics are still "
+                        "written to metrics/*.json (tracking.strict=true makes this an error)",
+                        self.uri, doing, reason, what)
+        self.failed = True
+
+    def call(self, fn: Callable[[], T], doing: str, retry: bool = True) -> T | None:
+        if self.failed:
+            return None
+        try:
+            return _retry(fn) if retry else fn()
+        except Exception as exc:  # noqa: BLE001 - MLflow raises many types for a broken store
+            self.fail(exc, doing)
+            return None
+
+
+def _one_line(exc: BaseException) -> str:
+    text = (str(exc).strip().splitlines() or [""])[0][:240]
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+class Tracker:
+    """Logging API used by stages. `NullTracker` keeps the same API when tracking is off.
+
+    Every call retries a locked store; a store that fails anyway is handled by `health` (one
+    warning, then untracked; or TrackingError with tracking.strict).
+    """
+
+    def __init__(self, run_id: str, client, health: StoreHealth | None = None):
         self.run_id = run_id
         self.client = client
+        self.health = health or StoreHealth(getattr(client, "tracking_uri", "?"))
+
+    @property
+    def active(self) -> bool:
+        """False once the store failed (the stage goes on untracked)."""
+        return not self.health.failed
+
+    def _call(self, fn: Callable[[], T], doing: str) -> T | None:
+        return self.health.call(fn, doing)
 
     def log_params(self, params: dict) -> None:
         flat = flatten(params)
-        existing = _retry(lambda: self.client.get_run(self.run_id)).data.params
+        run = self._call(lambda: self.client.get_run(self.run_id), "reading the run's params")
+        if run is None:
+            return
+        existing = run.data.params
         fresh = {k: str(v)[:MAX_PARAM_LENGTH] for k, v in flat.items() if k not in existing}
         if fresh:
             from mlflow.entities import Param
 
             items = [Param(k, v) for k, v in fresh.items()]
             for i in range(0, len(items), 100):
-                _retry(lambda chunk=items[i : i + 100]: self.client.log_batch(self.run_id, params=chunk))
+                self._call(lambda chunk=items[i : i + 100]: self.client.log_batch(self.run_id, params=chunk),
+                           "logging params")
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         """Numbers in `metrics` (nested dicts flattened; others ignored) at `step` (default 0)."""
@@ -147,37 +226,53 @@ class Tracker:
             for k, v in numeric_items({k: v for k, v in rec.items() if k != step_key}).items():
                 items.append(Metric(_metric_key(k), v, ts, step))
         for i in range(0, len(items), 1000):
-            _retry(lambda chunk=items[i : i + 1000]: self.client.log_batch(self.run_id, metrics=chunk))
+            self._call(lambda chunk=items[i : i + 1000]: self.client.log_batch(self.run_id, metrics=chunk),
+                       "logging metrics")
 
     def log_summary(self, metrics: dict) -> None:
         """Final numbers of a stage: logged once, skipping keys the run already has a history for."""
-        existing = set(_retry(lambda: self.client.get_run(self.run_id)).data.metrics)
+        run = self._call(lambda: self.client.get_run(self.run_id), "reading the run's metrics")
+        if run is None:
+            return
+        existing = set(run.data.metrics)
         fresh = {k: v for k, v in numeric_items(metrics).items() if _metric_key(k) not in existing}
         if fresh:
             self.log_metrics(fresh, step=0)
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        _retry(lambda: self.client.log_artifact(self.run_id, str(path), artifact_path))
+        self._call(lambda: self.client.log_artifact(self.run_id, str(path), artifact_path), "storing an artifact")
 
     def log_image(self, image, name: str) -> None:
         """image: PIL image or HxW(xC) uint8 array; stored as an artifact `images/<name>`."""
-        _retry(lambda: self.client.log_image(self.run_id, image, artifact_file=f"images/{name}"))
+        self._call(lambda: self.client.log_image(self.run_id, image, artifact_file=f"images/{name}"),
+                   "storing an image")
 
     def log_dict(self, data: dict, name: str) -> None:
-        _retry(lambda: self.client.log_dict(self.run_id, data, name))
+        self._call(lambda: self.client.log_dict(self.run_id, data, name), "storing a file")
 
     def set_tags(self, tags: dict[str, str]) -> None:
         from mlflow.entities import RunTag
 
         items = [RunTag(k, str(v)) for k, v in tags.items()]
         if items:
-            _retry(lambda: self.client.log_batch(self.run_id, tags=items))
+            self._call(lambda: self.client.log_batch(self.run_id, tags=items), "setting tags")
+
+    def log_generator_model(self, state: dict, step: int = 0) -> str | None:
+        """The checkpoint's EMA model as this run's MLflow model (see `GeneratorModel`); its model id."""
+        # not retried as a whole: a retry after a partial write would log a second model
+        return self.health.call(lambda: log_generator_model(self.client, self.run_id, state, step=step),
+                                "logging the MLflow model", retry=False)
 
 
 class NullTracker(Tracker):
     def __init__(self):
         self.run_id = None
         self.client = None
+        self.health = StoreHealth("none")
+
+    @property
+    def active(self) -> bool:
+        return False
 
     def log_params(self, params): ...
     def log_metrics(self, metrics, step=None): ...
@@ -187,6 +282,45 @@ class NullTracker(Tracker):
     def log_image(self, image, name): ...
     def log_dict(self, data, name): ...
     def set_tags(self, tags): ...
+    def log_generator_model(self, state, step=0): ...
+
+
+class LiveMetrics:
+    """Per-step training records logged to a run while training runs (each step once).
+
+    Fed from the thread that follows the run's metrics.jsonl; `flush` logs what arrived since the
+    last call in one batch. A record for a step already logged (the records file is rewritten from
+    a checkpoint when Ray restarts a worker group) is skipped.
+    """
+
+    def __init__(self, tracker: Tracker):
+        self.tracker = tracker
+        self.logged: set[int] = set()
+        self.pending: dict[int, dict] = {}
+        self.flushes: list[float] = []  # monotonic times of the batches logged (how live the curve is)
+        self._lock = threading.Lock()
+
+    def add(self, record: dict) -> None:
+        step = int(record.get("step", 0))
+        with self._lock:
+            if step not in self.logged:
+                self.pending[step] = record
+
+    def flush(self) -> None:
+        with self._lock:
+            batch = [self.pending[s] for s in sorted(self.pending)]
+            self.pending.clear()
+        if not batch or not self.tracker.active:
+            return
+        self.tracker.log_metric_history(batch)
+        with self._lock:
+            self.logged.update(int(r.get("step", 0)) for r in batch)
+            self.flushes.append(time.monotonic())
+
+    def missing(self, history: Iterable[dict]) -> list[dict]:
+        """The records of `history` not logged yet."""
+        with self._lock:
+            return [r for r in history if int(r.get("step", 0)) not in self.logged]
 
 
 def _quiet_mlflow_logs() -> None:
@@ -236,13 +370,13 @@ def _find(client, exp_id: str, tags: dict[str, str]) -> list:
     )))
 
 
-def _parent_run(client, exp_id: str, key: str, params: dict) -> str:
+def _parent_run(client, exp_id: str, key: str, params: dict, tags: dict[str, str] | None = None) -> str:
     found = _find(client, exp_id, {PIPELINE_TAG: key})
     parents = [r for r in found if "mlflow.parentRunId" not in r.data.tags]
     if parents:
         return parents[0].info.run_id
     dvc_exp = os.environ.get("DVC_EXP_NAME")
-    tags = {PIPELINE_TAG: key}
+    tags = {PIPELINE_TAG: key, **(tags or {})}
     if dvc_exp:
         tags["unite.dvc_experiment"] = dvc_exp
     run = _retry(lambda: client.create_run(exp_id, run_name=f"pipeline-{dvc_exp or key}", tags=tags))
@@ -255,41 +389,159 @@ def pipeline_run_name(params: dict) -> str:
     return f"pipeline-{os.environ.get('DVC_EXP_NAME') or params_hash(params)}"
 
 
+@functools.lru_cache(maxsize=8)
+def _git_tags(root: str) -> tuple[tuple[str, str], ...]:
+    """The project's git commit, branch and whether tracked files differ from it (cached per root)."""
+    try:
+        import git
+
+        repo = git.Repo(root, search_parent_directories=True)
+        tags = {GIT_COMMIT_TAG: repo.head.commit.hexsha,
+                "unite.git_dirty": str(repo.is_dirty(untracked_files=False)).lower()}
+        if not repo.head.is_detached:
+            tags["mlflow.source.git.branch"] = repo.active_branch.name
+        return tuple(tags.items())
+    except Exception as exc:  # noqa: BLE001 - no git, not a repository, no commit yet
+        log.debug("no git commit for %s (%s)", root, exc)
+        return ()
+
+
+def source_tags(root: Path, params: dict | None = None) -> dict[str, str]:
+    """Tags every run carries: the git commit (mlflow.source.git.commit) and the params hash."""
+    tags = dict(_git_tags(str(project_home(root))))
+    if params is not None:
+        tags[PARAMS_HASH_TAG] = params_hash(params)
+    return tags
+
+
+def check_reachable(uri: str) -> None:
+    """Fail fast on a tracking server that does not answer (MLflow's own client retries for minutes)."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=_REACH_TIMEOUT_S):
+            return
+    except urllib.error.HTTPError:
+        return  # it answered (a server without /health, or one that wants credentials)
+    except OSError as exc:
+        raise ConnectionError(f"no answer from {uri} ({getattr(exc, 'reason', exc)})") from None
+
+
 @contextmanager
 def stage_run(
-    root: Path, experiment: str, stage: str, params: dict, *, enabled: bool = True, extra_tags: dict | None = None
+    root: Path, experiment: str, stage: str, params: dict, *, enabled: bool = True, extra_tags: dict | None = None,
+    strict: bool = False,
 ) -> Iterator[Tracker]:
     """A fresh child run `stage` under the pipeline parent run for these params (created on demand).
 
     Earlier child runs with the same stage (and extra tags) under that parent are soft-deleted once
-    this one finishes, so the UI shows each stage once. The run is marked FINISHED on success and
-    FAILED on an exception (which propagates); a failed run does not replace the previous good one.
+    this one finishes, so the UI shows each stage once. The run is marked FINISHED on success, KILLED
+    when a signal stopped the command (KeyboardInterrupt) and FAILED on another exception (which
+    propagates); a failed or killed run does not replace the previous good one.
+
+    A store that cannot be opened (locked past the retries, corrupt, unreachable) gives one warning
+    and a NullTracker, or TrackingError when `strict`.
     """
     if not enabled:
         yield NullTracker()
         return
-    client = client_for(root)
-    exp_id = experiment_id(client, experiment, root)
-    key = params_hash(params)
-    parent = _parent_run(client, exp_id, key, params)
-    _retry(lambda: client.update_run(parent, status="RUNNING"))
-    child_tags = {PIPELINE_TAG: key, STAGE_TAG: stage, **{k: str(v) for k, v in (extra_tags or {}).items()}}
-    previous = [r.info.run_id for r in _find(client, exp_id, child_tags)
-                if r.data.tags.get("mlflow.parentRunId") == parent]
-    run = _retry(lambda: client.create_run(
-        exp_id, run_name=stage, tags={**child_tags, "mlflow.parentRunId": parent}))
-    tracker = Tracker(run.info.run_id, client)
-    tracker.log_params(params)
+    uri = tracking_uri(root)
+    health = StoreHealth(uri, strict, stage)
+    try:
+        check_reachable(uri)
+        client = client_for(root)
+        exp_id = experiment_id(client, experiment, root)
+        key = params_hash(params)
+        tags = source_tags(root, params)
+        parent = _parent_run(client, exp_id, key, params, tags)
+        _retry(lambda: client.update_run(parent, status="RUNNING"))
+        child_tags = {PIPELINE_TAG: key, STAGE_TAG: stage, **{k: str(v) for k, v in (extra_tags or {}).items()}}
+        previous = [r.info.run_id for r in _find(client, exp_id, child_tags)
+                    if r.data.tags.get("mlflow.parentRunId") == parent]
+        run = _retry(lambda: client.create_run(
+            exp_id, run_name=stage, tags={**tags, **child_tags, "mlflow.parentRunId": parent}))
+        tracker = Tracker(run.info.run_id, client, health)
+        tracker.log_params(params)
+    except Exception as exc:  # noqa: BLE001 - MLflow raises many types for a broken store
+        health.fail(exc, "opening the run")
+        tracker = None
+    if tracker is None:
+        yield NullTracker()
+        return
+    run_id = run.info.run_id
     try:
         yield tracker
-    except BaseException:
-        _retry(lambda: client.set_terminated(run.info.run_id, "FAILED"))
-        _retry(lambda: client.set_terminated(parent, "FAILED"))
+    except BaseException as exc:
+        status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
+        health.call(lambda: client.set_terminated(run_id, status), "ending the run")
+        health.call(lambda: client.set_terminated(parent, status), "ending the run")
         raise
-    _retry(lambda: client.set_terminated(run.info.run_id, "FINISHED"))
+    health.call(lambda: client.set_terminated(run_id, "FINISHED"), "ending the run")
     for old in previous:
-        _retry(lambda old=old: client.delete_run(old))
-    _retry(lambda: client.set_terminated(parent, "FINISHED"))
+        health.call(lambda old=old: client.delete_run(old), "retiring an earlier run")
+    health.call(lambda: client.set_terminated(parent, "FINISHED"), "ending the run")
+
+
+# ----------------------------------------------------------------------------------------------
+# The trained model as an MLflow model
+# ----------------------------------------------------------------------------------------------
+def log_generator_model(client, run_id: str, state: dict, step: int = 0) -> str | None:
+    """Log the checkpoint's EMA model (images modality) as MLflow model `model` of the run; its model id.
+
+    Saved in mlflow.pytorch's pickle format: its default, pt2 (torch.export), cannot trace the
+    sampler (noise drawn for a symbolic batch size, an ODE loop of tens of steps), so a logged model
+    is loaded with pickle (only load models from a store you trust). The signature says int64 labels (-1,) in, float32
+    images (-1, C, H, W) out; the input example is labels 0 and 1. Requirements
+    are given (torch, mlflow, numpy) rather than inferred, which would load the model again in a
+    subprocess; loading also needs this project's package installed (the pickle names its classes).
+    Molecule models are not logged (their output is not one tensor).
+    """
+    import mlflow.pytorch
+    import numpy as np
+    import torch
+    from mlflow.models import ModelSignature
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+    from mlflow.types import Schema, TensorSpec
+
+    from unite_core.train import model_from_checkpoint
+
+    from .generator_model import GeneratorModel
+
+    info = state.get("info", {})
+    if info.get("modality", "images") != "images":
+        log.info("the MLflow model is logged for image models only; this is a %s model", info.get("modality"))
+        return None
+    model = model_from_checkpoint(state, use_ema=True, device="cpu")
+    wrapped = GeneratorModel(model, state["config"]["sample"]).eval()
+    channels, size = int(info.get("channels", 1)), int(info.get("image_size", 32))
+    num_classes = max(1, int(info.get("num_classes", 1)))
+    signature = ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype("int64"), (-1,))]),  # unnamed: pyfunc passes the array as is
+        outputs=Schema([TensorSpec(np.dtype("float32"), (-1, channels, size, size), "images")]),
+    )
+    # two labels: MLflow checks the example by generating from it while logging (a second, not minutes)
+    example = np.arange(min(num_classes, 2), dtype=np.int64)
+    requirements = [f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}", "numpy"]
+    env_uri = os.environ.get("MLFLOW_TRACKING_URI")
+    flavor_log = logging.getLogger("mlflow.pytorch")
+    level = flavor_log.level
+    flavor_log.setLevel(logging.ERROR)  # its warning about pickle: the choice is deliberate (above)
+    try:
+        with _use_tracking_uri(client.tracking_uri):
+            logged = mlflow.pytorch.log_model(
+                wrapped, name=MODEL_NAME, run_id=run_id, signature=signature, input_example=example,
+                pip_requirements=requirements, step=int(step), serialization_format="pickle",
+            )
+    finally:  # _use_tracking_uri unsets the variable it exported instead of restoring the user's
+        flavor_log.setLevel(level)
+        if env_uri is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = env_uri
+    return logged.model_id
 
 
 # names used before this module grew a public API

@@ -70,14 +70,28 @@ def test_debug_shows_the_traceback(project):
     assert "Traceback" in proc.stderr and "CheckpointError" in proc.stderr
 
 
-def test_a_command_missing_from_this_build_exits_2(tmp_path):
-    missing = [n for n in OPTIONAL_COMMANDS
-               if importlib.util.find_spec(f"pipelines.commands.{n}") is None
-               and importlib.util.find_spec(f"pipelines.stages.{n}") is None]
-    if not missing:
-        pytest.skip("every optional command is in this build")
-    proc = run_unite([missing[0], "--some-option"], cwd=tmp_path)
-    assert_one_line_error(proc, f"`unite {missing[0]}` is not available in this build", code=2)
+def test_a_command_missing_from_this_build_exits_2(monkeypatch, capsys):
+    """Every optional command ships today, so an optional command without a module is simulated
+    (in-process: the CLI's own dispatch, as a subprocess would run it)."""
+    import logging
+    import signal
+
+    import pipelines.cli as cli
+
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "handlers", list(root.handlers))  # main() sets up logging and SIGTERM:
+    monkeypatch.setattr(root, "level", root.level)              # undone after the test
+    previous = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(signal, "signal", lambda sig, handler, _real=signal.signal: _real(sig, handler)
+                        if sig != signal.SIGTERM else previous)
+    assert not [n for n in OPTIONAL_COMMANDS if importlib.util.find_spec(f"pipelines.commands.{n}") is None
+                and importlib.util.find_spec(f"pipelines.stages.{n}") is None]
+    monkeypatch.setitem(cli.OPTIONAL_COMMANDS, "phantom", (None, "A command this build lacks."))
+    with pytest.raises(SystemExit) as info:
+        cli.main(["phantom", "--some-option"])
+    err = capsys.readouterr().err
+    assert info.value.code == 2
+    assert err.strip() == "error: `unite phantom` is not available in this build"
 
 
 def test_sample_writes_a_grid_of_the_requested_classes(project):
@@ -91,3 +105,84 @@ def test_sample_writes_a_grid_of_the_requested_classes(project):
         # 3 rows x 4 columns of 8x8 tiles with 2-pixel gaps, upscaled 8x for viewing
         assert img.size == ((4 * 10 + 2) * 8, (3 * 10 + 2) * 8)
         assert img.mode == "L" and len(set(img.getdata())) > 2
+
+
+def test_unreadable_params_files_get_specific_messages(tmp_path):
+    (tmp_path / "binary.yaml").write_bytes(bytes(range(256)))
+    (tmp_path / "dated.yaml").write_text("tracking:\n  experiment: 2026-12-01\n")
+    binary = run_unite(["prepare", "--params", "binary.yaml"], cwd=tmp_path)
+    dated = run_unite(["prepare", "--params", "dated.yaml"], cwd=tmp_path)
+    assert_one_line_error(binary, "params file 'binary.yaml' is binary")
+    assert_one_line_error(dated, "tracking.experiment=2026-12-01 was read as a date", "quote it")
+
+
+# ----------------------------------------------------------------------------------------------
+# unite bench
+# ----------------------------------------------------------------------------------------------
+def test_bench_lists_the_benchmarks_and_refuses_an_unknown_one(tmp_path):
+    from pathlib import Path
+
+    listed = run_unite(["bench"], cwd=tmp_path)
+    assert listed.returncode == 0, listed.stderr
+    names = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "benchmarks").glob("*.py"))
+    for name in names:
+        assert f"  {name}  " in listed.stdout, name
+    assert "Training-step throughput" in listed.stdout  # each with its docstring's first line
+    wrong = run_unite(["bench", "nosuch"], cwd=tmp_path)
+    assert_one_line_error(wrong, "no benchmark 'nosuch'", "train_step")
+    assert "not available in this build" not in run_unite(["--help"], cwd=tmp_path).stdout.split("bench")[1][:200]
+
+
+def test_bench_runs_a_benchmark_and_prints_only_its_json_lines(tmp_path):
+    import json
+
+    proc = run_unite(["bench", "attention_cpu", "--threads", "1"], cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [json.loads(line) for line in proc.stdout.splitlines()]  # every stdout line is JSON
+    assert len(rows) == 6 and {r["dtype"] for r in rows} == {"bfloat16", "float32"}
+    assert all(r["bench"] == "attention_cpu" and r["threads"] == 1 and r["math_ms"] > 0 for r in rows)
+    helped = run_unite(["bench", "attention_cpu", "--help"], cwd=tmp_path)
+    assert helped.returncode == 0 and "--threads" in helped.stderr + helped.stdout  # the benchmark's own help
+
+
+# ----------------------------------------------------------------------------------------------
+# Progress: a bar on a terminal, periodic lines with --quiet or without a terminal
+# ----------------------------------------------------------------------------------------------
+def _run_with_tty_stderr(args, cwd) -> tuple[int, str]:
+    """Run `unite ARGS` with stderr on a pseudo-terminal (as in an interactive shell); its exit code
+    and what it wrote there."""
+    import os
+    import pty
+    import subprocess
+
+    from tests.ray_fixtures import UNITE, subprocess_env
+
+    master, slave = pty.openpty()
+    env = subprocess_env(COLUMNS="120", TERM="xterm")
+    proc = subprocess.Popen([UNITE, *args], cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=slave)
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            data = os.read(master, 65536)
+        except OSError:  # the child closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    os.close(master)
+    return proc.wait(timeout=300), b"".join(chunks).decode(errors="replace")
+
+
+def test_progress_is_a_bar_on_a_terminal_and_lines_with_quiet_or_in_a_log(project):
+    code, bar = _run_with_tty_stderr(["classifier"], project)
+    assert code == 0, bar[-2000:]
+    assert "━" in bar and "classifier" in bar and "eta" in bar  # rich's bar, with its ETA column
+    code, quiet = _run_with_tty_stderr(["classifier", "--quiet"], project)
+    assert code == 0, quiet[-2000:]
+    assert "━" not in quiet and "classifier: 60/60 (100%)" in quiet
+    logged = run_unite(["classifier"], cwd=project)  # stderr is a pipe: no terminal
+    assert logged.returncode == 0 and "━" not in logged.stderr
+    assert "classifier: 60/60 (100%) eta 0:00" in logged.stderr
+    prepared = run_unite(["prepare"], cwd=project)
+    assert "prepare digits (steps): 3/3 (100%)" in prepared.stderr

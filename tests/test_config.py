@@ -97,3 +97,70 @@ def test_project_params_file_is_valid():
     root = Path(__file__).resolve().parents[1]
     cfg = load_config(root / "params.yaml")
     assert cfg.data.dataset == "mnist5k"
+
+
+# ----------------------------------------------------------------------------------------------
+# The resume key (Config.fingerprint) and unreadable params files
+# ----------------------------------------------------------------------------------------------
+def _changed(cfg, dotted: str):
+    """cfg with one key set to a value no setting has (no validation: the rule, not the schema)."""
+    section, key = dotted.split(".")
+    sub = getattr(cfg, section).model_copy(update={key: "__changed__"})
+    return cfg.model_copy(update={section: sub})
+
+
+def test_operational_keys_stay_out_of_the_resume_key_and_every_other_key_counts():
+    """Every key of the model-defining sections changes the fingerprint, except the operational ones:
+    a key added to model/flow/loss/train later counts without touching the rule."""
+    import warnings
+
+    from unite_core.config import MODEL_SECTIONS, OPERATIONAL_KEYS, Config
+
+    assert {"train.log_every", "train.eval_every", "train.time_limit_minutes", "train.device", "train.threads",
+            "data.root"} <= set(OPERATIONAL_KEYS)
+    base = Config()
+    checked = 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydantic warns when serialising the placeholder value
+        for section in MODEL_SECTIONS:
+            if section == "modality":
+                continue
+            for key in type(getattr(base, section)).model_fields:
+                dotted = f"{section}.{key}"
+                same = _changed(base, dotted).fingerprint() == base.fingerprint()
+                assert same == (dotted in OPERATIONAL_KEYS), dotted
+                checked += 1
+    assert checked > 50
+    assert config_from_dict({}, ["modality=molecules", "data.dataset=qm9", "data.root=/x"]).fingerprint() != \
+        config_from_dict({}, ["data.dataset=imagefolder", "data.root=/x"]).fingerprint()
+    # sections outside the model's definition never count
+    assert config_from_dict({}, ["sample.cfg_scale=4", "eval.num_samples=10", "distributed.num_workers=3",
+                                 "tracking.experiment=x"]).fingerprint() == base.fingerprint()
+
+
+def test_a_binary_params_file_is_named_as_such(tmp_path):
+    p = tmp_path / "params.yaml"
+    p.write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    assert "binary" in str(e.value) and str(p) in str(e.value) and "\n" not in str(e.value)
+    p.write_bytes(b"train:\n  lr: 0.1\n\x00\x00")  # valid UTF-8 with NUL bytes: still no YAML text
+    with pytest.raises(ConfigError, match="binary"):
+        load_config(p)
+
+
+def test_a_yaml_date_names_the_key_and_the_fix(tmp_path):
+    p = tmp_path / "params.yaml"
+    p.write_text("tracking:\n  experiment: 2026-12-01\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    msg = str(e.value)
+    assert "tracking.experiment=2026-12-01" in msg and "date" in msg and "quote it" in msg and "\n" not in msg
+    p.write_text("tracking:\n  experiment: '2026-12-01'\n")
+    assert load_config(p).tracking.experiment == "2026-12-01"  # quoted, it is the text it looks like
+    assert "train.lr=2026-12-01" in err(overrides=["train.lr=2026-12-01"])
+
+
+def test_a_folder_as_params_file(tmp_path):
+    with pytest.raises(ConfigError, match="is a folder"):
+        load_config(tmp_path)

@@ -1,4 +1,5 @@
-"""`dvc repro` end to end in a copy of the repository, and what it leaves in MLflow and its UI.
+"""`dvc repro` end to end in a copy of the repository, what it leaves in MLflow and its UI, and two
+`dvc exp run` experiments compared with `dvc exp show`, `dvc metrics diff` and `dvc plots diff`.
 
 One module-scoped run of the whole pipeline (presets/digits_tiny.yaml: 8x8 digits, 40 in-process
 training steps) feeds every test here.
@@ -7,6 +8,7 @@ training steps) feeds every test here.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
 import shutil
@@ -104,6 +106,21 @@ def test_repro_runs_every_stage_and_writes_every_declared_output(pipeline):
     assert (root / "dvc.lock").is_file()
 
 
+def test_metrics_and_plots_are_tracked_by_git_and_dvc_metrics_show_has_no_warning(pipeline):
+    """metrics/ and plots/ are outputs git sees (so experiments and commits carry them); after a
+    fresh repro `dvc metrics show` lists every stage's metrics and says nothing on stderr, although
+    the stages of experiments/dvc.yaml have not run (their committed metrics files are `{}`)."""
+    root = pipeline["root"]
+    ignored = subprocess.run(["git", "check-ignore", "metrics/train.json", "plots/train_curve.csv",
+                              "plots/samples.png"], cwd=root, capture_output=True, text=True)
+    assert ignored.stdout.strip() == "", ignored.stdout
+    shown, _ = dvc(root, "metrics", "show", "--json")
+    assert shown.returncode == 0 and shown.stderr.strip() == "", shown.stderr
+    plain, _ = dvc(root, "metrics", "show")
+    assert plain.returncode == 0 and plain.stderr.strip() == "", plain.stderr
+    assert "metrics/train.json" in plain.stdout and "final_loss" in plain.stdout
+
+
 def test_second_repro_does_nothing(pipeline):
     out = pipeline["second"].stdout
     assert "Running stage" not in out
@@ -144,7 +161,14 @@ def test_mlflow_has_one_parent_run_with_a_child_per_stage(pipeline):
 
     with Image.open(local) as img:  # 10 digits above their reconstructions, upscaled 8x
         assert img.format == "PNG" and img.width > img.height * 4
-    assert {a.path for a in client.list_artifacts(train.info.run_id, "model")} == {"model/unite.pt"}
+    # the trained model is an MLflow model (not a second copy of the checkpoint file)
+    assert "model" not in {a.path for a in client.list_artifacts(train.info.run_id)}
+    (logged,) = client.get_run(train.info.run_id).outputs.model_outputs
+    assert client.get_logged_model(logged.model_id).name == "model" and logged.step == 40
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
+    for run in runs:
+        assert run.data.tags["mlflow.source.git.commit"] == head
+        assert run.data.tags["unite.params_hash"] == run.data.tags["unite.pipeline"]
     assert "plots/train_curve.csv" in {a.path for a in client.list_artifacts(train.info.run_id, "plots")}
     assert "metrics/train.json" in {a.path for a in client.list_artifacts(train.info.run_id, "metrics")}
 
@@ -215,3 +239,47 @@ def test_dvc_exp_run_with_a_changed_param_retrains(pipeline):
     names = {r.info.run_name for r in active_runs(root) if "mlflow.parentRunId" not in r.data.tags}
     assert "pipeline-lr-test" in names
     print(f"dvc exp run -S train.lr=0.001: {seconds:.1f} s")
+
+
+def test_two_experiments_compare_in_exp_show_metrics_diff_and_plots_diff(pipeline):
+    """After the one above: a second experiment; `dvc exp show --json` holds both experiments'
+    metrics (read from the experiments' commits: metrics/ is tracked by git), and `dvc metrics diff`
+    and `dvc plots diff` between them show their differences."""
+    root = pipeline["root"]
+    proc, seconds = dvc(root, "exp", "run", "-S", "train.lr=0.003", "-n", "lr-test2")
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    print(f"dvc exp run -S train.lr=0.003: {seconds:.1f} s")
+
+    shown, _ = dvc(root, "exp", "show", "--json")
+    assert shown.returncode == 0, shown.stderr[-3000:]
+    experiments = {}
+    for baseline in json.loads(shown.stdout):
+        for exp in baseline.get("experiments") or []:
+            for rev in exp["revs"]:
+                experiments[rev["name"]] = rev["data"]
+    assert {"lr-test", "lr-test2"} <= set(experiments)
+    losses = {}
+    for name in ("lr-test", "lr-test2"):
+        metrics = experiments[name]["metrics"]
+        for path in ("metrics/prepare.json", "metrics/train.json", "metrics/evaluate.json"):
+            if path == "metrics/evaluate.json" and "evaluate" in pipeline["missing"]:
+                continue
+            assert "error" not in metrics[path] and metrics[path]["data"], (name, path)
+        losses[name] = metrics["metrics/train.json"]["data"]["final_loss"]
+        assert experiments[name]["params"]["params.yaml"]["data"]["train"]["lr"] == \
+            {"lr-test": 0.001, "lr-test2": 0.003}[name]
+    assert losses["lr-test"] != losses["lr-test2"]
+
+    diff, _ = dvc(root, "metrics", "diff", "lr-test", "lr-test2", "--json")
+    assert diff.returncode == 0 and diff.stderr.strip() == "", diff.stderr
+    train = json.loads(diff.stdout)["metrics/train.json"]
+    assert train["final_loss"]["old"] == losses["lr-test"] and train["final_loss"]["new"] == losses["lr-test2"]
+    text, _ = dvc(root, "metrics", "diff", "lr-test", "lr-test2")
+    assert "final_loss" in text.stdout
+
+    plots, _ = dvc(root, "plots", "diff", "lr-test", "lr-test2", "--json")
+    assert plots.returncode == 0, plots.stderr[-3000:]
+    (curve,) = json.loads(plots.stdout)["data"]["train_losses"]
+    assert curve["revisions"] == ["lr-test", "lr-test2"]
+    revs = {row["rev"] for row in curve["content"]["data"]["values"]}
+    assert revs == {"lr-test", "lr-test2"}

@@ -81,7 +81,7 @@ def test_two_ray_workers_survive_a_crash_and_train_like_the_single_process_loop(
     proc = run_unite(["train"], cwd=root, RAY_ADDRESS=ray_cluster, UNITE_TEST_CRASH_AT_STEP="17")
     wall = time.perf_counter() - t0
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rdir = root / "ray_results" / run_name(cfg)
+    rdir = root / "ray_results" / run_name(cfg, read_json(root / "metrics" / "prepare.json")["content_hash"])
     assert (rdir / CRASH_MARKER).read_text().startswith("crashed at step 17")
     metrics = read_json(root / "metrics" / "train.json")
     assert metrics["steps"] == STEPS and metrics["trained_now"] and metrics["workers"] == 2
@@ -144,8 +144,9 @@ def test_an_interrupted_run_resumes_to_the_same_numbers(reference, tmp_path):
     and ends with exactly the history of the uninterrupted run (same data order, same random draws)."""
     root = tmp_path / "resume"
     cfg = make_project(root, workers=0)
-    rdir = root / "ray_results" / run_name(cfg)
-    shutil.copytree(reference["root"] / "ray_results" / run_name(cfg), rdir)
+    name = reference["metrics"]["run_name"]  # the same params and data: the same run
+    rdir = root / "ray_results" / name
+    shutil.copytree(reference["root"] / "ray_results" / name, rdir)
     shutil.rmtree(rdir / "checkpoint_00000030")
     metrics = execute("train", cfg, root)
     assert metrics["trained_now"] and metrics["steps"] == STEPS

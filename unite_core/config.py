@@ -7,6 +7,7 @@ naming the key, the offending value and what is allowed.
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
 import math
@@ -333,6 +334,9 @@ class DistributedConfig(_Section):
 class TrackingConfig(_Section):
     experiment: str = "unite"
     enabled: bool = True
+    strict: bool = Field(False, description="stop a stage when the MLflow store is locked for too long, corrupt "
+                         "or unreachable (default: warn once and run the stage untracked; metrics/*.json are "
+                         "written either way)")
 
 
 class SweepConfig(_Section):
@@ -354,6 +358,23 @@ class AnalysisConfig(_Section):
     knn: int = Field(10, ge=1)
     entropy_bins: int = Field(256, ge=2)
     probe_max_iter: int = Field(1000, ge=10)
+
+
+#: the sections whose settings define a trained model (Config.fingerprint)
+MODEL_SECTIONS = ("modality", "data", "model", "flow", "loss", "train")
+#: keys of MODEL_SECTIONS that change how a run is carried out, not the model it trains: changing
+#: one resumes the same run instead of starting over. Everything else in those sections counts.
+#: data.root and data.on_corrupt only matter through the data's content, whose hash the run name holds.
+OPERATIONAL_KEYS = (
+    "data.root",
+    "data.on_corrupt",
+    "train.log_every",
+    "train.eval_every",
+    "train.checkpoint_every",
+    "train.time_limit_minutes",
+    "train.device",
+    "train.threads",
+)
 
 
 class Config(_Section):
@@ -409,10 +430,20 @@ class Config(_Section):
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 
-    def fingerprint(self, sections: tuple[str, ...] = ("modality", "data", "model", "flow", "loss", "train")) -> str:
-        """Short hash of the settings that define a trained model (run names, cache keys)."""
+    def fingerprint(self, sections: tuple[str, ...] = MODEL_SECTIONS,
+                    exclude: tuple[str, ...] = OPERATIONAL_KEYS) -> str:
+        """Short hash of the settings that define a trained model (the resume key of a training run).
+
+        Every key of `sections` counts except the operational ones in `exclude` (a key added to a
+        section later counts automatically). The data's content is not in the params: run names add
+        the prepared data's content hash (pipelines.distributed.run_name).
+        """
         d = self.to_dict()
         sub = {k: d[k] for k in sections}
+        for dotted in exclude:
+            section, _, key = dotted.partition(".")
+            if isinstance(sub.get(section), dict):
+                sub[section].pop(key, None)
         return hashlib.sha256(json.dumps(sub, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -458,11 +489,47 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             if not isinstance(node[p], dict):
                 raise ConfigError(f"override '{text}': '{p}' is a value, not a section")
             node = node[p]
+        _check_plain({text.split("=", 1)[0].strip(): value}, "override ")
         node[path[-1]] = value
     return data
 
 
+def _unplain_value(data: Any, prefix: str = "") -> tuple[str, Any] | None:
+    """The first (dotted key, value) whose value YAML read as something other than plain data
+    (a date or time stamp, binary data, a set), or None."""
+    if isinstance(data, dict):
+        for k, v in data.items():
+            found = _unplain_value(v, f"{prefix}{k}.")
+            if found:
+                return found
+        return None
+    if isinstance(data, (list, tuple)):
+        for i, v in enumerate(data):
+            found = _unplain_value(v, f"{prefix.rstrip('.')}[{i}].")
+            if found:
+                return found
+        return None
+    if data is None or isinstance(data, (str, int, float, bool)):
+        return None
+    return prefix.rstrip("."), data
+
+
+def _check_plain(data: Any, where: str) -> None:
+    found = _unplain_value(data)
+    if found is None:
+        return
+    key, value = found
+    if isinstance(value, (datetime.date, datetime.datetime)):
+        raise ConfigError(
+            f"{where}{key}={value} was read as a date; no setting takes a date: quote it (\"{value}\") "
+            "if you meant text, or give the number the key expects"
+        )
+    raise ConfigError(f"{where}{key} holds {type(value).__name__} data that no setting takes: use a number, "
+                      "text, true/false or a list")
+
+
 def config_from_dict(data: dict[str, Any] | None, overrides: list[str] | None = None) -> Config:
+    _check_plain(data or {}, "")
     data = json.loads(json.dumps(data or {}))  # deep copy of plain data
     data = apply_overrides(data, overrides or [])
     try:
@@ -475,14 +542,28 @@ def load_config(path: str | Path | None = "params.yaml", overrides: list[str] | 
     data: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
+        if p.is_dir():
+            raise ConfigError(f"params file '{p}' is a folder: pass --params FILE (a YAML file such as params.yaml)")
         if not p.is_file():
             raise ConfigError(f"params file '{p}' not found: pass --params FILE or run from the project root")
         try:
-            data = yaml.safe_load(p.read_text()) or {}
+            raw = p.read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"params file '{p}' cannot be read ({exc.strerror}): check its permissions") from None
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            text = None
+        if text is None or "\0" in text:
+            raise ConfigError(f"params file '{p}' is binary, not YAML text: pass the YAML params file "
+                              "(e.g. params.yaml or presets/*.yaml)")
+        try:
+            data = yaml.safe_load(text) or {}
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f" at line {mark.line + 1}" if mark else ""
             raise ConfigError(f"params file '{p}' is not valid YAML{where}: fix the syntax") from None
         if not isinstance(data, dict):
             raise ConfigError(f"params file '{p}' must hold a mapping of sections (data, model, train, ...)")
+        _check_plain(data, f"params file '{p}': ")
     return config_from_dict(data, overrides)

@@ -40,6 +40,7 @@ either.
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 import time
@@ -54,6 +55,7 @@ from torch import nn
 
 from .config import Config
 from .data.molecules import ATOM_MASSES, ATOM_TYPES, PAD_TYPE, random_rotation, to_rdkit
+from .io import atomic_write, atomic_write_text
 from .model import register_modality
 from .nn import ViTBlock, sincos_1d
 
@@ -627,8 +629,8 @@ def write_samples(model, n: int, out_dir, cfg: Config, *, grid_max: int = 64,
     sdf_path = out_dir / "samples.sdf"
     png_path = out_dir / "samples.png"
     pictures, legends = [], []
-    tmp = sdf_path.with_suffix(".sdf.tmp")
-    writer = Chem.SDWriter(str(tmp))
+    sdf_text = io.StringIO()
+    writer = Chem.SDWriter(sdf_text)
     writer.SetKekulize(False)
     n_valid = 0
     with BlockLogs():
@@ -648,9 +650,9 @@ def write_samples(model, n: int, out_dir, cfg: Config, *, grid_max: int = 64,
                 pictures.append(_depiction(mol, valid))
                 legends.append(f"{i}: {smiles}" if valid else f"{i}: invalid ({int(mask.sum())} atoms)")
     writer.close()
-    tmp.replace(sdf_path)
+    atomic_write_text(sdf_path, sdf_text.getvalue())
     img = Draw.MolsToGridImage(pictures, molsPerRow=8, subImgSize=(200, 200), legends=legends)
-    img.save(str(png_path))
+    atomic_write(png_path, lambda f: img.save(f, format="PNG"))
     log.info("wrote %d molecules (%d valid) to %s and %s", len(samples), n_valid, sdf_path, png_path)
     return {"sdf": str(sdf_path), "png": str(png_path)}
 

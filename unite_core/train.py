@@ -60,18 +60,10 @@ def step_generator(seed: int, step: int, rank: int, device: torch.device) -> tor
 # Checkpoints
 # ----------------------------------------------------------------------------------------------
 def save_checkpoint(path: str | Path, state: dict) -> Path:
-    """Atomic write: a temp file in the same folder, then rename; a crash leaves the old file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    """Atomic, fsynced write (unite_core.io): a crash leaves the old file; a full disk is one line."""
+    from .io import atomic_torch_save
+
+    return atomic_torch_save(state, path)
 
 
 def load_checkpoint(path: str | Path, cfg: Config | None = None) -> dict:

@@ -8,13 +8,14 @@ answers "not available in this build" and exits 2.
 
 A command module can reuse the common options and the stage runner:
 
-    from pipelines.commands import DEFAULT_PARAMS, DebugOption, ParamsOption, SetOption, run_stage
+    from pipelines.commands import DEFAULT_PARAMS, DebugOption, ParamsOption, QuietOption, SetOption, run_stage
 
     def register(app):
-        @app.command("bench")
-        def bench(params: ParamsOption = DEFAULT_PARAMS, set_: SetOption = None, debug: DebugOption = False):
-            '''Time things.'''
-            run_stage("bench", params, set_, debug, options={...})
+        @app.command("report")
+        def report(params: ParamsOption = DEFAULT_PARAMS, set_: SetOption = None, debug: DebugOption = False,
+                   quiet: QuietOption = False):
+            '''Write a report.'''
+            run_stage("report", params, set_, debug, quiet=quiet, options={...})
 
 `run_stage` validates the params, runs the stage inside its MLflow child run with a rich progress
 reporter, writes metrics/<stage>.json atomically and prints a summary. Errors need no handling in
@@ -44,6 +45,8 @@ SetOption = Annotated[
     typer.Option("--set", "-s", help="override a parameter: section.key=value (repeatable)", show_default=False),
 ]
 DebugOption = Annotated[bool, typer.Option("--debug", help="debug logging and full tracebacks on errors")]
+QuietOption = Annotated[bool, typer.Option(
+    "--quiet", "-q", help="no progress bars: a progress line (with ETA) every 30 s instead, as when stderr is no terminal")]
 
 _console = None
 _err_console = None
@@ -101,8 +104,11 @@ class _RichTask:
         self.description, self.total = description, total
         self.started = False
 
-    def update(self, completed: float, **fields: Any) -> None:
+    def update(self, completed: float, total: float | None = None, **fields: Any) -> None:
         info = "  ".join(_fmt_field(k, v) for k, v in fields.items())
+        if total is not None and total != self.total:
+            self.total = total
+            self.progress.update(self.task_id, total=total)
         if not self.started:  # the first value is the baseline (a resumed run), not speed
             self.progress.reset(self.task_id, completed=completed, total=self.total, info=info)
             self.started = True
@@ -119,8 +125,10 @@ class _LineTask:
         self.last_print = 0.0
         self.pending: tuple[float, dict] | None = None
 
-    def update(self, completed: float, **fields: Any) -> None:
+    def update(self, completed: float, total: float | None = None, **fields: Any) -> None:
         now = time.monotonic()
+        if total is not None:
+            self.total = total
         self.pending = (completed, fields)
         if self.first is None:
             self.first = (now, completed)
@@ -149,20 +157,24 @@ class _LineTask:
 
 
 class RichReporter:
-    """The CLI's Reporter: a rich progress bar with an ETA on a terminal, periodic lines otherwise."""
+    """The CLI's Reporter: a rich progress bar with an ETA on a terminal; a progress line every
+    `every_s` seconds (and at the end) when stderr is no terminal or with --quiet."""
+
+    def __init__(self, quiet: bool = False, every_s: float = 30.0):
+        self.quiet, self.every_s = quiet, every_s
 
     @contextmanager
     def progress(self, description: str, total: float | None) -> Iterator[Any]:
         con = err_console()
-        if not con.is_terminal:
-            task = _LineTask(description, total)
+        if self.quiet or not con.is_terminal:
+            task = _LineTask(description, total, every_s=self.every_s)
             yield task
             task.flush()
             return
         from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                                    TimeRemainingColumn)
 
-        columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn() if total else TextColumn(""),
+        columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                    TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[info]}")]
         with Progress(*columns, console=con, transient=False) as progress:
             tid = progress.add_task(description, total=total, info="")
@@ -178,6 +190,7 @@ def run_stage(
     overrides: list[str] | None,
     debug: bool = False,
     *,
+    quiet: bool = False,
     options: dict | None = None,
     write_metrics: bool = True,
     module=None,
@@ -193,7 +206,7 @@ def run_stage(
     root = project_root()
     t0 = time.perf_counter()
     result = execute(stage, cfg, root, module=module, params_path=Path(params), overrides=list(overrides or []),
-                     debug=debug, reporter=RichReporter(), options=options, write_metrics=write_metrics)
+                     debug=debug, reporter=RichReporter(quiet=quiet), options=options, write_metrics=write_metrics)
     print_result(stage, result, time.perf_counter() - t0, root, write_metrics)
     return result
 

@@ -8,7 +8,7 @@ from typing import List, Optional
 import typer
 from typing_extensions import Annotated
 
-from . import DEFAULT_PARAMS, DebugOption, ParamsOption, SetOption, run_stage
+from . import DEFAULT_PARAMS, DebugOption, ParamsOption, QuietOption, SetOption, run_stage
 
 
 class AnalyzeOptionError(ValueError):
@@ -33,6 +33,7 @@ def register(app: typer.Typer) -> None:
         params: ParamsOption = DEFAULT_PARAMS,
         set_: SetOption = None,
         debug: DebugOption = False,
+        quiet: QuietOption = False,
         checkpoint: Annotated[Optional[Path], typer.Option(
             "--checkpoint", "-c", help="analyse this checkpoint instead of models/unite.pt", show_default=False)] = None,
         variant: Annotated[Optional[List[str]], typer.Option(
@@ -48,7 +49,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Alignment (CKA/CKNNA per GE block, cosine vs t), linear probes, weight description length, and the
         rate-distortion table of a sweep: metrics/analyze.json, plots/*.csv and plots/*.png."""
-        run_stage("analyze", params, set_, debug, options={
+        run_stage("analyze", params, set_, debug, quiet=quiet, options={
             "checkpoint": checkpoint, "variants": parse_variants(variant), "sweep_csv": sweep_csv,
             "class_mode": class_mode, "notebooks": notebooks,
         })

@@ -7,7 +7,7 @@ from typing import Optional
 import typer
 from typing_extensions import Annotated
 
-from . import DEFAULT_PARAMS, DebugOption, ParamsOption, SetOption, run_stage
+from . import DEFAULT_PARAMS, DebugOption, ParamsOption, QuietOption, SetOption, run_stage
 
 
 def register(app: typer.Typer) -> None:
@@ -18,6 +18,7 @@ def register(app: typer.Typer) -> None:
         params: ParamsOption = DEFAULT_PARAMS,
         set_: SetOption = None,
         debug: DebugOption = False,
+        quiet: QuietOption = False,
         variants: Annotated[str, typer.Option(
             "--variants", help="comma-separated variants")] = ",".join(DEFAULT_VARIANTS),
         minutes: Annotated[Optional[float], typer.Option(
@@ -36,7 +37,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Train and evaluate each variant at equal budget (reports/compare.md + .csv, one MLflow run per
         variant); resumable: variants already in reports/compare.csv with the same settings are skipped."""
-        run_stage("compare", params, set_, debug, options={
+        run_stage("compare", params, set_, debug, quiet=quiet, options={
             "variants": variants, "minutes": minutes, "samples": samples, "scales": scales, "budget": budget,
             "steps": steps, "tokenizer_fraction": tokenizer_fraction,
         })

@@ -12,7 +12,7 @@ from typing import Optional
 import typer
 from typing_extensions import Annotated
 
-from . import DEFAULT_PARAMS, DebugOption, ParamsOption, SetOption, run_stage
+from . import DEFAULT_PARAMS, DebugOption, ParamsOption, QuietOption, SetOption, run_stage
 
 
 def register(app: typer.Typer) -> None:
@@ -21,6 +21,7 @@ def register(app: typer.Typer) -> None:
         params: ParamsOption = DEFAULT_PARAMS,
         set_: SetOption = None,
         debug: DebugOption = False,
+        quiet: QuietOption = False,
         checkpoint: Annotated[Optional[Path], typer.Option(
             "--checkpoint", "-c",
             help="evaluate this checkpoint (rebuilt from its own saved config) instead of models/unite.pt",
@@ -29,4 +30,4 @@ def register(app: typer.Typer) -> None:
         """gFID/KID/precision-recall/IS and conditional accuracy over eval.cfg_scales (best scale + curve),
         rFID/PSNR/SSIM on the val set, noise floor FID(val vs train); writes plots/guidance_curve.csv,
         plots/samples.png and plots/reconstructions.png."""
-        run_stage("evaluate", params, set_, debug, options={"checkpoint": checkpoint})
+        run_stage("evaluate", params, set_, debug, quiet=quiet, options={"checkpoint": checkpoint})

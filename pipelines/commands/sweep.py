@@ -7,7 +7,7 @@ from typing import Optional
 import typer
 from typing_extensions import Annotated
 
-from . import DEFAULT_PARAMS, DebugOption, ParamsOption, SetOption, run_stage
+from . import DEFAULT_PARAMS, DebugOption, ParamsOption, QuietOption, SetOption, run_stage
 
 
 def register(app: typer.Typer) -> None:
@@ -16,6 +16,7 @@ def register(app: typer.Typer) -> None:
         params: ParamsOption = DEFAULT_PARAMS,
         set_: SetOption = None,
         debug: DebugOption = False,
+        quiet: QuietOption = False,
         trials: Annotated[Optional[int], typer.Option(
             "--trials", min=1, help="run only the first N trials (random search: draw N; default: sweep.num_samples "
             "or the whole grid)", show_default=False)] = None,
@@ -34,6 +35,6 @@ def register(app: typer.Typer) -> None:
         reports/best_params.yaml (your params with the best trial's values, for `dvc exp run`)."""
         from .. import sweep as sweep_module
 
-        run_stage("sweep", params, set_, debug, module=sweep_module, options={
+        run_stage("sweep", params, set_, debug, quiet=quiet, module=sweep_module, options={
             "trials": trials, "concurrency": concurrency, "steps": steps, "resume": resume, "fresh": fresh,
         })

@@ -12,8 +12,6 @@ import importlib
 import importlib.util
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -29,26 +27,8 @@ class StageError(RuntimeError):
 # ----------------------------------------------------------------------------------------------
 # Files
 # ----------------------------------------------------------------------------------------------
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Write via a temp file in the same folder and a rename: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+# one helper for every atomic write (temp file, fsync, umask-respecting mode, rename): unite_core.io
+from unite_core.io import atomic_write, atomic_write_text  # noqa: E402,F401 - re-exported for the stages
 
 
 def plain(value: Any) -> Any:
@@ -134,7 +114,8 @@ def execute(
         module = stage_module(stage)
         if module is None:
             raise StageError(f"stage '{stage}' is not available in this build (no pipelines/stages/{stage}.py)")
-    with stage_run(Path(root), cfg.tracking.experiment, stage, cfg.to_dict(), enabled=cfg.tracking.enabled) as tracker:
+    with stage_run(Path(root), cfg.tracking.experiment, stage, cfg.to_dict(), enabled=cfg.tracking.enabled,
+                   strict=cfg.tracking.strict) as tracker:
         ctx = StageContext(cfg, Path(root), tracker, params_path=params_path, overrides=list(overrides or []),
                            debug=debug, reporter=reporter or Reporter(), options=dict(options or {}))
         result = module.run(ctx) or {}

@@ -87,10 +87,12 @@ def train_and_save(ctx: StageContext, data, steps: int | None = None) -> tuple[t
     tx, ty = dataset_images(data.train)
     vx, vy = dataset_images(data.val)
     device = resolve_device(cfg.train.device)
-    model, result = train_feature_classifier(
-        tx, ty, vx, vy, steps=int(steps or cfg.eval.classifier_steps), seed=cfg.train.seed, device=device,
-        num_classes=int(data.info["num_classes"]),
-    )
+    total = int(steps or cfg.eval.classifier_steps)
+    with ctx.reporter.progress("classifier", total) as task:
+        model, result = train_feature_classifier(
+            tx, ty, vx, vy, steps=total, seed=cfg.train.seed, device=device,
+            num_classes=int(data.info["num_classes"]), on_step=lambda step, loss: task.update(step, loss=loss),
+        )
     meta = {
         "val_accuracy": result["val_accuracy"],
         "train_accuracy": result["train_accuracy"],

@@ -23,10 +23,10 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import logging
 import math
-import os
 import platform
 import time
 from pathlib import Path
@@ -35,6 +35,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from unite_core.config import Config, config_from_dict
+from unite_core.io import atomic_write_text
 from unite_core.metrics.images import classifier_fingerprint
 from unite_core.train import Trainer, load_checkpoint, model_from_checkpoint, resolve_device
 from unite_core.two_stage import TwoStageBudget, train_two_stage
@@ -168,16 +169,14 @@ def _parse(key: str, value: str):
 
 
 def write_rows(rows: dict[str, dict], path: Path, order: list[str]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
     names = [v for v in order if v in rows] + sorted(v for v in rows if v not in order)
-    tmp = path.with_suffix(".csv.tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(CSV_COLUMNS))
-        w.writeheader()
-        for name in names:
-            r = rows[name]
-            w.writerow({k: ("" if r.get(k) is None else r[k]) for k in CSV_COLUMNS})
-    os.replace(tmp, path)
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(CSV_COLUMNS))
+    w.writeheader()
+    for name in names:
+        r = rows[name]
+        w.writerow({k: ("" if r.get(k) is None else r[k]) for k in CSV_COLUMNS})
+    atomic_write_text(path, buf.getvalue())
 
 
 def device_label(device) -> str:
@@ -320,7 +319,7 @@ def run_variant(ctx: StageContext, name: str, vcfg: Config, data, *, hash_: str,
         train_info = _train_variant(name, vcfg, data, device, ckpt, budget=budget, minutes=minutes,
                                     tokenizer_fraction=tokenizer_fraction, on_log=on_log)
         tracker.log_metric_history(history)
-        done.write_text(json.dumps(train_info))
+        atomic_write_text(done, json.dumps(train_info))
     state = load_checkpoint(ckpt)
     model = model_from_checkpoint(state, use_ema=ctx.cfg.sample.use_ema, device=device)
     warn_if_ema_is_young(state, ctx.cfg.sample.use_ema, f"compare variant {name}")
@@ -414,7 +413,8 @@ def run(ctx: StageContext, **options) -> dict:
                 skipped.append(name)
                 continue
             with stage_run(ctx.root, cfg.tracking.experiment, f"compare-{name}", base_params,
-                           enabled=cfg.tracking.enabled, extra_tags={"unite.variant": name}) as tracker:
+                           enabled=cfg.tracking.enabled, extra_tags={"unite.variant": name},
+                           strict=cfg.tracking.strict) as tracker:
                 task.update(i, variant=name)
                 rows[name] = run_variant(ctx, name, vcfg, data, hash_=h, train_hash=th, budget=budget, minutes=minutes,
                                          num_samples=num_samples, scales=scale_list,
@@ -439,8 +439,7 @@ def run(ctx: StageContext, **options) -> dict:
         "num_classes": int(data.info.get("num_classes", 0)),
     }
     write_rows(rows, paths["csv"], order)
-    paths["md"].parent.mkdir(parents=True, exist_ok=True)
-    paths["md"].write_text(render_markdown(rows, order, meta))
+    atomic_write_text(paths["md"], render_markdown(rows, order, meta))
     ctx.tracker.log_artifact(paths["md"], "reports")
     ctx.tracker.log_artifact(paths["csv"], "reports")
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import io
 import logging
 import os
 import time
@@ -36,6 +37,7 @@ from unite_core.evaluate import (
     evaluate_images,
     pairs_grid,
 )
+from unite_core.io import atomic_write, atomic_write_text
 from unite_core.metrics.images import MetricsError
 from unite_core.train import load_checkpoint, model_from_checkpoint, resolve_device
 
@@ -140,23 +142,16 @@ def flat_metrics(result: dict[str, Any], num_samples: int) -> dict[str, float]:
 
 
 def write_curve(curve: list[dict], path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(CURVE_KEYS))
-        w.writeheader()
-        for row in curve:
-            w.writerow({k: ("" if row.get(k) is None else row[k]) for k in CURVE_KEYS})
-    os.replace(tmp, path)
-    return path
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(CURVE_KEYS))
+    w.writeheader()
+    for row in curve:
+        w.writerow({k: ("" if row.get(k) is None else row[k]) for k in CURVE_KEYS})
+    return atomic_write_text(path, buf.getvalue())
 
 
 def _save_png(img, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    img.save(tmp)
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, lambda f: img.save(f, format="PNG"))
 
 
 def evaluate_checkpoint_images(ctx: StageContext, model, data, *, num_samples: int | None = None,

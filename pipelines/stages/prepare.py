@@ -24,11 +24,17 @@ def run(ctx: StageContext) -> dict:
     if cfg.modality == "molecules":
         from unite_core.data.molecules import prepare_molecule_data
 
-        manifest = prepare_molecule_data(cfg.data, out_dir)
+        what = "conformers" if cfg.data.dataset == "molecules_embedded" else "SDF records"
+        with ctx.reporter.progress(f"prepare {cfg.data.dataset} ({what})", None) as task:
+            def progress(done: int, total: int) -> None:
+                task.update(done, total=total)
+
+            manifest = prepare_molecule_data(cfg.data, out_dir, progress=progress)
         info = manifest
     else:
         from unite_core.data import prepare_image_data
 
+        # images report their own phases (scan, decode, shards) through the reporter's bars
         manifest = prepare_image_data(cfg.data, out_dir, progress=ctx.reporter.progress)
         info = manifest["info"]
     seconds = time.perf_counter() - t0

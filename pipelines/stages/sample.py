@@ -15,6 +15,8 @@ import shutil
 import time
 from pathlib import Path
 
+from unite_core.io import atomic_write
+
 from ..context import StageContext
 from . import StageError, image_grid
 
@@ -91,9 +93,7 @@ def run(ctx: StageContext) -> dict:
             nfe = max(nfe, int(n))
             task.update(min(len(labels), start + batch))
     grid = image_grid(torch.cat(images), nrow=per_class)
-    tmp = out.with_name(f".{out.name}.tmp")
-    grid.save(tmp, format="PNG")
-    tmp.replace(out)
+    atomic_write(out, lambda f: grid.save(f, format="PNG"))
     ctx.tracker.log_image(grid, out.name)
     result = {
         "out": str(out),

@@ -7,7 +7,9 @@ finished is exported without training again.
 Outs: models/unite.pt (weights + EMA weights + config + history; the optimiser state stays in
 ray_results/<run>/), plots/train_curve.csv (one row per log step), plots/train_reconstructions.png
 (images: validation images on the top row, their reconstructions by the EMA model below).
-MLflow: per-step metrics, the curve CSV, the reconstruction grid and the checkpoint.
+MLflow: per-step metrics (logged while training runs: a live curve), the curve CSV, the
+reconstruction grid, and the EMA model as an MLflow model (`model`: mlflow.pytorch, class labels in,
+images out; pipelines.tracking.log_generator_model). The checkpoint file itself stays a DVC out.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import csv
 import io
 import logging
 from pathlib import Path
+
+from unite_core.io import atomic_write
 
 from ..context import StageContext
 from . import atomic_write_text, image_grid
@@ -96,13 +100,15 @@ def summarize(history: list[dict], summary: dict, batch_size: int) -> dict:
 
 def run(ctx: StageContext) -> dict:
     from ..distributed import export_checkpoint, train_in_process, train_with_ray
+    from ..tracking import LiveMetrics
 
     cfg = ctx.cfg
     data_dir = ctx.paths.dataset_dir(cfg)
+    live = LiveMetrics(ctx.tracker)
     if cfg.distributed.num_workers == 0:
-        summary = train_in_process(ctx, data_dir)
+        summary = train_in_process(ctx, data_dir, live=live)
     else:
-        summary = train_with_ray(ctx, data_dir)
+        summary = train_with_ray(ctx, data_dir, live=live)
     state = export_checkpoint(Path(summary["checkpoint_dir"]), ctx.paths.checkpoint)
     history = list(state.get("history", []))
     metrics = summarize(history, summary, cfg.train.batch_size)
@@ -110,17 +116,14 @@ def run(ctx: StageContext) -> dict:
     curve = atomic_write_text(ctx.paths.plots / CURVE_FILE, curve_csv(history))
     tracker = ctx.tracker
     tracker.set_tags({"unite.run_name": summary["run_name"], "unite.trained_now": str(summary["trained_now"]).lower()})
-    tracker.log_metric_history(history)
+    tracker.log_metric_history(live.missing(history))  # what the live logging did not send (a reused run)
     tracker.log_artifact(curve, "plots")
     if cfg.modality == "images":
         grid = reconstruction_grid(state, data_dir)
         out = ctx.paths.plots / RECON_FILE
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.tmp")
-        grid.save(tmp, format="PNG")
-        tmp.replace(out)
+        atomic_write(out, lambda f: grid.save(f, format="PNG"))
         tracker.log_image(grid, RECON_FILE)
-    tracker.log_artifact(ctx.paths.checkpoint, "model")
+    tracker.log_generator_model(state, step=metrics["steps"])
     verb = "trained" if summary["trained_now"] else "reused the finished run"
     log.debug("%s %s: step %d/%d, final loss %s, val_psnr %s -> %s", verb, summary["run_name"], metrics["steps"],
              metrics["steps_requested"], _fmt(metrics["final_loss"]), _fmt(metrics.get("val_psnr")),

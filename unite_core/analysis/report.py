@@ -13,6 +13,7 @@ megabits (Mbit = 1e6 bits) in figures and bits in tables; latent rate in floats 
 from __future__ import annotations
 
 import csv
+import io
 import logging
 import math
 from pathlib import Path
@@ -21,6 +22,7 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 import torch
 
+from ..io import atomic_write, atomic_write_text
 from .compression import GROUPS, compare_description_lengths, description_length
 
 logger = logging.getLogger(__name__)
@@ -77,16 +79,12 @@ def write_csv(rows: Iterable[Mapping], path: str | Path, columns: Sequence[str] 
     rows = list(rows)
     if columns is None:
         columns = list(dict.fromkeys(k for r in rows for k in r))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: _cell(r.get(k)) for k in columns})
-    tmp.replace(path)
-    return path
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(columns), extrasaction="ignore")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: _cell(r.get(k)) for k in columns})
+    return atomic_write_text(path, buf.getvalue())
 
 
 def _parse(v: str):
@@ -419,7 +417,4 @@ def plot_rate_distortion(rows: Sequence[Mapping], title: str = "Rate-distortion 
 
 def save_figure(fig, path: str | Path, dpi: int = 110) -> Path:
     """Save a figure as PNG (parent folders created) and release it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi)
-    return path
+    return atomic_write(path, lambda f: fig.savefig(f, dpi=dpi, format="png"))

@@ -49,6 +49,7 @@ prepare-time one.
 from __future__ import annotations
 
 import errno
+import contextlib
 import hashlib
 import json
 import logging
@@ -73,6 +74,7 @@ from unite_core.data.decoding import (
     Chunk, ProgressFactory, chunked, create_shard, decode_files, decode_square, open_shard,
 )
 from unite_core.data.errors import DataError
+from unite_core.io import atomic_torch_save, atomic_write_text
 
 __all__ = [
     "DataError",
@@ -646,7 +648,7 @@ def _load_embedded(cfg: DataConfig, cache_dir: str | Path | None) -> ImageData:
             payload = _build_embedded(cfg)
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)
-                _atomic_torch_save(payload, path)
+                atomic_torch_save(payload, path)
             except OSError as exc:
                 logger.warning("could not write data cache '%s' (%s); continuing without it", path, exc)
     return _embedded_from_payload(payload, cfg.flip, cfg.split_seed)
@@ -977,7 +979,7 @@ def _prepare_folder(cfg: DataConfig, out_dir: Path, progress: Optional[ProgressF
             os.replace(staging, final)
             staging = None
             manifest["shards"] = dict(layout, dir=final.name)
-        _atomic_write_text(json.dumps(manifest, indent=1), out_dir / "manifest.json")
+        atomic_write_text(out_dir / "manifest.json", json.dumps(manifest, indent=1))
     finally:
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
@@ -1031,13 +1033,20 @@ def prepare_image_data(cfg: DataConfig, out_dir: Path, *, progress: Optional[Pro
     out_dir = Path(out_dir)
     settings = _all_settings(cfg)
     if cfg.dataset in ("mnist5k", "digits"):
-        payload = _build_embedded(cfg)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        files = {}
-        for split in ("train", "val"):
-            path = out_dir / f"{split}.pt"
-            _atomic_torch_save(payload[split], path)
-            files[path.name] = {"sha256": _file_sha256(path), "bytes": path.stat().st_size}
+        # three steps on one bar: build the arrays, write train, write val
+        bar = progress(f"prepare {cfg.dataset} (steps)", 3) if progress is not None else contextlib.nullcontext()
+        with bar as task:
+            payload = _build_embedded(cfg)
+            if task is not None:
+                task.update(1)
+            out_dir.mkdir(parents=True, exist_ok=True)
+            files = {}
+            for k, split in enumerate(("train", "val")):
+                path = out_dir / f"{split}.pt"
+                atomic_torch_save(payload[split], path)
+                files[path.name] = {"sha256": _file_sha256(path), "bytes": path.stat().st_size}
+                if task is not None:
+                    task.update(2 + k)
         info = dict(payload["info"], flip=bool(cfg.flip))
         manifest = {
             "format_version": MANIFEST_VERSION,
@@ -1049,7 +1058,7 @@ def prepare_image_data(cfg: DataConfig, out_dir: Path, *, progress: Optional[Pro
             "max_level": payload["max_level"],
             "files": files,
         }
-        _atomic_write_text(json.dumps(manifest, indent=1), out_dir / "manifest.json")
+        atomic_write_text(out_dir / "manifest.json", json.dumps(manifest, indent=1))
     elif cfg.dataset == "imagefolder":
         manifest = _prepare_folder(cfg, out_dir, progress, processes, shard_bytes)
     else:
@@ -1148,25 +1157,3 @@ def _file_sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _atomic_write_text(text: str, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -40,12 +40,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import numpy as np
 import torch
@@ -56,6 +54,7 @@ from torch.utils.data import Dataset
 
 from unite_core.config import DataConfig
 from unite_core.data.errors import DataError
+from unite_core.io import atomic_torch_save, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -334,7 +333,7 @@ def embed_molecule(smiles: str, seed: int) -> Optional[tuple[np.ndarray, np.ndar
     return types, center_at_com(types, coords), relaxation
 
 
-def _build_embedded(cfg: DataConfig):
+def _build_embedded(cfg: DataConfig, progress: Optional[Callable[[int, int], None]] = None):
     candidates, stats = _embedded_candidates(cfg)
     if cfg.max_items is not None and cfg.max_items < len(candidates):
         rng = np.random.default_rng(cfg.split_seed)
@@ -344,7 +343,9 @@ def _build_embedded(cfg: DataConfig):
     molecules, smiles_out, failed = [], [], []
     relax: Counter = Counter()
     with BlockLogs():
-        for smi in candidates:
+        for k, smi in enumerate(candidates):
+            if progress is not None:
+                progress(k, len(candidates))
             out = embed_molecule(smi, cfg.conformer_seed)
             if out is None:
                 failed.append(smi)
@@ -396,7 +397,7 @@ def _sdf_smiles(mol: Chem.Mol, types: np.ndarray, coords: np.ndarray) -> str:
         return canonical_smiles(built) if built is not None else ""
 
 
-def _build_qm9(cfg: DataConfig):
+def _build_qm9(cfg: DataConfig, progress: Optional[Callable[[int, int], None]] = None):
     path = _qm9_path(cfg)
     molecules, smiles_out = [], []
     unreadable: list[int] = []
@@ -404,8 +405,11 @@ def _build_qm9(cfg: DataConfig):
     n_records = 0
     with BlockLogs():
         supplier = Chem.SDMolSupplier(str(path), removeHs=False, sanitize=False)
-        for index, mol in enumerate(supplier):
+        total = len(supplier) if progress is not None else 0  # records in the file (with data.max_items
+        for index, mol in enumerate(supplier):                  # reading may end before the last)
             n_records += 1
+            if progress is not None and index % 256 == 0:
+                progress(index, total)
             if mol is None or mol.GetNumConformers() == 0 or mol.GetNumAtoms() == 0:
                 unreadable.append(index)
                 continue
@@ -448,11 +452,12 @@ def _build_qm9(cfg: DataConfig):
 # ---------------------------------------------------------------------------------------------
 # Building, saving, loading
 # ---------------------------------------------------------------------------------------------
-def _build(cfg: DataConfig) -> tuple[dict, dict, dict[str, Any]]:
+def _build(cfg: DataConfig, progress: Optional[Callable[[int, int], None]] = None
+           ) -> tuple[dict, dict, dict[str, Any]]:
     if cfg.dataset == "molecules_embedded":
-        molecules, smiles, stats = _build_embedded(cfg)
+        molecules, smiles, stats = _build_embedded(cfg, progress)
     elif cfg.dataset == "qm9":
-        molecules, smiles, stats = _build_qm9(cfg)
+        molecules, smiles, stats = _build_qm9(cfg, progress)
     else:
         raise DataError(
             f"data.dataset={cfg.dataset} is not a molecule dataset; use molecules_embedded or qm9"
@@ -491,29 +496,19 @@ def load_molecule_data(cfg: DataConfig) -> MoleculeData:
     return MoleculeData(_to_dataset(train), _to_dataset(val), info, list(train["smiles"]))
 
 
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def prepare_molecule_data(cfg: DataConfig, out_dir: Path) -> dict[str, Any]:
+def prepare_molecule_data(cfg: DataConfig, out_dir: Path,
+                          progress: Optional[Callable[[int, int], None]] = None) -> dict[str, Any]:
     """Build the dataset and write ``out_dir``/{train.pt, val.pt, manifest.json}; return the manifest.
 
     ``train.pt``/``val.pt`` hold {types, coords, mask: tensors; smiles: list of str} and load with
     ``torch.load(weights_only=True)``. The manifest holds ``info``'s keys at the top level plus
     ``format_version``, ``config`` (the data settings used) and ``files`` (sha256 per file).
-    Files are written atomically; the manifest last.
+    Files are written atomically; the manifest last. ``progress(done, total)`` (optional) follows the
+    conformer embedding (molecules_embedded) or the records read of the SDF file (qm9).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    train, val, info = _build(cfg)
+    train, val, info = _build(cfg, progress)
     files = {}
     for name, arrays in (("train.pt", train), ("val.pt", val)):
         payload = {
@@ -522,7 +517,7 @@ def prepare_molecule_data(cfg: DataConfig, out_dir: Path) -> dict[str, Any]:
             "mask": torch.from_numpy(arrays["mask"]),
             "smiles": list(arrays["smiles"]),
         }
-        _atomic_write(out_dir / name, lambda p, obj=payload: torch.save(obj, p))
+        atomic_torch_save(payload, out_dir / name)
         files[name] = _file_sha256(out_dir / name)
     manifest = {
         "format_version": FORMAT_VERSION,
@@ -532,7 +527,7 @@ def prepare_molecule_data(cfg: DataConfig, out_dir: Path) -> dict[str, Any]:
         "files": files,
     }
     text = json.dumps(manifest, indent=2)
-    _atomic_write(out_dir / "manifest.json", lambda p: Path(p).write_text(text))
+    atomic_write_text(out_dir / "manifest.json", text)
     logger.info("prepared %s: %d train / %d val molecules in %s",
                 cfg.dataset, info["num_train"], info["num_val"], out_dir)
     return manifest

@@ -32,12 +32,14 @@ import os
 import pickle
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import Dataset
+
+from ..io import atomic_torch_save
 
 logger = logging.getLogger(__name__)
 
@@ -296,6 +298,7 @@ def train_feature_classifier(
     bf16: bool | None = None,
     num_classes: int | None = None,
     log_every: int = 250,
+    on_step: Callable[[int, float], None] | None = None,
 ) -> tuple[FeatureClassifier, dict]:
     """Train a :class:`FeatureClassifier` on the dataset itself.
 
@@ -304,6 +307,8 @@ def train_feature_classifier(
     >= 1; rotation +-10 degrees; scale +-10%).
     ``bf16=None`` uses bf16 autocast where the hardware supports it (fast path on recent CPUs); the loss is
     computed in fp32. Fully determined by ``seed`` (its own generators; the global RNG state is restored).
+
+    ``on_step(step, loss)`` (optional) is called after every optimizer step (progress display).
 
     Returns ``(model in eval mode on device, {"val_accuracy", "train_accuracy", "steps", "seconds"})``.
     """
@@ -333,11 +338,12 @@ def train_feature_classifier(
         return _train_loop(
             train_x, train_y, val_x, val_y, steps=steps, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
             seed=seed, dev=dev, augment=augment, use_bf16=use_bf16, num_classes=num_classes, log_every=log_every,
+            on_step=on_step,
         )
 
 
 def _train_loop(train_x, train_y, val_x, val_y, *, steps, batch_size, lr, weight_decay, seed, dev, augment, use_bf16,
-                num_classes, log_every) -> tuple[FeatureClassifier, dict]:
+                num_classes, log_every, on_step=None) -> tuple[FeatureClassifier, dict]:
     channels, image_size = int(train_x.shape[1]), int(train_x.shape[-1])
     model = FeatureClassifier(channels, image_size, num_classes)
     model.to(dev)
@@ -390,7 +396,10 @@ def _train_loop(train_x, train_y, val_x, val_y, *, steps, batch_size, lr, weight
         loss.backward()
         opt.step()
         sched.step()
-        running += float(loss.detach())
+        step_loss = float(loss.detach())
+        running += step_loss
+        if on_step is not None:
+            on_step(step + 1, step_loss)
         if log_every and (step + 1) % log_every == 0:
             logger.info("classifier step %d/%d loss %.4f", step + 1, steps, running / log_every)
             running = 0.0
@@ -431,15 +440,7 @@ def save_classifier(model: FeatureClassifier, path: str | os.PathLike, meta: dic
         "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
         "meta": merged,
     }
-    path = os.fspath(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_torch_save(payload, path)
     logger.info("saved feature classifier to %s", path)
 
 

@@ -531,9 +531,16 @@ def log_generator_model(client, run_id: str, state: dict, step: int = 0) -> str 
     flavor_log.setLevel(logging.ERROR)  # its warning about pickle: the choice is deliberate (above)
     try:
         with _use_tracking_uri(client.tracking_uri):
+            # The logged model is created here, in the run's experiment: left to log_model, MLflow 3.x
+            # files it under the default experiment "0", whose artifacts go to ./mlruns of whatever
+            # folder the command runs in, outside the project's store.
+            experiment = client.get_run(run_id).info.experiment_id
+            created = client.create_logged_model(experiment_id=experiment, name=MODEL_NAME,
+                                                 source_run_id=run_id)
             logged = mlflow.pytorch.log_model(
-                wrapped, name=MODEL_NAME, run_id=run_id, signature=signature, input_example=example,
-                pip_requirements=requirements, step=int(step), serialization_format="pickle",
+                wrapped, name=MODEL_NAME, run_id=run_id, model_id=created.model_id, signature=signature,
+                input_example=example, pip_requirements=requirements, step=int(step),
+                serialization_format="pickle",
             )
     finally:  # _use_tracking_uri unsets the variable it exported instead of restoring the user's
         flavor_log.setLevel(level)

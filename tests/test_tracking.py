@@ -68,6 +68,10 @@ def test_the_trained_model_is_an_mlflow_model_that_generates(trained):
     client = mlflow_client(root)
     (output,) = client.get_run(run.info.run_id).outputs.model_outputs
     assert output.step == 20
+    # filed in the run's experiment, its files in the project's store (not ./mlruns of the cwd)
+    logged = client.get_logged_model(output.model_id)
+    assert logged.experiment_id == run.info.experiment_id
+    assert logged.artifact_location.startswith((root / "mlartifacts").as_uri()), logged.artifact_location
     # no second copy of the raw checkpoint among the run's artifacts
     assert "model" not in {a.path for a in client.list_artifacts(run.info.run_id)}
     uri = f"models:/{output.model_id}"

@@ -1,7 +1,8 @@
 """Stage `prepare`: the dataset the params describe, written once to data/<dataset>/.
 
 Images (mnist5k, digits, imagefolder) go through unite_core.data.prepare_image_data, molecules
-(molecules_embedded, qm9) through prepare_molecule_data (conformers are computed here, once).
+(molecules_embedded, qm9, moses3d) through prepare_molecule_data (conformers are computed here, once,
+with a progress bar for moses3d).
 Returns counts and the content hash (metrics/prepare.json).
 """
 
@@ -22,7 +23,7 @@ def run(ctx: StageContext) -> dict:
     if cfg.modality == "molecules":
         from unite_core.data.molecules import prepare_molecule_data
 
-        manifest = prepare_molecule_data(cfg.data, out_dir)
+        manifest = prepare_molecule_data(cfg.data, out_dir, progress=ctx.reporter.progress)
         info = manifest
     else:
         from unite_core.data import prepare_image_data
@@ -39,7 +40,7 @@ def run(ctx: StageContext) -> dict:
         "content_hash": manifest["content_hash"],
         "seconds": round(seconds, 3),
     }
-    for key in ("image_size", "channels", "max_atoms", "num_failed", "num_unreadable"):
+    for key in ("image_size", "channels", "max_atoms", "num_failed", "num_unreadable", "num_failed_embedding"):
         if isinstance(info.get(key), (int, float)):
             metrics[key] = info[key]
     if manifest.get("skipped_corrupt"):

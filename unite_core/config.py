@@ -30,8 +30,9 @@ class _Section(BaseModel):
 # Sections
 # --------------------------------------------------------------------------------------------
 class DataConfig(_Section):
-    dataset: Literal["mnist5k", "digits", "imagefolder", "molecules_embedded", "qm9"] = "mnist5k"
-    root: Optional[str] = Field(None, description="folder (imagefolder) or SDF file (qm9)")
+    dataset: Literal["mnist5k", "digits", "imagefolder", "molecules_embedded", "qm9", "moses3d"] = "mnist5k"
+    root: Optional[str] = Field(None, description="folder (imagefolder), SDF file (qm9), or the MOSES source "
+                                "(moses3d: a molsets wheel, a SMILES CSV or a folder; null = the wheel set-up downloads)")
     image_size: int = Field(32, ge=4, description="images are resized/padded to this square size")
     val_fraction: float = Field(0.1, gt=0.0, lt=1.0)
     split_seed: int = 0
@@ -54,15 +55,44 @@ class DataConfig(_Section):
         "read shards ahead of the training step; 0 = in the training thread. In-memory sets (mnist5k, digits, "
         "molecules) are always fetched in the training thread. GPU nodes: about (CPU cores per GPU) - 2"
     )
+    num_molecules: int = Field(20000, ge=2, description="moses3d: how many MOSES molecules to embed (a deterministic "
+                               "subset; 20000 takes about 10 minutes of `unite prepare` on 2 CPU cores)")
+    prepare_workers: Optional[int] = Field(None, ge=1, description="moses3d: processes that embed conformers in "
+                                           "`unite prepare` (null = all CPUs); the result does not depend on it")
 
     @model_validator(mode="after")
-    def _check_format(self) -> "DataConfig":
+    def _check(self) -> "DataConfig":
         if self.format == "shards" and self.dataset != "imagefolder":
             raise ValueError(
                 f"data.format=shards applies to data.dataset=imagefolder only ({self.dataset} is held in memory "
                 "already): set data.format=folder"
             )
+        if self.dataset == "moses3d":
+            if self.max_items is not None:
+                raise ValueError(f"data.max_items={self.max_items} does not apply to data.dataset=moses3d; "
+                                 f"set data.num_molecules={self.max_items} instead and data.max_items=null")
+            # Facts of the pinned MOSES file (below): tighter limits keep nothing, and fail here rather
+            # than after `unite prepare` has read all 1.6M SMILES. A user's own SMILES file (data.root)
+            # may hold smaller molecules: not checked then.
+            if self.root is None and self.max_heavy_atoms < MOSES_MIN_HEAVY_ATOMS:
+                raise ValueError(
+                    f"data.max_heavy_atoms={self.max_heavy_atoms} keeps no MOSES molecule (the smallest C/N/O/F "
+                    f"ones have {MOSES_MIN_HEAVY_ATOMS} heavy atoms; QM9's limit of 9 does not fit this drug-like "
+                    f"set): raise it, e.g. data.max_heavy_atoms=32 as in presets/molecules_large.yaml"
+                )
+            if self.root is None and self.max_atoms < MOSES_MIN_ATOMS:
+                raise ValueError(
+                    f"data.max_atoms={self.max_atoms} keeps no MOSES molecule (the smallest C/N/O/F ones have "
+                    f"{MOSES_MIN_ATOMS} atoms with hydrogens): raise it, e.g. data.max_atoms=32 as in "
+                    f"presets/molecules_large.yaml"
+                )
         return self
+
+
+# molsets 0.3.1's train.csv.gz: of its 1,584,663 SMILES, 910,475 have only C/N/O/F heavy atoms; those have
+# 16 to 27 heavy atoms and 18 to 62 atoms with hydrogens (8,617 have at most 29, 38,860 at most 32).
+MOSES_MIN_HEAVY_ATOMS = 16
+MOSES_MIN_ATOMS = 18
 
 
 # Named sizes: (depth, width, heads)
@@ -408,7 +438,7 @@ class Config(_Section):
             if self.data.dataset in image_sets:
                 raise ValueError(
                     f"data.dataset={self.data.dataset} is an image dataset but modality=molecules; "
-                    "use molecules_embedded or qm9"
+                    "use molecules_embedded, moses3d or qm9"
                 )
         if self.modality == "images" and self.model.decoder_kind == "patch_tokens":
             k = self.model.latent_tokens

@@ -2,8 +2,8 @@
 
 Images (mnist5k, digits, imagefolder) go through unite_core.data.prepare_image_data (an image folder:
 every image the split uses is decoded, in one process per CPU, with a progress bar; data.format=shards
-also writes the resized images into shard files), molecules (molecules_embedded, qm9) through
-prepare_molecule_data (conformers are computed here, once).
+also writes the resized images into shard files), molecules (molecules_embedded, qm9, moses3d) through
+prepare_molecule_data (conformers are computed here, once, with a progress bar).
 Returns counts and the content hash (metrics/prepare.json).
 """
 
@@ -24,12 +24,7 @@ def run(ctx: StageContext) -> dict:
     if cfg.modality == "molecules":
         from unite_core.data.molecules import prepare_molecule_data
 
-        what = "conformers" if cfg.data.dataset == "molecules_embedded" else "SDF records"
-        with ctx.reporter.progress(f"prepare {cfg.data.dataset} ({what})", None) as task:
-            def progress(done: int, total: int) -> None:
-                task.update(done, total=total)
-
-            manifest = prepare_molecule_data(cfg.data, out_dir, progress=progress)
+        manifest = prepare_molecule_data(cfg.data, out_dir, progress=ctx.reporter.progress)
         info = manifest
     else:
         from unite_core.data import prepare_image_data
@@ -47,7 +42,7 @@ def run(ctx: StageContext) -> dict:
         "content_hash": manifest["content_hash"],
         "seconds": round(seconds, 3),
     }
-    for key in ("image_size", "channels", "max_atoms", "num_failed", "num_unreadable"):
+    for key in ("image_size", "channels", "max_atoms", "num_failed", "num_unreadable", "num_failed_embedding"):
         if isinstance(info.get(key), (int, float)):
             metrics[key] = info[key]
     if manifest.get("skipped_corrupt"):

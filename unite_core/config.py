@@ -398,6 +398,13 @@ MODEL_SECTIONS = ("modality", "data", "model", "flow", "loss", "train")
 OPERATIONAL_KEYS = (
     "data.root",
     "data.on_corrupt",
+    "data.format",            # folder or shards: the same batches either way
+    "data.num_workers",
+    "data.prepare_workers",
+    "flow.chunk_size",        # memory only: the same loss, in chunks
+    "train.checkpoint_denoiser",
+    "train.compile",
+    "train.muon_batched",     # the same update, batched across same-shape matrices
     "train.log_every",
     "train.eval_every",
     "train.checkpoint_every",

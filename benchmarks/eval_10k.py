@@ -5,8 +5,9 @@ Phases (each timed, its peak resident memory sampled every 10 ms with psutil; ru
   guidance scale (default sample.cfg_scale), eval.batch_size per batch, train.precision autocast;
 - features: the feature network over the generated images and the reference (training) set, batch by
   batch, as torch-fidelity runs it (own classifier: its registered torch-fidelity extractor);
-- fid: the full torch-fidelity call of the `evaluate` stage (FID, KID, precision/recall, IS; reference
-  statistics not cached, so it includes its own feature pass).
+- fid: unite_core.metrics.images.fidelity_metrics as the `evaluate` stage computes the metrics (features
+  streamed through torch-fidelity's extractor into statistics, then its FID/KID/precision-recall functions
+  and the streamed IS; reference statistics not cached, so it includes its own feature pass).
 
     python benchmarks/eval_10k.py [CHECKPOINT] [--samples 10000] [--params params.yaml] [--threads N]
                                   [--generate N]

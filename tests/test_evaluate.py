@@ -14,11 +14,13 @@ import pytest
 import torch
 
 from tests.conftest import TINY, deep_merge
-from unite_core.config import DataConfig, config_from_dict
+from tests.ray_fixtures import ray_cluster  # noqa: F401 (fixture)
+from unite_core.config import ConfigError, DataConfig, config_from_dict
 from unite_core.data import load_image_data, prepare_image_data
 from unite_core.evaluate import (
     CURVE_KEYS,
     FeatureSpec,
+    LocalRunner,
     class_grid,
     dataset_images,
     evaluate_generation,
@@ -28,6 +30,7 @@ from unite_core.evaluate import (
     image_grid,
     noise_floor,
     pairs_grid,
+    sample_noise,
 )
 from unite_core.metrics.images import (
     MetricsError,
@@ -151,6 +154,69 @@ def test_guidance_curve_one_row_per_scale_and_best_is_argmin(trained_model, imag
     assert len({round(r["fid"], 6) for r in curve}) == 3, "guidance scale did not change the samples"
     assert result["best"] == min(curve, key=lambda r: r["fid"])
     assert result["samples"].shape == (40, 1, 8, 8) and result["labels"].shape == (40,)
+
+
+def test_sharded_generation_gives_the_single_process_images(trained_model):
+    model, cfg = trained_model
+    kw = dict(sample_cfg=cfg.sample, cfg_scale=2.0, batch_size=8, seed=3)
+    whole, labels = generate_balanced(model, 30, **kw)
+    s0, l0 = generate_balanced(model, 30, shard=0, num_shards=2, **kw)
+    s1, l1 = generate_balanced(model, 30, shard=1, num_shards=2, **kw)
+    # batches of 8 alternate between the shards: 0 holds [0, 8) and [16, 24), 1 holds [8, 16) and [24, 30)
+    assert len(s0) == 16 and len(s1) == 14
+    assert torch.equal(torch.cat([s0[:8], s1[:8], s0[8:], s1[8:]]), whole)
+    assert torch.equal(torch.cat([l0[:8], l1[:8], l0[8:], l1[8:]]), labels)
+    # a sample's starting noise is its own: the same whichever batch or shard draws it
+    assert torch.equal(sample_noise(torch.arange(5, 9), (4, 4), 3), sample_noise(torch.arange(30), (4, 4), 3)[5:9])
+    assert not torch.equal(sample_noise(torch.arange(4), (4, 4), 3), sample_noise(torch.arange(4), (4, 4), 4))
+
+
+def test_sharded_guidance_sweep_equals_single_process(trained_model, images, classifier):
+    """Two shards, run one after the other and merged as the Ray runner merges workers, give the metrics and the
+    kept images of one process; KID/PRC over a kept subset (25 of 40) that does not depend on the sharding."""
+    model, cfg = trained_model
+    spec = FeatureSpec(classifier=classifier, subset_size=25, kid_subset_size=20)
+    kw = dict(cfg_scales=[1.0, 3.0], n=40, sample_cfg=cfg.sample, batch_size=8, features=spec,
+              keep_indices=[0, 9, 39])
+    one = evaluate_generation(model, images[0], **kw)
+    two = evaluate_generation(model, images[0], runner=LocalRunner(model, spec.net(), classifier=classifier,
+                                                                   num_shards=2), **kw)
+    for a, b in zip(one["curve"], two["curve"]):
+        for k in ("fid", "kid_mean", "precision", "recall", "isc_mean", "conditional_accuracy"):
+            assert a[k] == pytest.approx(b[k], rel=1e-9), k
+    assert one["curve"][0]["fid"] != pytest.approx(one["curve"][1]["fid"], rel=1e-6)  # the scale changed the samples
+    assert one["sample_index"].tolist() == [0, 9, 39] and torch.equal(one["samples"], two["samples"])
+
+
+@pytest.mark.slow
+def test_ray_workers_generate_what_one_process_generates(ray_cluster, trained_model, images, classifier):
+    """Two Ray actors (one shard each) against this process: same kept images, same metrics."""
+    from pipelines.eval_workers import RayGenerationRunner, use_ray
+
+    model, cfg = trained_model
+    run_cfg = tiny_config(distributed={"num_workers": 2, "cpus_per_worker": 1.0}, eval={"parallel": "auto"})
+    assert use_ray(run_cfg) and not use_ray(tiny_config(distributed={"num_workers": 1}))
+    spec = FeatureSpec(classifier=classifier)
+    kw = dict(cfg_scales=[2.0], n=40, sample_cfg=cfg.sample, batch_size=8, features=spec, keep_samples=True)
+    runner = RayGenerationRunner(run_cfg, model, spec)
+    try:
+        via_ray = evaluate_generation(model, images[0], runner=runner, **kw)
+    finally:
+        runner.close()
+    torch.set_num_threads(1)  # the workers' thread count: the same kernels, the same bits
+    local = evaluate_generation(model, images[0], **kw)
+    assert torch.equal(via_ray["samples"], local["samples"]) and len(local["samples"]) == 40
+    for k in ("fid", "kid_mean", "precision", "recall", "isc_mean", "conditional_accuracy"):
+        assert via_ray["best"][k] == pytest.approx(local["best"][k], rel=1e-9), k
+
+
+def test_eval_config_checks_reference_stats_and_feature_subset():
+    with pytest.raises(ConfigError, match=r"eval\.reference_stats=stats\.pt must be an \.npz"):
+        tiny_config(eval={"reference_stats": "stats.pt"})
+    with pytest.raises(ConfigError, match=r"eval\.kid_subset_size=600 exceeds eval\.feature_subset=500"):
+        tiny_config(eval={"kid_subset_size": 600, "feature_subset": 500})
+    with pytest.raises(ConfigError, match="eval.parallel"):
+        tiny_config(eval={"parallel": "gpu"})
 
 
 def test_evaluate_reconstruction_metrics(trained_model, images, classifier):
@@ -446,3 +512,30 @@ def test_young_ema_is_reported(caplog):
     assert "sample.use_ema=false" in caplog.text
     assert not warn_if_ema_is_young(state, False, "x")
     assert not warn_if_ema_is_young({**state, "step": 5000}, True, "x")
+
+
+def test_evaluate_stage_against_a_reference_stats_file(project):
+    """The stage's own cached training-set statistics (.npz, mu/sigma) given back as eval.reference_stats give
+    the same gFID and noise floor as the training images themselves."""
+    from pipelines.context import StageContext
+    from pipelines.stages import classifier as classifier_stage
+    from pipelines.stages import evaluate as evaluate_stage
+
+    ctx = project
+    classifier_stage.run(ctx)
+    direct = evaluate_stage.run(ctx)
+    cached = sorted((ctx.paths.cache / "fidelity").glob("ref-*-train-*.npz"))
+    assert len(cached) == 1, cached
+    cfg = tiny_config(**deep_merge(STAGE_SECTIONS, {"eval": {"reference_stats": str(cached[0])}}))
+    via_file = evaluate_stage.run(StageContext(cfg, ctx.root, RecordingTracker()))
+    for k in ("gfid", "noise_floor_fid", "kid_mean", "precision", "rfid"):
+        assert via_file[k] == pytest.approx(direct[k], rel=1e-9), k
+
+
+def test_evaluate_stage_refuses_a_bad_reference_stats_file_first(tmp_path):
+    from pipelines.context import StageContext
+    from pipelines.stages import evaluate as evaluate_stage
+
+    cfg = tiny_config(**deep_merge(STAGE_SECTIONS, {"eval": {"reference_stats": str(tmp_path / "missing.npz")}}))
+    with pytest.raises(MetricsError, match=r"^eval\.reference_stats .*missing\.npz does not exist"):
+        evaluate_stage.run(StageContext(cfg, tmp_path, RecordingTracker()))  # no checkpoint needed to fail

@@ -289,3 +289,164 @@ def test_inception_without_weights(no_download, tmp_path):
     garbage.write_bytes(b"garbage")
     with pytest.raises(MetricsError, match=r"eval\.inception_weights"):
         fidelity_metrics(x, x, extractor="inception", inception_weights=garbage)
+
+
+# ------------------------------------------------------------------------------- streaming statistics (FID-50K)
+
+
+class _UInt8Set(torch.utils.data.Dataset):
+    """What torch-fidelity's calculate_metrics reads: uint8 (3, H, W) items."""
+
+    def __init__(self, x):
+        self.x = M.to_feature_input(x)
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i]
+
+
+def test_streaming_metrics_equal_torch_fidelity_all_at_once(mnist, trained):
+    """Features streamed in odd-sized batches and summarised as they come give torch-fidelity's numbers."""
+    import torch_fidelity
+
+    tx, _, vx, _ = mnist
+    model, _ = trained
+    gen, ref = vx[:200], tx[:300]
+    streamed = fidelity_metrics(gen, ref, classifier=model, kid_subset_size=100, kid_subsets=20, batch_size=7)
+    whole = torch_fidelity.calculate_metrics(
+        input1=_UInt8Set(gen), input2=_UInt8Set(ref), cuda=False, batch_size=500, fid=True, kid=True, prc=True,
+        isc=True, feature_extractor=register_own_extractor(model), kid_subset_size=100, kid_subsets=20,
+        prc_neighborhood=3, isc_splits=10, rng_seed=2020, samples_shuffle=True, save_cpu_ram=True, verbose=False)
+    assert streamed["fid"] == pytest.approx(whole["frechet_inception_distance"], rel=1e-6)
+    assert streamed["fid"] > 0.01  # a real distance, not a degenerate zero
+    assert streamed["kid_mean"] == pytest.approx(whole["kernel_inception_distance_mean"], rel=1e-6, abs=1e-9)
+    assert streamed["precision"] == whole["precision"] and streamed["recall"] == whole["recall"]
+    # float32 logits from other batch sizes: agreement to ~1e-9, not to the last bit
+    assert streamed["isc_mean"] == pytest.approx(whole["inception_score_mean"], rel=1e-6)
+    assert streamed["isc_std"] == pytest.approx(whole["inception_score_std"], rel=1e-6)
+
+
+def test_feature_stats_merge_of_parts_equals_numpy_over_the_whole():
+    g = torch.Generator().manual_seed(0)
+    feats = torch.randn(1000, 16, generator=g, dtype=torch.float64) * 0.3 + 2.0  # offset mean: tests cancellation
+    logits = torch.randn(1000, 7, generator=g, dtype=torch.float64) * 3
+    plan = M.StatsPlan(1000, subset_size=50, isc_splits=10, seed=5)
+    parts = []
+    for lo, hi in ((0, 333), (333, 334), (334, 1000)):  # three processes with uneven shares
+        s = M.FeatureStats()
+        for a in range(lo, hi, 97):
+            b = min(hi, a + 97)
+            s.update(feats[a:b], logits[a:b], torch.arange(a, b), plan)
+        parts.append(s.finish())
+    merged = M.FeatureStats.merge(parts[::-1])
+    x = feats.numpy()
+    assert merged.n == 1000
+    np.testing.assert_allclose(merged.mu(), x.mean(0), rtol=1e-12)
+    np.testing.assert_allclose(merged.sigma(), np.cov(x, rowvar=False), rtol=1e-9, atol=1e-12)
+    # the kept subset: 50 features, in index order, the same rows whoever computed them
+    assert merged.subset.shape == (50, 16)
+    assert torch.equal(merged.subset, feats[merged.subset_index]) and bool((merged.subset_index.diff() > 0).all())
+    # IS per split as torch-fidelity computes it from all logits at once
+    from torch_fidelity.metric_isc import isc_features_to_metric
+
+    mean, std = merged.inception_score()
+    want = isc_features_to_metric(logits, splits=10, shuffle=True, rng_seed=5)
+    assert mean == pytest.approx(want["inception_score_mean"], rel=1e-10)
+    assert std == pytest.approx(want["inception_score_std"], rel=1e-8)
+
+
+def test_reference_npz_gives_the_fid_of_the_direct_computation(mnist, trained, tmp_path):
+    """An ADM/JiT-style .npz (mu, sigma) computed from known features gives the FID of the images themselves."""
+    from unite_core.evaluate import FeatureSpec, reference_with_stats_file
+
+    tx, _, vx, _ = mnist
+    model, _ = trained
+    ref = tx[:400]
+    spec = FeatureSpec(classifier=model)
+    feats, _ = spec.net()(M.to_feature_input(ref))
+    f = feats.double().numpy()
+    path = tmp_path / "VIRTUAL_ref.npz"
+    np.savez(path, mu=f.mean(0), sigma=np.cov(f, rowvar=False), arr_0=np.zeros((2, 4, 4, 3), np.uint8))
+    stats = reference_with_stats_file(path, spec)
+    direct = fidelity_metrics(vx[:200], ref, classifier=model, prc=False, isc=False)["fid"]
+    assert spec.metrics(vx[:200], stats, prc=False, isc=False)["fid"] == pytest.approx(direct, rel=1e-7)
+    assert spec.metrics(vx[:200], stats)["kid_mean"] is None  # statistics only: no features for KID
+    bad = tmp_path / "wrong_dim.npz"
+    np.savez(bad, mu=np.zeros(2048), sigma=np.eye(2048))
+    with pytest.raises(MetricsError, match=r"eval\.reference_stats .*2048-d statistics .*128-d features"):
+        reference_with_stats_file(bad, spec)
+    missing = tmp_path / "no_sigma.npz"
+    np.savez(missing, mu=np.zeros(128))
+    with pytest.raises(MetricsError, match=r"no sigma array \(found: mu\)"):
+        reference_with_stats_file(missing, spec)
+
+
+def _record_run():
+    _Payload.ran.append("executed")
+    return {}
+
+
+class _Payload:
+    """Unpickling this runs code (it records that it did): what a weights file must never do."""
+
+    ran: list = []
+
+    def __reduce__(self):
+        return (_record_run, ())
+
+
+def test_pickle_bearing_inception_weights_are_refused_unloaded(tmp_path, no_download):
+    path = tmp_path / "inception.pth"
+    torch.save({"fc.weight": torch.zeros(2, 2), "extra": _Payload()}, path)
+    _Payload.ran.clear()
+    with pytest.raises(MetricsError) as err:
+        M.build_feature_net("inception", inception_weights=path)
+    msg = str(err.value)
+    assert "\n" not in msg and str(path) in msg and "pickled Python objects" in msg
+    assert "eval.inception_weights" in msg and "state dict" in msg  # names the fix
+    assert _Payload.ran == [], "the file's pickled code ran"
+    truncated = tmp_path / "truncated.pth"
+    truncated.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(MetricsError, match=r"not a readable torch file.*eval\.inception_weights"):
+        M.build_feature_net("inception", inception_weights=truncated)
+
+
+def test_pickle_bearing_statistics_files_are_refused(tmp_path, mnist, trained):
+    path = tmp_path / "stats.npz"
+    np.savez(path, mu=np.zeros(3), sigma=np.array([_Payload()], dtype=object))
+    _Payload.ran.clear()
+    with pytest.raises(MetricsError, match=r"^eval\.reference_stats .*stats\.npz holds pickled Python objects"):
+        M.FeatureStats.load(path, what="eval.reference_stats")
+    assert _Payload.ran == []
+    # a cache file of that kind is not read either: recomputed (and replaced) instead
+    tx, _, vx, _ = mnist
+    model, _ = trained
+    key = reference_cache_name(tx[:50], register_own_extractor(model))
+    np.savez(tmp_path / f"{key}.npz", mu=np.zeros(3), sigma=np.array([_Payload()], dtype=object))
+    m = fidelity_metrics(vx[:50], tx[:50], classifier=model, cache_name=key, cache_dir=tmp_path, prc=False, isc=False)
+    assert _Payload.ran == [] and m["fid"] > 0
+    stats, meta = M.FeatureStats.load(tmp_path / f"{key}.npz")
+    assert stats.dim == 128 and meta["n"] == 50
+
+
+def random_inception_weights(path):
+    """torch-fidelity's inception-v3-compat architecture with random weights, saved as a plain state dict
+    (the real file cannot be downloaded here; same shapes, same cost)."""
+    from unittest import mock
+
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    with mock.patch.object(FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd: None), \
+            mock.patch("torch.load", lambda *a, **k: {}):
+        module = FeatureExtractorInceptionV3(M.INCEPTION_EXTRACTOR, ["2048"], feature_extractor_weights_path="-")
+    torch.save(module.state_dict(), path)
+    return path
+
+
+def test_plain_inception_state_dict_is_accepted(tmp_path, no_download):
+    path = random_inception_weights(tmp_path / "inception.pth")
+    net = M.build_feature_net("inception", inception_weights=path)
+    feats, logits = net(torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8))
+    assert feats.shape == (2, 2048) and logits.shape == (2, 1008) and net.dim == 2048

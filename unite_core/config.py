@@ -342,6 +342,17 @@ class EvalConfig(_Section):
     cfg_scales: list[float] = Field(default_factory=lambda: [1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0])
     classifier_steps: int = Field(1500, ge=1)
     kid_subset_size: int = Field(500, ge=2)
+    reference_stats: Optional[str] = Field(
+        None, description="local .npz with 'mu' (D,) and 'sigma' (D, D), the ADM/JiT reference-batch format (e.g. "
+        "VIRTUAL_imagenet256_labeled.npz, Inception features): gFID and the noise floor are computed against "
+        "these statistics instead of the training images; KID and precision/recall still use training images")
+    feature_subset: int = Field(
+        10_000, ge=2, description="images per side whose features are kept for KID and precision/recall (a seeded "
+        "random subset of larger sets; their cost grows with its square); FID and IS use every image")
+    parallel: Literal["auto", "ray", "local"] = Field(
+        "auto", description="where generation runs: ray = distributed.num_workers Ray workers (a GPU each with "
+        "distributed.use_gpu), local = this process, auto = ray when distributed.num_workers > 1 or when "
+        "distributed.use_gpu is set and this machine has no GPU")
 
     @model_validator(mode="after")
     def _check(self) -> "EvalConfig":
@@ -349,6 +360,16 @@ class EvalConfig(_Section):
             raise ValueError(
                 "eval.feature_extractor=inception needs eval.inception_weights=<local weights file> "
                 "(nothing is downloaded); or use eval.feature_extractor=own"
+            )
+        if self.reference_stats is not None and not str(self.reference_stats).endswith(".npz"):
+            raise ValueError(
+                f"eval.reference_stats={self.reference_stats} must be an .npz file holding 'mu' and 'sigma' "
+                "(the ADM/JiT reference-batch format); or set it to null to compare with the training images"
+            )
+        if self.kid_subset_size > self.feature_subset:
+            raise ValueError(
+                f"eval.kid_subset_size={self.kid_subset_size} exceeds eval.feature_subset={self.feature_subset}, "
+                "the features kept for KID: lower eval.kid_subset_size or raise eval.feature_subset"
             )
         return self
 

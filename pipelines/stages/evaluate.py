@@ -2,15 +2,19 @@
 
 Images:
 - guidance sweep over eval.cfg_scales, eval.num_samples class-balanced samples per scale (EMA weights
-  unless sample.use_ema=false): gFID, KID, precision/recall, IS against the training set, conditional
-  accuracy under the own classifier; the best scale (lowest FID) and the whole curve;
-- reconstruction of the validation set: rFID, PSNR, SSIM;
-- noise floor FID(val vs train) and FID(uniform noise vs train) as the floor and the ceiling;
-- outs: plots/guidance_curve.csv, plots/samples.png (best scale, one row per class),
-  plots/reconstructions.png (rows of originals above their reconstructions); all logged to the tracker.
+  unless sample.use_ema=false): gFID, KID, precision/recall, IS against the training set (or gFID against
+  eval.reference_stats, an ADM/JiT-format .npz), conditional accuracy under the own classifier; the best
+  scale (lowest FID) and the whole curve. Generation runs in this process or sharded over Ray workers /
+  GPUs (eval.parallel, pipelines/eval_workers.py); images are summarised batch by batch (never all in memory);
+- reconstruction of the validation set: rFID, PSNR, SSIM (streamed the same way);
+- noise floor FID(val vs reference) and FID(uniform noise vs reference) as the floor and the ceiling;
+- outs: plots/guidance_curve.csv, plots/samples.png (best scale, one row per class, at most GRID_CLASSES
+  classes), plots/reconstructions.png (rows of originals above their reconstructions); all logged to the tracker.
 Features: eval.feature_extractor=own (models/classifier.pt, the `classifier` stage) or inception
-(torch-fidelity's inception-v3-compat from the local file eval.inception_weights). Reference statistics are
-cached under .unite_cache/fidelity/ with a name that hashes the reference images and the extractor.
+(torch-fidelity's inception-v3-compat from the local file eval.inception_weights, loaded only if it loads
+without pickle). Reference sets of up to MAX_REFERENCE images (a seeded subset of larger ones) are read with
+data.num_workers DataLoader processes; their statistics are cached under .unite_cache/fidelity/ (.npz, the
+mu/sigma format eval.reference_stats reads) with a name that hashes the data content and the extractor.
 
 Molecules: unite_core.molecules.evaluate_molecules (reconstruction + validity/uniqueness/...) instead.
 """
@@ -30,15 +34,18 @@ import torch
 
 from unite_core.evaluate import (
     CURVE_KEYS,
+    DatasetSource,
     FeatureSpec,
     autocast_dtype_for,
     class_grid,
     dataset_images,
     evaluate_images,
     pairs_grid,
+    reference_with_stats_file,
 )
 from unite_core.io import atomic_write, atomic_write_text
-from unite_core.metrics.images import MetricsError
+from unite_core.metrics.images import FeatureStats, MetricsError
+from unite_core.model import balanced_labels
 from unite_core.train import load_checkpoint, model_from_checkpoint, resolve_device
 
 from ..context import Reporter, StageContext
@@ -52,6 +59,8 @@ RECONSTRUCTIONS_FILE = "reconstructions.png"
 #: at most this many reference images are held in memory (a seeded random subset of larger sets)
 MAX_REFERENCE = 50_000
 SAMPLES_PER_CLASS = 10
+#: samples.png shows at most this many classes (evenly spaced over the label range: 1000 ImageNet classes)
+GRID_CLASSES = 10
 RECONSTRUCTION_PAIRS = 50
 #: tiles narrower than this are upscaled (nearest neighbour) in the PNGs: 32x32 digits are unreadable as is
 MIN_TILE = 64
@@ -79,6 +88,15 @@ def check_inception_weights(cfg) -> None:
         )
 
 
+def check_reference_stats(cfg) -> None:
+    """eval.reference_stats, when set, must be a readable mu/sigma .npz (checked before any expensive work)."""
+    path = cfg.eval.reference_stats
+    if path:
+        FeatureStats.load(path, what="eval.reference_stats",
+                          fix="point eval.reference_stats at an .npz with 'mu' (D,) and 'sigma' (D, D), or set it "
+                              "to null to compare with the training images")
+
+
 def feature_spec(ctx: StageContext, data, device) -> FeatureSpec:
     """The feature network the params ask for; the own classifier is loaded in both modes (conditional
     accuracy), required only for extractor=own."""
@@ -90,19 +108,60 @@ def feature_spec(ctx: StageContext, data, device) -> FeatureSpec:
         extractor=cfg.eval.feature_extractor, classifier=classifier,
         inception_weights=cfg.eval.inception_weights, cache_dir=str(fidelity_cache_dir(ctx)),
         kid_subset_size=cfg.eval.kid_subset_size, batch_size=min(cfg.eval.batch_size, 512), device=device,
+        subset_size=cfg.eval.feature_subset,
     )
 
 
+def _subset_indices(n: int, max_items: int, seed: int = 0):
+    if n <= max_items:
+        return None
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:max_items].sort().values
+
+
 def reference_images(data, max_items: int = MAX_REFERENCE, seed: int = 0):
-    """(train images, val images) in [0, 1]; sets larger than max_items are subsampled (seeded)."""
+    """(train images, val images) in [0, 1] in memory (small sets: `unite compare`); sets larger than
+    max_items are subsampled (seeded)."""
     def take(ds):
-        if len(ds) <= max_items:
+        idx = _subset_indices(len(ds), max_items, seed)
+        if idx is None:
             return dataset_images(ds)[0]
-        idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:max_items].sort().values
         log.info("reference: a random subset of %d of %d images", max_items, len(ds))
         return dataset_images(_Subset(ds, idx))[0]
 
     return take(data.train), take(data.val)
+
+
+def reference_sources(ctx: StageContext, data, *, max_train: int = MAX_REFERENCE, max_val: int = MAX_REFERENCE,
+                      seed: int = 0) -> tuple[DatasetSource, DatasetSource]:
+    """(train, val) read batch by batch (DataLoader workers for image folders and shards), each at most
+    max_* images (a seeded subset of larger sets); keyed by the data content hash for the statistics cache."""
+    content = str(data.info.get("content_hash") or "")
+    if not content:
+        raise MetricsError("the prepared data has no content hash: run `unite prepare` again")
+
+    def source(ds, split, max_items):
+        idx = _subset_indices(len(ds), max_items, seed)
+        n = len(ds) if idx is None else len(idx)
+        if idx is not None:
+            log.info("%s reference: a random subset of %d of %d images", split, n, len(ds))
+        key = f"{content[:16]}-{split}-{n}-{seed}"
+        return DatasetSource(ds, None if idx is None else idx.numpy(), key=key,
+                             num_workers=ctx.cfg.data.num_workers)
+
+    return source(data.train, "train", max_train), source(data.val, "val", max_val)
+
+
+def grid_indices(n: int, num_classes: int, per_class: int = SAMPLES_PER_CLASS, max_classes: int = GRID_CLASSES):
+    """Sample indices kept for samples.png: the first ``per_class`` samples of up to ``max_classes`` classes."""
+    labels = balanced_labels(n, num_classes)
+    classes = sorted(set(labels.tolist()))
+    if len(classes) > max_classes:
+        pick = torch.linspace(0, len(classes) - 1, max_classes).round().long().tolist()
+        classes = [classes[i] for i in pick]
+    out = []
+    for c in classes:
+        out += (labels == c).nonzero().flatten()[:per_class].tolist()
+    return out
 
 
 class _Subset:
@@ -160,33 +219,48 @@ def evaluate_checkpoint_images(ctx: StageContext, model, data, *, num_samples: i
                                progress: bool = True):
     """Run the full image evaluation of ``model`` on ``data``; returns (flat metrics, full result).
 
+    ``references``: (train, val) as tensors or ImageSources (default: :func:`reference_sources`).
     Used by this stage and by `unite compare` (write_outputs=False: numbers only).
     """
+    from pipelines.eval_workers import generation_runner
+
     cfg = ctx.cfg
     device = device or resolve_device(cfg.train.device)
     tracker = tracker if tracker is not None else ctx.tracker
     features = features or feature_spec(ctx, data, device)
-    train_x, val_x = references if references is not None else reference_images(data)
+    stats_file = cfg.eval.reference_stats
+    if references is not None:
+        train_x, val_x = references
+    else:  # with reference statistics the training images serve only KID and precision/recall
+        max_train = cfg.eval.feature_subset if stats_file else MAX_REFERENCE
+        train_x, val_x = reference_sources(ctx, data, max_train=max_train)
+    reference = reference_with_stats_file(stats_file, features, train_x) if stats_file else None
     n = int(num_samples or cfg.eval.num_samples)
     scales = list(cfg_scales or cfg.eval.cfg_scales)
+    keep = grid_indices(n, int(getattr(model, "num_classes", 0))) if write_outputs else None
 
     reporter = ctx.reporter if progress else Reporter()  # no nested progress bars (`unite compare` has its own)
-    with reporter.progress(f"guidance sweep ({n} samples per scale)", len(scales)) as task:
-        done = []
+    runner = generation_runner(cfg, model, features, device, debug=bool(getattr(ctx, "debug", False)))
+    try:
+        with reporter.progress(f"guidance sweep ({n} samples per scale)", len(scales)) as task:
+            done = []
 
-        def on_scale(row):
-            done.append(row)
-            step = int(round(row["cfg_scale"] * 100))  # MLflow step axis: the guidance scale x 100
-            tracker.log_metrics({f"curve_{k}": v for k, v in row.items() if k != "cfg_scale" and v is not None},
-                                step=step)
-            task.update(len(done), cfg=row["cfg_scale"], fid=row["fid"])
+            def on_scale(row):
+                done.append(row)
+                step = int(round(row["cfg_scale"] * 100))  # MLflow step axis: the guidance scale x 100
+                tracker.log_metrics({f"curve_{k}": v for k, v in row.items() if k != "cfg_scale" and v is not None},
+                                    step=step)
+                task.update(len(done), cfg=row["cfg_scale"], fid=row["fid"])
 
-        result = evaluate_images(
-            model, train_x, val_x, features, sample_cfg=cfg.sample, cfg_scales=scales, num_samples=n,
-            batch_size=cfg.eval.batch_size, device=device, seed=cfg.sample.seed,
-            autocast_dtype=autocast_dtype_for(cfg.train.precision), keep_samples=write_outputs,
-            keep_reconstructions=RECONSTRUCTION_PAIRS if write_outputs else 0, on_scale=on_scale, sanity=sanity,
-        )
+            result = evaluate_images(
+                model, train_x, val_x, features, sample_cfg=cfg.sample, cfg_scales=scales, num_samples=n,
+                batch_size=cfg.eval.batch_size, device=device, seed=cfg.sample.seed,
+                autocast_dtype=autocast_dtype_for(cfg.train.precision), keep_indices=keep,
+                keep_reconstructions=RECONSTRUCTION_PAIRS if write_outputs else 0, on_scale=on_scale, sanity=sanity,
+                runner=runner, reference=reference,
+            )
+    finally:
+        runner.close()
     metrics = flat_metrics(result, n)
     if write_outputs:
         out = outputs(ctx)
@@ -244,8 +318,9 @@ def run(ctx: StageContext, checkpoint: str | Path | None = None) -> dict:
     cfg = ctx.cfg
     t0 = time.perf_counter()
     checkpoint = checkpoint if checkpoint is not None else ctx.options.get("checkpoint")
-    if cfg.modality == "images":
-        check_inception_weights(cfg)  # fail before any expensive work
+    if cfg.modality == "images":  # fail before any expensive work
+        check_inception_weights(cfg)
+        check_reference_stats(cfg)
     path = Path(checkpoint) if checkpoint is not None else ctx.paths.checkpoint
     state = load_checkpoint(path, None if checkpoint is not None else cfg)
     device = resolve_device(cfg.train.device)

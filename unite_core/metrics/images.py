@@ -14,17 +14,28 @@ Two feature extractors are supported by :func:`fidelity_metrics`:
   extractor name returned by :func:`register_own_extractor` therefore contains a hash of the weights.
 * ``"inception"`` -- torch-fidelity's ``inception-v3-compat`` (the standard FID network), loaded from a local
   weights file (``eval.inception_weights``). Nothing is ever downloaded: without a readable file a
-  :class:`MetricsError` is raised.
+  :class:`MetricsError` is raised. torch-fidelity unpickles that file without restriction, so the project reads
+  it once, checks it with ``torch.load(weights_only=True)`` and hands torch-fidelity the checked bytes; a file
+  that needs pickle is refused (:func:`read_pickle_free`).
+
+Image sets are never needed whole: :func:`summarise` runs the feature network batch by batch into
+:class:`FeatureStats` (float64 sums for FID's mean and covariance, the Inception Score per split as torch-fidelity
+splits, and the features of a bounded, seeded subset of images for KID and precision/recall). Statistics of
+disjoint parts of a set merge exactly (sharded generation), and :func:`fidelity_from_stats` computes the metrics
+with torch-fidelity's own functions. :func:`fidelity_metrics` is that path for in-memory tensors.
 
 Reference statistics can be cached on disk: pass ``cache_dir`` and a ``cache_name`` built by
-:func:`reference_cache_name` (it hashes the reference data and the extractor name; torch-fidelity's own cache
-key ignores the content of the data).
+:func:`reference_cache_name` (it hashes the reference data and the extractor name). The cache is an ``.npz``
+with ``mu``/``sigma`` -- the ADM/JiT reference-batch format, which :meth:`FeatureStats.load` also reads -- and
+is read without pickle.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
+import io
 import json
 import logging
 import math
@@ -32,12 +43,14 @@ import os
 import pickle
 import threading
 import time
-from typing import Any, Callable
+import zipfile
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.data import Dataset
 
 from ..io import atomic_torch_save
 
@@ -59,6 +72,17 @@ __all__ = [
     "conditional_accuracy",
     "METRIC_KEYS",
     "INCEPTION_EXTRACTOR",
+    "read_pickle_free",
+    "to_feature_input",
+    "FeatureNet",
+    "build_feature_net",
+    "StatsPlan",
+    "FeatureStats",
+    "summarise",
+    "tensor_batches",
+    "frechet_distance",
+    "fidelity_from_stats",
+    "cached_stats",
 ]
 
 #: keys of the dict returned by :func:`fidelity_metrics` (always all present; ``None`` = not computed)
@@ -641,27 +665,493 @@ def reference_cache_name(reference: torch.Tensor, extractor_name: str) -> str:
     return f"ref-{tensor_hash(reference)}-{safe}-{ext_hash}"
 
 
-class _UInt8Images(Dataset):
-    """Dataset view of float [0, 1] (N, C, H, W) images as uint8 (3, H, W) tensors (what torch-fidelity expects).
+# ----------------------------------------------------------------------------------------------------------------
+# files torch-fidelity would unpickle: checked without pickle first
+# ----------------------------------------------------------------------------------------------------------------
 
-    The conversion is vectorised up front in chunks (uint8 costs a quarter of the float input); grayscale is
-    repeated to 3 channels per item as a view.
+#: the fix named when eval.inception_weights is refused
+INCEPTION_FIX = (
+    "set eval.inception_weights to torch-fidelity's inception-v3-compat weights "
+    "(weights-inception-2015-12-05-6726825d.pth, a plain state dict), or re-save your file as one with "
+    "torch.save(model.state_dict(), path)"
+)
+
+
+def _first_line(e: BaseException, limit: int = 200) -> str:
+    text = str(e).strip()
+    for marker in ("Unsupported global:", "Unsupported operand", "Trying to load unsupported GLOBAL"):
+        pos = text.find(marker)  # torch's weights-only error: the useful part is deep inside a long message
+        if pos >= 0:
+            return text[pos:].splitlines()[0][:limit]
+    return (text.splitlines()[0] if text else type(e).__name__)[:limit]
+
+
+def read_pickle_free(path: str | os.PathLike, what: str, fix: str) -> bytes:
+    """The bytes of a torch file that loads with ``torch.load(weights_only=True)``, else one MetricsError line.
+
+    torch-fidelity loads Inception weights (and its own feature cache) with ``weights_only=False``, i.e. with
+    unrestricted pickle, which runs whatever code the file names. The file is read once and checked with
+    ``weights_only=True``; the caller hands the *same bytes* on (``io.BytesIO``), so what is unpickled later is
+    exactly what was checked. A file holding pickled Python objects, a corrupt or truncated file and an unreadable
+    path each end in one line naming ``what``, the path and ``fix``.
+    """
+    p = os.fspath(path)
+    try:
+        with open(p, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise MetricsError(f"{what} {p} cannot be read ({e.strerror or type(e).__name__}): {fix}") from None
+    if not data:
+        raise MetricsError(f"{what} {p} is empty: {fix}")
+    try:
+        torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "Unsupported global" in str(e) or "unsupported GLOBAL" in str(e):
+            raise MetricsError(
+                f"{what} {p} holds pickled Python objects ({_first_line(e)}) and is refused, since loading it would "
+                f"run code from the file: {fix}"
+            ) from None
+        raise MetricsError(f"{what} {p} is not a readable torch file ({_first_line(e)}): {fix}") from None
+    except Exception as e:  # noqa: BLE001 - truncated zip, wrong format, ...: all "not a torch file"
+        raise MetricsError(
+            f"{what} {p} is not a readable torch file ({type(e).__name__}: {_first_line(e)}): {fix}"
+        ) from None
+    return data
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# feature networks
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def to_feature_input(x: torch.Tensor) -> torch.Tensor:
+    """Float [0, 1] images (B, C, H, W) -> uint8 (B, 3, H, W), what torch-fidelity's extractors take
+    (``round(255 x)``; grayscale repeated as a view)."""
+    u8 = (x.float().clamp(0.0, 1.0) * 255.0).round().to(torch.uint8)
+    return u8.expand(-1, 3, -1, -1) if u8.shape[1] == 1 else u8
+
+
+class FeatureNet:
+    """A torch-fidelity feature extractor on a device: uint8 (B, 3, H, W) -> (features, logits).
+
+    ``features`` (the extractor's FID layer) feed FID, KID and precision/recall, ``logits`` (its IS layer) the
+    Inception Score: the own classifier's scaled penultimate layer and logits, or inception-v3-compat's 2048-d
+    pool features and ``logits_unbiased``, exactly what ``torch_fidelity.calculate_metrics`` would extract.
+    ``name`` identifies the network (it hashes the own classifier's weights) for cache keys.
     """
 
-    def __init__(self, images: torch.Tensor, chunk: int = 1024):
-        images = images.detach()
-        parts = []
-        for i in range(0, len(images), chunk):
-            x = images[i : i + chunk].float()
-            parts.append((x.clamp(0.0, 1.0) * 255.0).round().to(torch.uint8).cpu())
-        self.images = torch.cat(parts) if parts else torch.empty(0, *images.shape[1:], dtype=torch.uint8)
+    def __init__(self, module: nn.Module, name: str, device: torch.device):
+        self.module = module
+        self.name = name
+        self.device = torch.device(device)
+        self._dim: int | None = None
 
-    def __len__(self) -> int:
-        return len(self.images)
+    @torch.no_grad()
+    def __call__(self, images_u8: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        feats, logits = self.module(images_u8.to(self.device, non_blocking=True))
+        if self._dim is None:
+            self._dim = int(feats.shape[1])
+        return feats, logits
 
-    def __getitem__(self, i: int) -> torch.Tensor:
-        x = self.images[i]
-        return x.expand(3, -1, -1) if x.shape[0] == 1 else x
+    @property
+    def dim(self) -> int:
+        """Feature dimension (one dummy image through the network the first time it is asked)."""
+        if self._dim is None:
+            self(torch.zeros(1, 3, 32, 32, dtype=torch.uint8))
+        return int(self._dim)
+
+
+def build_feature_net(
+    extractor: str = "own",
+    *,
+    classifier: nn.Module | None = None,
+    inception_weights: str | os.PathLike | None = None,
+    device: str | torch.device = "cpu",
+) -> FeatureNet:
+    """The feature network of ``extractor`` ("own": ``classifier``; "inception": torch-fidelity's
+    inception-v3-compat from the local file ``inception_weights``, checked without pickle first), on ``device``."""
+    dev = _resolve_device(device)
+    _, registry = _fidelity()
+    if extractor == "own":
+        if classifier is None:
+            raise MetricsError(f"extractor='own' needs the dataset's feature classifier; {_FIX_HINT}")
+        name = register_own_extractor(classifier)
+        cls = registry[name]
+        module = cls(name, [cls.get_default_feature_layer_for_metric("fid"),
+                            cls.get_default_feature_layer_for_metric("isc")])
+    elif extractor == "inception":
+        path = None if inception_weights is None else os.fspath(inception_weights)
+        if not path or not os.path.isfile(path):
+            raise MetricsError(
+                f"extractor='inception' needs a readable local Inception-v3 weights file: set eval.inception_weights "
+                f"(got {path!r}); nothing is downloaded -- or use extractor='own'"
+            )
+        data = read_pickle_free(path, "eval.inception_weights", INCEPTION_FIX)
+        name = INCEPTION_EXTRACTOR
+        cls = registry[name]
+        layers = [cls.get_default_feature_layer_for_metric("fid"), cls.get_default_feature_layer_for_metric("isc")]
+        try:  # the checked bytes, not the path: nothing else is unpickled
+            module = cls(name, layers, feature_extractor_weights_path=io.BytesIO(data))
+        except (RuntimeError, KeyError, ValueError, TypeError) as e:
+            raise MetricsError(
+                f"eval.inception_weights {path} is not an inception-v3-compat state dict ({_first_line(e)}): "
+                f"{INCEPTION_FIX}"
+            ) from None
+    else:
+        raise MetricsError(f"unknown extractor {extractor!r}: use 'own' or 'inception'")
+    module = module.to(dev).eval().requires_grad_(False)
+    return FeatureNet(module, name, dev)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# streaming statistics: FID moments, IS per split and a bounded feature subset, mergeable across processes
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=16)
+def _subset_mask(n: int, size: int, seed: int) -> torch.Tensor:
+    mask = np.zeros(n, dtype=bool)
+    mask[np.random.RandomState(seed).choice(n, size, replace=False)] = True
+    return torch.from_numpy(mask)
+
+
+@functools.lru_cache(maxsize=16)
+def _isc_split_of(n: int, splits: int, seed: int) -> torch.Tensor:
+    # torch-fidelity's isc_features_to_metric: features[RandomState(seed).permutation(n)], then split k holds
+    # positions [k n // S, (k + 1) n // S). Image i sits at the position where the permutation names it.
+    perm = np.random.RandomState(seed).permutation(n)
+    position = np.empty(n, dtype=np.int64)
+    position[perm] = np.arange(n)
+    bounds = np.array([k * n // splits for k in range(splits + 1)], dtype=np.int64)
+    return torch.from_numpy(np.searchsorted(bounds, position, side="right") - 1)
+
+
+@dataclass(frozen=True)
+class StatsPlan:
+    """How a set of ``n`` images (indexed 0..n-1) is summarised, identically in every process holding a part.
+
+    Every image adds to the FID moments; with ``isc_splits > 0`` its IS logits add to the split torch-fidelity
+    would put it in (its shuffle seeded by ``seed``, then contiguous chunks), so the streamed Inception Score is
+    torch-fidelity's. The features of at most ``subset_size`` images (all when ``None`` or ``n <= subset_size``;
+    otherwise a random choice seeded by ``seed``) are kept for KID and precision/recall, whose cost grows with
+    the square of the count.
+    """
+
+    n: int
+    subset_size: int | None = None
+    isc_splits: int = 0
+    seed: int = 2020
+
+    def __post_init__(self):
+        if self.n < 1:
+            raise MetricsError(f"StatsPlan: n must be >= 1, got {self.n}")
+        if self.subset_size is not None and self.subset_size < 2:
+            raise MetricsError(f"StatsPlan: subset_size must be >= 2, got {self.subset_size}")
+
+    @property
+    def kept(self) -> int:
+        return self.n if self.subset_size is None else min(self.n, int(self.subset_size))
+
+    def subset_mask(self, index: torch.Tensor) -> torch.Tensor:
+        if self.kept >= self.n:
+            return torch.ones(len(index), dtype=torch.bool)
+        return _subset_mask(self.n, self.kept, self.seed)[index.cpu()]
+
+    def isc_split(self, index: torch.Tensor) -> torch.Tensor:
+        return _isc_split_of(self.n, min(self.isc_splits, self.n), self.seed)[index.cpu()]
+
+
+@dataclass
+class FeatureStats:
+    """Streaming statistics of one image set under one feature network.
+
+    ``update`` adds a batch (features, logits, the images' indices in the set), ``merge`` joins the statistics
+    of disjoint parts of the set (shards computed by other processes) and gives what one pass over the whole set
+    gives: sums in float64, kept features ordered by index. Memory is O(D^2 + subset x D + splits x classes),
+    whatever the number of images. A reference given as statistics (an ADM/JiT ``.npz``) has ``given_mu`` /
+    ``given_sigma`` and no sums.
+    """
+
+    n: int = 0
+    total: Optional[torch.Tensor] = None  # (D,) float64: sum of the features
+    outer: Optional[torch.Tensor] = None  # (D, D) float64: sum of their outer products
+    subset_index: Optional[torch.Tensor] = None  # (m,) int64
+    subset: Optional[torch.Tensor] = None  # (m, D), the extractor's dtype
+    isc_p: Optional[torch.Tensor] = None  # (S, C) float64: per IS split, sum of p(y|x)
+    isc_plogp: Optional[torch.Tensor] = None  # (S,) float64: per split, sum of sum_y p log p
+    isc_count: Optional[torch.Tensor] = None  # (S,) int64
+    given_mu: Optional[np.ndarray] = None
+    given_sigma: Optional[np.ndarray] = None
+    _parts: list = field(default_factory=list, repr=False)
+
+    @torch.no_grad()
+    def update(self, features: torch.Tensor, logits: torch.Tensor | None, index: torch.Tensor,
+               plan: StatsPlan) -> None:
+        if features.dim() != 2 or len(features) != len(index):
+            raise MetricsError(f"FeatureStats.update: features {tuple(features.shape)} for {len(index)} indices")
+        f64 = features.detach().double()
+        if self.total is None:
+            d = f64.shape[1]
+            self.total = torch.zeros(d, dtype=torch.float64, device=f64.device)
+            self.outer = torch.zeros(d, d, dtype=torch.float64, device=f64.device)
+        self.total += f64.sum(0)
+        self.outer.addmm_(f64.T, f64)
+        self.n += len(f64)
+        index = index.detach().long().cpu()
+        mask = plan.subset_mask(index)
+        if bool(mask.any()):
+            self._parts.append((index[mask], features.detach()[mask.to(features.device)].cpu()))
+        if plan.isc_splits and logits is not None:
+            lg = logits.detach().double()
+            if self.isc_p is None:
+                s = min(plan.isc_splits, plan.n)
+                self.isc_p = torch.zeros(s, lg.shape[1], dtype=torch.float64, device=lg.device)
+                self.isc_plogp = torch.zeros(s, dtype=torch.float64, device=lg.device)
+                self.isc_count = torch.zeros(s, dtype=torch.int64, device=lg.device)
+            split = plan.isc_split(index).to(lg.device)
+            p, logp = lg.softmax(dim=1), lg.log_softmax(dim=1)
+            self.isc_p.index_add_(0, split, p)
+            self.isc_plogp.index_add_(0, split, (p * logp).sum(1))
+            self.isc_count.index_add_(0, split, torch.ones_like(split))
+
+    def finish(self) -> "FeatureStats":
+        """Everything on the CPU, kept features joined and ordered by index (call before sending or saving)."""
+        parts = list(self._parts)
+        if self.subset is not None:
+            parts.insert(0, (self.subset_index, self.subset))
+        if parts:
+            idx = torch.cat([p[0] for p in parts])
+            feats = torch.cat([p[1] for p in parts])
+            order = torch.argsort(idx)
+            self.subset_index, self.subset = idx[order], feats[order]
+        self._parts = []
+        for name in ("total", "outer", "isc_p", "isc_plogp", "isc_count"):
+            v = getattr(self, name)
+            if v is not None:
+                setattr(self, name, v.cpu())
+        return self
+
+    @classmethod
+    def merge(cls, parts: Sequence["FeatureStats"]) -> "FeatureStats":
+        parts = [p.finish() for p in parts if p is not None and p.n > 0]
+        out = cls()
+        for p in parts:
+            if p.given_mu is not None:
+                raise MetricsError("FeatureStats.merge: statistics given as mu/sigma cannot be merged")
+            out.n += p.n
+            for name in ("total", "outer", "isc_p", "isc_plogp", "isc_count"):
+                v, acc = getattr(p, name), getattr(out, name)
+                if v is not None:
+                    setattr(out, name, v.clone() if acc is None else acc + v)
+            if p.subset is not None:
+                out._parts.append((p.subset_index, p.subset))
+        if len({int(p.total.shape[0]) for p in parts if p.total is not None}) > 1:
+            raise MetricsError("FeatureStats.merge: parts have different feature dimensions")
+        return out.finish()
+
+    # -- results ---------------------------------------------------------------------------------------------------
+    @property
+    def dim(self) -> int:
+        if self.given_mu is not None:
+            return int(self.given_mu.shape[0])
+        if self.total is None:
+            raise MetricsError("no images were summarised")
+        return int(self.total.shape[0])
+
+    def mu(self) -> np.ndarray:
+        if self.given_mu is not None:
+            return self.given_mu
+        if self.n < 1:
+            raise MetricsError("no images were summarised")
+        return (self.total.cpu() / self.n).numpy()
+
+    def sigma(self) -> np.ndarray:
+        """Unbiased covariance (divisor n - 1, as numpy.cov / torch-fidelity)."""
+        if self.given_sigma is not None:
+            return self.given_sigma
+        if self.n < 2:
+            raise MetricsError(f"a covariance needs at least 2 images, got {self.n}")
+        mu = torch.from_numpy(self.mu())
+        return ((self.outer.cpu() - self.n * torch.outer(mu, mu)) / (self.n - 1)).numpy()
+
+    def inception_score(self) -> tuple[float, float] | None:
+        """(mean, std) over the IS splits, as torch-fidelity's isc_features_to_metric computes them."""
+        if self.isc_p is None:
+            return None
+        scores = []
+        for k in range(len(self.isc_count)):
+            c = int(self.isc_count[k])
+            if c == 0:
+                continue
+            q = self.isc_p[k].cpu() / c
+            mean_kl = float(self.isc_plogp[k]) / c - float((q * torch.log(q)).sum())
+            scores.append(math.exp(mean_kl))
+        return float(np.mean(scores)), float(np.std(scores))
+
+    # -- files -----------------------------------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike, meta: dict | None = None) -> None:
+        """An ``.npz`` (no pickle) with ``mu`` and ``sigma`` -- the ADM/JiT reference format, usable as
+        eval.reference_stats -- plus ``n``, the kept features and ``meta`` (JSON). Written atomically."""
+        self.finish()
+        arrays = {"mu": self.mu(), "sigma": self.sigma(), "n": np.asarray(self.n, dtype=np.int64),
+                  "meta": np.asarray(json.dumps(meta or {}, sort_keys=True))}
+        if self.subset is not None:
+            arrays["subset"] = self.subset.numpy()
+            arrays["subset_index"] = self.subset_index.numpy()
+        path = os.fspath(path)
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp.npz"
+        try:
+            np.savez(tmp, **arrays)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, *, what: str = "statistics file",
+             fix: str = "") -> tuple["FeatureStats", dict]:
+        """Read ``mu``/``sigma`` (and, when present, ``n``, kept features, ``meta``) from an ``.npz`` without
+        pickle. Returns (stats with given_mu/given_sigma, meta)."""
+        p = os.fspath(path)
+        fix = fix or "delete it; it is recomputed"
+        if os.path.isfile(p) and not zipfile.is_zipfile(p):
+            raise MetricsError(f"{what} {p} is not an .npz (zip) file: {fix}")
+        try:
+            with np.load(p, allow_pickle=False) as z:
+                keys = set(z.files)
+                missing = {"mu", "sigma"} - keys
+                if missing:
+                    found = ", ".join(sorted(keys)) or "none"
+                    raise MetricsError(
+                        f"{what} {p} has no {' / '.join(sorted(missing))} array (found: {found}); it must hold "
+                        f"'mu' (D,) and 'sigma' (D, D) like the ADM/JiT reference batches: {fix}"
+                    )
+                mu = np.asarray(z["mu"], dtype=np.float64)
+                sigma = np.asarray(z["sigma"], dtype=np.float64)
+                n = int(z["n"]) if "n" in keys else 0
+                meta = json.loads(str(z["meta"])) if "meta" in keys else {}
+                subset = torch.from_numpy(np.array(z["subset"])) if "subset" in keys else None
+                subset_index = torch.from_numpy(np.array(z["subset_index"])).long() if "subset_index" in keys else None
+        except MetricsError:
+            raise
+        except FileNotFoundError:
+            raise MetricsError(f"{what} {p} does not exist: {fix}") from None
+        except ValueError as e:
+            if "allow_pickle" in str(e):
+                raise MetricsError(f"{what} {p} holds pickled Python objects and is refused "
+                                   f"(loading it would run code from the file): {fix}") from None
+            raise MetricsError(f"{what} {p} is not a readable .npz ({_first_line(e)}): {fix}") from None
+        except Exception as e:  # noqa: BLE001 - a truncated or foreign file
+            raise MetricsError(
+                f"{what} {p} is not a readable .npz ({type(e).__name__}: {_first_line(e)}): {fix}") from None
+        if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
+            raise MetricsError(
+                f"{what} {p}: 'mu' must be (D,) and 'sigma' (D, D), got {mu.shape} and {sigma.shape}: {fix}")
+        if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+            raise MetricsError(f"{what} {p} holds NaN or inf values: {fix}")
+        stats = cls(n=n, given_mu=mu, given_sigma=sigma, subset=subset, subset_index=subset_index)
+        return stats, meta
+
+
+def summarise(batches: Iterable[tuple[torch.Tensor, torch.Tensor]], net: FeatureNet, plan: StatsPlan) -> FeatureStats:
+    """FeatureStats of ``(index, float [0, 1] images)`` batches under ``net``, one batch in memory at a time."""
+    stats = FeatureStats()
+    for index, images in batches:
+        feats, logits = net(to_feature_input(images))
+        stats.update(feats, logits, index, plan)
+    return stats.finish()
+
+
+def tensor_batches(images: torch.Tensor, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """``(index, images[i:i + batch_size])`` over an in-memory image tensor."""
+    for start in range(0, len(images), batch_size):
+        stop = min(len(images), start + batch_size)
+        yield torch.arange(start, stop), images[start:stop]
+
+
+def frechet_distance(a: FeatureStats, b: FeatureStats) -> float:
+    """FID between two sets of statistics (torch-fidelity's fid_statistics_to_metric, in float64)."""
+    from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_statistics_to_metric
+
+    if a.dim != b.dim:
+        raise MetricsError(f"cannot compare {a.dim}-d with {b.dim}-d feature statistics (different feature networks)")
+    sa = {"mu": a.mu().astype(np.float64), "sigma": a.sigma().astype(np.float64)}
+    sb = {"mu": b.mu().astype(np.float64), "sigma": b.sigma().astype(np.float64)}
+    return float(fid_statistics_to_metric(sa, sb, verbose=False)[KEY_METRIC_FID])
+
+
+def fidelity_from_stats(
+    generated: FeatureStats,
+    reference: FeatureStats,
+    *,
+    kid_subset_size: int = 1000,
+    kid_subsets: int = 100,
+    prc: bool = True,
+    prc_neighborhood: int = 3,
+    isc: bool = True,
+    seed: int = 2020,
+    device: str | torch.device = "cpu",
+) -> dict:
+    """FID, KID, precision/recall and IS from statistics (keys :data:`METRIC_KEYS`; ``None`` = not computed).
+
+    FID uses every image's moments, IS every generated image. KID and precision/recall use the kept features
+    (``StatsPlan.subset_size``), through torch-fidelity's kid/prc functions with ``seed``; they are ``None``
+    when either side kept fewer than 2 (a reference given only as mu/sigma). Subset size and neighbourhood are
+    clamped to small counts as in :func:`fidelity_metrics`.
+    """
+    from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, kid_features_to_metric
+    from torch_fidelity.metric_prc import KEY_METRIC_PRECISION, KEY_METRIC_RECALL, prc_features_to_metric
+
+    out = dict.fromkeys(METRIC_KEYS)
+    out["fid"] = frechet_distance(generated, reference)
+    g, r = generated.subset, reference.subset
+    if g is not None and r is not None and min(len(g), len(r)) >= 2:
+        n_min = min(len(g), len(r))
+        kid_size = min(int(kid_subset_size), n_min)
+        if kid_size < int(kid_subset_size):
+            logger.info("KID subset size clamped from %d to %d (kept features: generated=%d, reference=%d)",
+                        kid_subset_size, kid_size, len(g), len(r))
+        kid = kid_features_to_metric(g, r, kid_subsets=int(kid_subsets), kid_subset_size=kid_size,
+                                     rng_seed=int(seed), verbose=False)
+        out["kid_mean"], out["kid_std"] = kid[KEY_METRIC_KID_MEAN], kid[KEY_METRIC_KID_STD]
+        if prc:
+            k = int(prc_neighborhood)
+            if k >= n_min:
+                k = n_min - 1
+                logger.info("precision/recall neighbourhood clamped from %d to %d (n=%d)", prc_neighborhood, k, n_min)
+            dev = _resolve_device(device)  # cdist of the kept features: the accelerator when there is one
+            m = prc_features_to_metric(g.to(dev), r.to(dev), prc_neighborhood=k, prc_batch_size=10000,
+                                       save_cpu_ram=True, verbose=False)
+            out["precision"], out["recall"] = m[KEY_METRIC_PRECISION], m[KEY_METRIC_RECALL]
+    elif g is not None:
+        logger.info("KID and precision/recall not computed: the reference has no kept features (statistics only)")
+    if isc:
+        score = generated.inception_score()
+        if score is not None:
+            out["isc_mean"], out["isc_std"] = score
+    return {k: (None if v is None else float(v)) for k, v in out.items()}
+
+
+def cached_stats(path: str | os.PathLike | None, meta: dict, compute) -> FeatureStats:
+    """``compute()`` once, kept at ``path`` (``.npz``, no pickle) with ``meta``; a file whose meta differs is
+    recomputed, an unreadable one is replaced (with a warning)."""
+    if path is None:
+        return compute()
+    p = os.fspath(path)
+    if os.path.isfile(p):
+        try:
+            stats, saved = FeatureStats.load(p, what="cached reference statistics")
+            if saved == json.loads(json.dumps(meta, sort_keys=True)):
+                logger.debug("reference statistics read from %s", p)
+                return stats
+            logger.info("cached reference statistics %s were made with other settings: recomputing", p)
+        except MetricsError as e:
+            logger.warning("%s: recomputing", e)
+    stats = compute()
+    stats.save(p, meta)
+    logger.debug("reference statistics cached at %s", p)
+    return stats
 
 
 def fidelity_metrics(
@@ -682,17 +1172,22 @@ def fidelity_metrics(
     batch_size: int = 128,
     seed: int = 2020,
     device: str | torch.device = "cpu",
+    subset_size: int | None = None,
+    net: FeatureNet | None = None,
 ) -> dict:
-    """FID, KID, precision/recall and IS of ``generated`` against ``reference`` through torch-fidelity.
+    """FID, KID, precision/recall and IS of ``generated`` against ``reference`` (in-memory [0, 1] images).
 
     ``extractor="own"`` needs ``classifier`` (penultimate features for FID/KID/PRC, logits for IS);
-    ``extractor="inception"`` needs ``inception_weights``, a readable local file (config ``eval.inception_weights``).
-    Reference features/statistics are cached under ``cache_dir`` only when both ``cache_dir`` and ``cache_name``
-    are given (build ``cache_name`` with :func:`reference_cache_name`).
+    ``extractor="inception"`` needs ``inception_weights``, a readable local file (config ``eval.inception_weights``)
+    that loads without pickle. ``net`` (a :class:`FeatureNet`) replaces both. Features are computed in batches of
+    ``batch_size`` and summarised as they come (:class:`FeatureStats`); the numbers are torch-fidelity's
+    (``calculate_metrics`` on the same images gives the same FID/KID/PRC/IS up to float rounding). KID and
+    precision/recall use every image, or a seeded subset of ``subset_size`` per side when given.
+    Reference statistics are cached under ``cache_dir`` as ``<cache_name>.npz`` only when both are given (build
+    ``cache_name`` with :func:`reference_cache_name`).
 
     Small sample counts are handled: ``kid_subset_size`` is clamped to ``min(n_generated, n_reference)``, the
     precision/recall neighbourhood ``k`` to ``n - 1`` and the IS splits to ``n_generated``.
-    ``device`` of type cuda runs torch-fidelity with ``cuda=True`` (its default GPU).
 
     Returns a dict with exactly the keys :data:`METRIC_KEYS`; metrics not requested (``prc=False``,
     ``isc=False``) are ``None``. Precision is the fraction of generated samples inside the reference manifold,
@@ -705,98 +1200,30 @@ def fidelity_metrics(
     n1, n2 = len(generated), len(reference)
     if n1 < 2 or n2 < 2:
         raise MetricsError(f"FID/KID need at least 2 images per set, got generated={n1}, reference={n2}")
-    dev = _resolve_device(device)
-    cuda = dev.type == "cuda"
-    torch_fidelity, _ = _fidelity()
-
-    extra: dict[str, Any] = {}
-    if extractor == "own":
-        if classifier is None:
-            raise MetricsError(f"extractor='own' needs the dataset's feature classifier; {_FIX_HINT}")
-        fe_name = register_own_extractor(classifier)
-    elif extractor == "inception":
-        path = None if inception_weights is None else os.fspath(inception_weights)
-        if not path or not os.path.isfile(path) or not os.access(path, os.R_OK) or os.path.getsize(path) == 0:
-            raise MetricsError(
-                f"extractor='inception' needs a readable local Inception-v3 weights file: set eval.inception_weights "
-                f"(got {path!r}); nothing is downloaded -- or use extractor='own'"
-            )
-        fe_name = INCEPTION_EXTRACTOR
-        extra["feature_extractor_weights_path"] = path
-    else:
-        raise MetricsError(f"unknown extractor {extractor!r}: use 'own' or 'inception'")
-
-    n_min = min(n1, n2)
-    kid_size = min(int(kid_subset_size), n_min)
-    if kid_size < int(kid_subset_size):
-        logger.info(
-            "KID subset size clamped from %d to %d (generated=%d, reference=%d)", kid_subset_size, kid_size, n1, n2
-        )
-    k_nn = int(prc_neighborhood)
-    if prc and k_nn >= n_min:
-        k_nn = n_min - 1
-        logger.info("precision/recall neighbourhood clamped from %d to %d (n=%d)", prc_neighborhood, k_nn, n_min)
+    cache = cache_name is not None and cache_dir is not None
+    if cache_name is not None and cache_dir is None:
+        logger.warning("cache_name given without cache_dir: reference statistics are not cached")
+    if cache and (os.sep in cache_name or (os.altsep and os.altsep in cache_name) or cache_name.strip() != cache_name):
+        raise MetricsError(f"cache_name {cache_name!r} must not contain path separators or blanks")
+    if net is None:
+        net = build_feature_net(extractor, classifier=classifier, inception_weights=inception_weights, device=device)
     splits = int(isc_splits)
     if isc and splits > n1:
         splits = n1
         logger.info("IS splits clamped from %d to %d (generated=%d)", isc_splits, splits, n1)
-
-    cache = cache_name is not None and cache_dir is not None
-    if cache_name is not None and cache_dir is None:
-        logger.warning("cache_name given without cache_dir: reference statistics are not cached")
-    if cache:
-        if os.sep in cache_name or (os.altsep and os.altsep in cache_name) or cache_name.strip() != cache_name:
-            raise MetricsError(f"cache_name {cache_name!r} must not contain path separators or blanks")
-        cache_dir = os.fspath(cache_dir)
-        os.makedirs(cache_dir, exist_ok=True)
-
-    kwargs = dict(
-        input1=_UInt8Images(generated),
-        input2=_UInt8Images(reference),
-        cuda=cuda,
-        batch_size=int(batch_size),
-        fid=True,
-        kid=True,
-        prc=bool(prc),
-        isc=bool(isc),
-        feature_extractor=fe_name,
-        kid_subset_size=kid_size,
-        kid_subsets=int(kid_subsets),
-        prc_neighborhood=k_nn,
-        isc_splits=max(1, splits),
-        cache=cache,
-        cache_root=cache_dir if cache else None,
-        input2_cache_name=cache_name if cache else None,
-        rng_seed=int(seed),
-        samples_shuffle=True,
-        save_cpu_ram=True,
-        verbose=False,
-        **extra,
-    )
+    bs = max(1, int(batch_size))
     t0 = time.perf_counter()
-    try:
-        raw = torch_fidelity.calculate_metrics(**kwargs)
-    except MetricsError:
-        raise
-    except (ValueError, RuntimeError, OSError, EOFError, pickle.UnpicklingError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        hint = " (check eval.inception_weights)" if extractor == "inception" else ""
-        raise MetricsError(
-            f"torch-fidelity failed with extractor {fe_name}{hint}: {type(e).__name__}: {first[:300]}"
-        ) from e
-    out = {
-        "fid": raw.get("frechet_inception_distance"),
-        "kid_mean": raw.get("kernel_inception_distance_mean"),
-        "kid_std": raw.get("kernel_inception_distance_std"),
-        "precision": raw.get("precision") if prc else None,
-        "recall": raw.get("recall") if prc else None,
-        "isc_mean": raw.get("inception_score_mean") if isc else None,
-        "isc_std": raw.get("inception_score_std") if isc else None,
-    }
-    out = {k: (None if v is None else float(v)) for k, v in out.items()}
+    gen = summarise(tensor_batches(generated, bs), net,
+                    StatsPlan(n1, subset_size, isc_splits=max(1, splits) if isc else 0, seed=int(seed)))
+    ref_plan = StatsPlan(n2, subset_size, seed=int(seed))
+    path = os.path.join(os.fspath(cache_dir), cache_name + ".npz") if cache else None
+    ref = cached_stats(path, {"extractor": net.name, "n": n2, "subset_size": subset_size, "seed": int(seed)},
+                       lambda: summarise(tensor_batches(reference, bs), net, ref_plan))
+    out = fidelity_from_stats(gen, ref, kid_subset_size=kid_subset_size, kid_subsets=kid_subsets, prc=prc,
+                              prc_neighborhood=prc_neighborhood, isc=isc, seed=seed, device=net.device)
     logger.info(
         "fidelity metrics (%s, generated=%d, reference=%d) in %.1f s: %s",
-        fe_name, n1, n2, time.perf_counter() - t0, out,
+        net.name, n1, n2, time.perf_counter() - t0, out,
     )
     return out
 

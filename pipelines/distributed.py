@@ -28,7 +28,12 @@ helper thread, so that the main thread keeps the signal handlers (Ray Train inst
 abort-everything SIGINT handler when fit is called from the main thread).
 
 Ray Train: `ScalingConfig(num_workers, use_gpu, resources_per_worker={"CPU": cpus_per_worker})`,
-`FailureConfig(max_failures)`, `CheckpointConfig(num_to_keep=2)`, gloo on CPU and NCCL on GPU.
+`CheckpointConfig(num_to_keep=2)`, gloo on CPU and NCCL on GPU. GPUs: distributed.use_gpu, or
+train.device=auto on a cluster with a GPU per worker (ray_use_gpu). Failures: Ray retries nothing
+(`FailureConfig(max_failures=0)`); the driver refits from the newest checkpoint up to
+distributed.max_failures times when a worker died or failed outside the project's code, and stops at
+once on the project's own errors (bad data, a non-finite loss, a checkpoint that does not fit), which
+a retry would only repeat.
 Each worker loads the prepared data from the absolute data folder (read-time settings such as
 data.on_corrupt from the params it was given; an image folder or shards are then decoded / read by
 data.num_workers DataLoader processes of its own, which Ray's CPU accounting does not see: size
@@ -626,7 +631,29 @@ def ensure_ray(cfg, *, debug: bool = False) -> bool:
     return True
 
 
-def _check_resources(cfg) -> None:
+def ray_use_gpu(cfg, cluster_gpus: float) -> bool:
+    """Whether the Ray workers train on GPUs: distributed.use_gpu, or train.device=auto on a cluster
+    with a GPU for every worker. train.device=cuda without distributed.use_gpu (the workers would get
+    no GPU) and train.device=cpu with it (GPUs reserved, never used) are one-line errors."""
+    from unite_core.train import TrainingError
+
+    d, device = cfg.distributed, cfg.train.device
+    if device == "cuda" and not d.use_gpu:
+        raise TrainingError(
+            "train.device=cuda but distributed.use_gpu=false: Ray would give the workers no GPU; set "
+            "distributed.use_gpu=true (or train.device=auto, which uses the cluster's GPUs when it has them)"
+        )
+    if device == "cpu" and d.use_gpu:
+        raise TrainingError(
+            "train.device=cpu but distributed.use_gpu=true: each worker would hold a GPU it never uses; set "
+            "distributed.use_gpu=false, or train.device=auto"
+        )
+    if d.use_gpu:
+        return True
+    return device == "auto" and d.num_workers > 0 and cluster_gpus >= d.num_workers
+
+
+def _check_resources(cfg, use_gpu: bool) -> None:
     import ray
 
     from unite_core.train import TrainingError
@@ -640,22 +667,32 @@ def _check_resources(cfg) -> None:
             f"{d.cpus_per_worker:g} CPUs need {need_cpu:g}: lower distributed.num_workers or "
             "distributed.cpus_per_worker, or raise distributed.num_cpus"
         )
-    if d.use_gpu and have.get("GPU", 0) < d.num_workers:
+    if use_gpu and have.get("GPU", 0) < d.num_workers:
         raise TrainingError(
             f"distributed.use_gpu=true with {d.num_workers} workers needs {d.num_workers} GPUs but the Ray "
             f"cluster has {have.get('GPU', 0):g}: lower distributed.num_workers or set distributed.use_gpu=false"
         )
 
 
-def _user_error_from(exc: BaseException, cfg) -> Exception:
-    """The unite error behind a Ray TrainingFailedError, or a one-line TrainingError."""
-    from unite_core.train import TrainingError
-
+def _unite_error_in(exc: BaseException) -> Exception | None:
+    """The project's own error raised in a worker (bad data, non-finite loss, a checkpoint that does
+    not fit, ...): deterministic, so never retried. None for anything else (a worker that died)."""
     failures = getattr(exc, "worker_failures", None) or {}
     for _, err in sorted(failures.items()):
         base = getattr(err, "_base_exc", err)
         if type(base).__module__.startswith("unite_core") and type(base).__name__.endswith("Error"):
             return base
+    return None
+
+
+def _user_error_from(exc: BaseException, cfg) -> Exception:
+    """The unite error behind a Ray TrainingFailedError, or a one-line TrainingError."""
+    from unite_core.train import TrainingError
+
+    own = _unite_error_in(exc)
+    if own is not None:
+        return own
+    failures = getattr(exc, "worker_failures", None) or {}
     if failures:
         first_failure = next(iter(failures.values()))
         cause = getattr(first_failure, "_base_exc", first_failure)
@@ -746,49 +783,70 @@ def train_with_ray(ctx, data_dir: Path, live=None) -> dict:
 
     started = ensure_ray(cfg, debug=ctx.debug)
     try:
-        _check_resources(cfg)
-        from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+        import ray
+
+        use_gpu = ray_use_gpu(cfg, ray.cluster_resources().get("GPU", 0))
+        _check_resources(cfg, use_gpu)
+        from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
         from ray.train.torch import TorchConfig, TorchTrainer
 
         startup_s = time.perf_counter() - t0
-        trainer = TorchTrainer(
-            ray_worker,
-            train_loop_config={
-                "cfg": cfg.to_dict(),
-                "data_dir": str(Path(data_dir).resolve()),
-                "run_dir": str(rdir),
-                "resume_dir": str(previous.path) if previous else None,
-                "cpus_per_worker": d.cpus_per_worker,
-                "use_gpu": d.use_gpu,
-                "crash_at": crash_at,
-            },
-            torch_config=TorchConfig(backend="nccl" if d.use_gpu else "gloo"),
-            scaling_config=ScalingConfig(num_workers=d.num_workers, use_gpu=d.use_gpu,
-                                         resources_per_worker={"CPU": d.cpus_per_worker}),
-            run_config=RunConfig(
-                storage_path=str(storage),
-                name=name,
-                failure_config=FailureConfig(max_failures=d.max_failures),
-                checkpoint_config=CheckpointConfig(num_to_keep=KEEP_CHECKPOINTS),
-            ),
-        )
+
+        def make_trainer(resume: CheckpointInfo | None):
+            # Ray itself retries nothing (max_failures=0): it would retry a data error or a NaN loss as
+            # readily as a dead worker. The loop below retries only failures that are not the project's.
+            return TorchTrainer(
+                ray_worker,
+                train_loop_config={
+                    "cfg": cfg.to_dict(),
+                    "data_dir": str(Path(data_dir).resolve()),
+                    "run_dir": str(rdir),
+                    "resume_dir": str(resume.path) if resume else None,
+                    "cpus_per_worker": d.cpus_per_worker,
+                    "use_gpu": use_gpu,
+                    "crash_at": crash_at,
+                },
+                torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+                scaling_config=ScalingConfig(num_workers=d.num_workers, use_gpu=use_gpu,
+                                             resources_per_worker={"CPU": d.cpus_per_worker}),
+                run_config=RunConfig(
+                    storage_path=str(storage),
+                    name=name,
+                    failure_config=FailureConfig(max_failures=0),
+                    checkpoint_config=CheckpointConfig(num_to_keep=KEEP_CHECKPOINTS),
+                ),
+            )
+
         with GracefulStop() as stop, \
                 ctx.reporter.progress(f"train ({d.num_workers} Ray worker{'s' if d.num_workers > 1 else ''})",
                                       cfg.train.steps) as task:
             stop.on_request(lambda: atomic_write_text(stop_file, f"stop requested by {signal_name(stop.requested)}\n",
                                                       fsync=False))
             follower = _follow(rdir, task, live, after_step=previous.step if previous else 0)
+            retries = 0
             try:
-                _run_fit_in_thread(trainer.fit)
-            except Exception as exc:
-                from ray.train import TrainingFailedError
-
-                if stop.requested is not None:
-                    log.debug("Ray Train ended with %s after the stop request", type(exc).__name__, exc_info=True)
-                elif isinstance(exc, TrainingFailedError):
-                    raise _user_error_from(exc, cfg) from None
-                else:
-                    raise
+                resume = previous
+                while True:
+                    try:
+                        _run_fit_in_thread(make_trainer(resume).fit)
+                        break
+                    except Exception as exc:
+                        if stop.requested is not None:
+                            log.debug("Ray Train ended with %s after the stop request", type(exc).__name__,
+                                      exc_info=True)
+                            break
+                        if not isinstance(exc, TrainingFailedError):
+                            raise
+                        own = _unite_error_in(exc)
+                        if own is not None:  # deterministic: the same params would fail the same way
+                            raise own from None
+                        if 0 <= d.max_failures <= retries:
+                            raise _user_error_from(exc, cfg) from None
+                        retries += 1
+                        resume = latest_checkpoint(rdir)
+                        log.warning("a Ray worker failed (%s); retry %d of %s from %s", type(exc).__name__,
+                                    retries, d.max_failures if d.max_failures >= 0 else "unlimited",
+                                    f"the checkpoint at step {resume.step}" if resume else "the start")
             finally:
                 follower.stop()
                 if live is not None:

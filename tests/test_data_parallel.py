@@ -95,3 +95,24 @@ def test_a_non_finite_loss_on_one_rank_stops_both_before_the_update(tmp_path):
         for k, v in rec["state"].items():
             assert torch.equal(v, rec["before"][k]), k
             assert torch.isfinite(v).all() if v.is_floating_point() else True
+
+
+def test_train_device_on_the_ray_path():
+    """train.device is honoured by Ray workers: cuda needs distributed.use_gpu, auto takes the cluster's GPUs."""
+    from pipelines.distributed import ray_use_gpu
+    from unite_core.config import config_from_dict
+    from unite_core.train import TrainingError
+
+    def cfg(device, use_gpu, workers=2):
+        return config_from_dict({}, [f"train.device={device}", f"distributed.use_gpu={str(use_gpu).lower()}",
+                                     f"distributed.num_workers={workers}"])
+
+    with pytest.raises(TrainingError, match="distributed.use_gpu=true"):
+        ray_use_gpu(cfg("cuda", False), cluster_gpus=8)
+    with pytest.raises(TrainingError, match="train.device=cpu but distributed.use_gpu=true"):
+        ray_use_gpu(cfg("cpu", True), cluster_gpus=8)
+    assert ray_use_gpu(cfg("cuda", True), cluster_gpus=0)  # then the resource check names the missing GPUs
+    assert ray_use_gpu(cfg("auto", False), cluster_gpus=2)
+    assert not ray_use_gpu(cfg("auto", False), cluster_gpus=1)  # not one per worker: CPU
+    assert not ray_use_gpu(cfg("auto", False), cluster_gpus=0)
+    assert not ray_use_gpu(cfg("cpu", False), cluster_gpus=8)

@@ -153,3 +153,18 @@ def test_an_interrupted_run_resumes_to_the_same_numbers(reference, tmp_path):
     assert metric_history(root) == reference["losses"]  # bit for bit
     steps = [json.loads(line)["step"] for line in (rdir / RECORDS_FILE).read_text().splitlines()]
     assert steps == list(range(5, STEPS + 1, 5))
+
+
+def test_a_deterministic_failure_in_a_worker_is_not_retried(ray_cluster, tmp_path):
+    """A worker's own error (here train.init_from names a file that is no checkpoint) ends the run at
+    once with that error's message: distributed.max_failures=2 retries only workers that died."""
+    root = tmp_path / "bad_init"
+    params = tiny_params(train=dict(TRAIN, init_from=str(tmp_path / "not_a_checkpoint.pt")),
+                         distributed={"num_workers": 1, "max_failures": 2})
+    (tmp_path / "not_a_checkpoint.pt").write_text("these are not weights\n")
+    write_params(root, params)
+    execute("prepare", config_from_dict(params), root)
+    proc = run_unite(["train"], cwd=root, RAY_ADDRESS=ray_cluster)
+    assert proc.returncode != 0
+    assert "not_a_checkpoint.pt" in proc.stderr, proc.stderr[-2000:]
+    assert "retry" not in proc.stderr and "Ray Train failed" not in proc.stderr, proc.stderr[-2000:]

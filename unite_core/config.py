@@ -378,7 +378,8 @@ class DistributedConfig(_Section):
     num_workers: int = Field(1, ge=0, description="Ray Train workers; 0 = in-process without Ray")
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)
-    max_failures: int = Field(2, ge=-1)
+    max_failures: int = Field(2, ge=-1, description="refits after a worker died or failed outside the project's code "
+                              "(each from the newest checkpoint; -1 = no limit); the project's own errors are never retried")
     num_cpus: Optional[int] = Field(None, ge=1, description="logical CPUs for a local Ray cluster")
 
 

@@ -857,6 +857,9 @@ def train_with_ray(ctx, data_dir: Path, live=None) -> dict:
             import ray
 
             ray.shutdown()
+    if retries:  # each refit's checkpoint manager knew only its own checkpoints: keep the newest overall
+        for old in list_checkpoints(rdir)[:-KEEP_CHECKPOINTS]:
+            shutil.rmtree(old.path, ignore_errors=True)
     ckpt = latest_checkpoint(rdir)
     if stop.requested is not None and not is_finished(ckpt, cfg):
         raise _interrupted(stop, name, rdir, cfg)

@@ -73,8 +73,8 @@ def fixed_batch_loss(checkpoint_path, cfg) -> tuple[float, float]:
 
 def test_two_ray_workers_survive_a_crash_and_train_like_the_single_process_loop(ray_cluster, reference, tmp_path):
     """`unite train` joins the session's cluster (RAY_ADDRESS) with 2 workers; rank 0 dies right
-    after step 17; Ray replaces the worker group, which resumes from the step-10 checkpoint and
-    finishes all 30 steps: one MLflow run, each step logged once, the numbers of a healthy run."""
+    after step 17; the driver (not Ray: a dead worker is not the project's error) starts a new worker
+    group, which resumes from the step-10 checkpoint and finishes all 30 steps: one MLflow run, each step logged once, the numbers of a healthy run."""
     root = tmp_path / "two_workers"
     cfg = make_project(root, workers=2)
     t0 = time.perf_counter()

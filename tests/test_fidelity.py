@@ -46,7 +46,7 @@ def test_chunked_noisings_give_the_same_loss_and_gradients(tiny_cfg, chunk):
         z0 = m.tokenize(m.modality.unpack((x, y))[0], torch.Generator().manual_seed(1))
         loss, _ = m.flow_objective(z0, y, None, noise=noise, t=t)
         loss.backward()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         grads.append(m.encoder.blocks[0].attn.qkv.weight.grad.clone())
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
     assert torch.allclose(grads[0], grads[1], atol=1e-6)

@@ -92,7 +92,7 @@ def test_zero_initialised_output_makes_every_image_the_same_latent_at_init(tiny_
             m.encoder.out_proj.weight.data.zero_()  # wake() livens a zero projection; undo for this check
         obs, _ = m.modality.unpack((x, y))
         lat[init] = m.tokenize(obs, torch.Generator().manual_seed(0))
-    spread = {k: float(v.std(0).mean()) for k, v in lat.items()}
+    spread = {k: float(v.detach().std(0).mean()) for k, v in lat.items()}
     assert spread["zero"] == 0.0 and spread["xavier"] > 0.1
 
 

@@ -23,6 +23,7 @@ from rdkit import Chem
 from unite_core.config import ConfigError, DataConfig, config_from_dict
 from unite_core.data import moses
 from unite_core.data.errors import DataError
+from unite_core.io import file_sha256
 from unite_core.data.molecules import (
     ATOM_MASSES,
     ATOM_TYPES,
@@ -222,7 +223,7 @@ def test_the_setup_wheel_is_there_and_holds_the_moses_training_set():
     cfg = DataConfig(dataset="moses3d", max_heavy_atoms=32, max_atoms=32)
     source = moses.find_source(cfg)
     if source.suffix == ".whl":
-        assert moses._sha256(source) == moses.MOSES_WHEEL_SHA256
+        assert file_sha256(source) == moses.MOSES_WHEEL_SHA256
     smiles = moses.read_smiles(source)
     assert len(smiles) == 1_584_663 and len(set(smiles[:1000])) == 1000
     assert Chem.MolFromSmiles(smiles[0]) is not None

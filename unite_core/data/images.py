@@ -74,7 +74,7 @@ from unite_core.data.decoding import (
     Chunk, ProgressFactory, chunked, create_shard, decode_files, decode_square, open_shard,
 )
 from unite_core.data.errors import DataError
-from unite_core.io import atomic_torch_save, atomic_write_text
+from unite_core.io import atomic_torch_save, atomic_write_text, file_sha256
 
 __all__ = [
     "DataError",
@@ -1044,7 +1044,7 @@ def prepare_image_data(cfg: DataConfig, out_dir: Path, *, progress: Optional[Pro
             for k, split in enumerate(("train", "val")):
                 path = out_dir / f"{split}.pt"
                 atomic_torch_save(payload[split], path)
-                files[path.name] = {"sha256": _file_sha256(path), "bytes": path.stat().st_size}
+                files[path.name] = {"sha256": file_sha256(path), "bytes": path.stat().st_size}
                 if task is not None:
                     task.update(2 + k)
         info = dict(payload["info"], flip=bool(cfg.flip))
@@ -1099,7 +1099,7 @@ def load_prepared(out_dir: Path, cfg: Optional[DataConfig] = None) -> ImageData:
             if not path.is_file():
                 raise DataError(f"prepared file '{path}' is missing: {_PREPARE_HINT} again")
             want = manifest.get("files", {}).get(path.name, {}).get("sha256")
-            if want is not None and _file_sha256(path) != want:
+            if want is not None and file_sha256(path) != want:
                 raise DataError(
                     f"prepared file '{path}' does not match its manifest (changed or damaged): "
                     f"{_PREPARE_HINT} again"
@@ -1146,14 +1146,3 @@ def load_prepared(out_dir: Path, cfg: Optional[DataConfig] = None) -> ImageData:
         return data
 
     raise DataError(f"prepared manifest '{mpath}' names dataset '{dataset}', not an image dataset: {_PREPARE_HINT}")
-
-
-# ============================================================================================
-# Files
-# ============================================================================================
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()

@@ -58,7 +58,7 @@ from torch.utils.data import Dataset
 
 from unite_core.config import DataConfig
 from unite_core.data.errors import DataError
-from unite_core.io import atomic_torch_save, atomic_write_text
+from unite_core.io import atomic_torch_save, atomic_write_text, file_sha256
 
 # ``progress(description, total)``: a context manager yielding a task with ``update(completed, total=None)``
 # (the pipeline's Reporter.progress)
@@ -203,12 +203,6 @@ def _content_hash(train: dict[str, np.ndarray], val: dict[str, np.ndarray],
     return h.hexdigest()
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _config_record(cfg: DataConfig) -> dict[str, Any]:
@@ -539,7 +533,7 @@ def prepare_molecule_data(cfg: DataConfig, out_dir: Path,
             "smiles": list(arrays["smiles"]),
         }
         atomic_torch_save(payload, out_dir / name)
-        files[name] = _file_sha256(out_dir / name)
+        files[name] = file_sha256(out_dir / name)
     manifest = {
         "format_version": FORMAT_VERSION,
         **info,
@@ -588,7 +582,7 @@ def load_prepared_molecules(out_dir: Path, cfg: Optional[DataConfig] = None) -> 
         if not path.is_file():
             raise DataError(f"prepared molecule data incomplete: {path} is missing; {hint}")
         expected = manifest.get("files", {}).get(name)
-        if expected is None or _file_sha256(path) != expected:
+        if expected is None or file_sha256(path) != expected:
             raise DataError(f"{path} does not match its hash in {manifest_path} (corrupt or modified); {hint}")
         try:
             obj = torch.load(path, weights_only=True, map_location="cpu")

@@ -31,7 +31,6 @@ from __future__ import annotations
 import concurrent.futures as cf
 import functools
 import gzip
-import hashlib
 import io
 import logging
 import multiprocessing
@@ -50,6 +49,7 @@ from rdkit.rdBase import BlockLogs
 
 from unite_core.config import DataConfig
 from unite_core.data.errors import DataError
+from unite_core.io import file_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -120,12 +120,6 @@ def find_source(cfg: DataConfig) -> Path:
     raise DataError(f"MOSES data not found (data.dataset=moses3d, data.root=null): {wheel} is missing; {_fix_hint()}")
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def read_smiles(path: Path) -> list[str]:
@@ -231,7 +225,7 @@ def resolve_workers(cfg: DataConfig) -> int:
 def build_moses(cfg: DataConfig, progress: Optional[ProgressFactory] = None):
     """(molecules [(types, coords)], SMILES without stereo, stats) for ``data.dataset=moses3d``."""
     source = find_source(cfg)
-    digest = _sha256(source)
+    digest = file_sha256(source)
     if cfg.root is None and source == default_wheel_path() and digest != MOSES_WHEEL_SHA256:
         raise DataError(f"{source} does not have the pinned sha256 {MOSES_WHEEL_SHA256[:12]}... (a broken "
                         f"download?); delete it and {_fix_hint()}")

@@ -757,6 +757,12 @@ def _run_fit_in_thread(fit: Callable[[], Any]):
     return box.get("result")
 
 
+def _keep_newest_checkpoints(rdir: Path) -> None:
+    """Delete all but the KEEP_CHECKPOINTS newest checkpoint folders of a run."""
+    for old in list_checkpoints(rdir)[:-KEEP_CHECKPOINTS]:
+        shutil.rmtree(old.path, ignore_errors=True)
+
+
 def train_with_ray(ctx, data_dir: Path, live=None) -> dict:
     """Train through Ray Train; returns a summary (run name, final checkpoint folder, timings).
 
@@ -858,8 +864,7 @@ def train_with_ray(ctx, data_dir: Path, live=None) -> dict:
 
             ray.shutdown()
     if retries:  # each refit's checkpoint manager knew only its own checkpoints: keep the newest overall
-        for old in list_checkpoints(rdir)[:-KEEP_CHECKPOINTS]:
-            shutil.rmtree(old.path, ignore_errors=True)
+        _keep_newest_checkpoints(rdir)
     ckpt = latest_checkpoint(rdir)
     if stop.requested is not None and not is_finished(ckpt, cfg):
         raise _interrupted(stop, name, rdir, cfg)
@@ -902,8 +907,7 @@ def train_in_process(ctx, data_dir: Path, live=None) -> dict:
     def save(final: bool) -> None:
         with atomic_dir(rdir / f"checkpoint_{trainer.step:08d}") as tmp:
             write_checkpoint_dir(tmp, trainer, checkpoint_meta(trainer, cfg, final, 1))
-        for old in list_checkpoints(rdir)[:-KEEP_CHECKPOINTS]:
-            shutil.rmtree(old.path, ignore_errors=True)
+        _keep_newest_checkpoints(rdir)
 
     startup_s = time.perf_counter() - t0
     with GracefulStop() as stop, ctx.reporter.progress("train (in-process)", cfg.train.steps) as task:

@@ -34,10 +34,17 @@ def register(app: typer.Typer) -> None:
             "--steps", min=1, help="override train.steps (step cap and schedule length)", show_default=False)] = None,
         tokenizer_fraction: Annotated[float, typer.Option(
             "--tokenizer-fraction", help="two-stage baseline: share of its budget for stage 1 (the tokenizer)")] = 0.5,
+        seeds: Annotated[int, typer.Option(
+            "--seeds", min=1, help="trainings per variant (train.seed, train.seed+1, ...); the verdicts use their "
+            "spread")] = 3,
+        jobs: Annotated[int, typer.Option(
+            "--jobs", min=1, help="trainings run in parallel processes (several share one GPU; CPU threads are "
+            "split)")] = 1,
     ) -> None:
-        """Train and evaluate each variant at equal budget (reports/compare.md + .csv, one MLflow run per
-        variant); resumable: variants already in reports/compare.csv with the same settings are skipped."""
+        """Train and evaluate each variant with N seeds at equal budget (reports/compare.md: mean +- std and a
+        verdict per paper direction; .csv: one row per variant and seed; one MLflow run each); resumable:
+        (variant, seed) rows already in reports/compare.csv with the same settings are skipped."""
         run_stage("compare", params, set_, debug, quiet=quiet, options={
             "variants": variants, "minutes": minutes, "samples": samples, "scales": scales, "budget": budget,
-            "steps": steps, "tokenizer_fraction": tokenizer_fraction,
+            "steps": steps, "tokenizer_fraction": tokenizer_fraction, "seeds": seeds, "jobs": jobs,
         })

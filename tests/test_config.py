@@ -99,6 +99,41 @@ def test_project_params_file_is_valid():
     assert cfg.data.dataset == "mnist5k"
 
 
+def _schema_keys(model, prefix: str = "") -> list[str]:
+    """Every dotted key of the schema: a nested section (a model) is walked, any other field is a key."""
+    from pydantic import BaseModel
+
+    keys = []
+    for name, field in model.model_fields.items():
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            keys += _schema_keys(field.annotation, f"{prefix}{name}.")
+        else:
+            keys.append(prefix + name)
+    return keys
+
+
+def test_project_params_file_lists_every_key_of_the_schema():
+    """params.yaml shows every setting there is (each with its value and, mostly, a comment)."""
+    from pathlib import Path
+
+    import yaml
+
+    from unite_core.config import Config
+
+    params = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+    keys = _schema_keys(Config)
+    assert len(keys) > 140 and "train.two_phase.lr2" in keys and "sweep.space" in keys
+    missing = []
+    for dotted in keys:
+        node = params
+        for part in dotted.split("."):
+            if not isinstance(node, dict) or part not in node:
+                missing.append(dotted)
+                break
+            node = node[part]
+    assert missing == [], f"params.yaml lacks {missing}: add them at their defaults, with a comment"
+
+
 # ----------------------------------------------------------------------------------------------
 # The resume key (Config.fingerprint) and unreadable params files
 # ----------------------------------------------------------------------------------------------

@@ -143,6 +143,46 @@ def import_checkpoint(
 
 
 @app.command()
+def preset(
+    name: Annotated[str, typer.Argument(help="a preset of presets/ (e.g. digits_tiny), or a preset file's path")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="params file to write")] = DEFAULT_PARAMS,
+    debug: DebugOption = False,
+) -> None:
+    """Make params.yaml a preset (for `dvc repro`): the preset over the embedded default, every key written out.
+
+    `git checkout params.yaml` restores the embedded default. `--params presets/NAME.yaml` uses a
+    preset for one command without touching params.yaml."""
+    from unite_core.config import PRESET_MARK, ConfigError, preset_params_text
+    from unite_core.io import atomic_write_text
+
+    path = Path(name) if name.endswith((".yaml", ".yml")) else Path("presets") / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in Path("presets").glob("*.yaml"))
+        raise ConfigError(f"preset '{name}' not found ({path}): the presets are {', '.join(known) or 'none here'} "
+                          "(run from the project root)")
+    label = path.stem if path.parent == Path("presets") else name
+    if out.is_file() and out.read_text(errors="replace").startswith(f"{PRESET_MARK}{label}`"):
+        typer.echo(f"{out} holds preset {label} already (`git checkout {out}` first to write it afresh): "
+                   "nothing written")
+        return
+    text = preset_params_text(path, label)
+    if out.is_file() and _same_settings(path, out):  # presets/mnist5k.yaml over an unedited params.yaml
+        typer.echo(f"{out} holds these settings already ({path} changes nothing in it): nothing written")
+        return
+    atomic_write_text(out, text)
+    typer.echo(f"{out}: preset {label} ({path} over the embedded default); `git checkout {out}` restores the default")
+
+
+def _same_settings(a: Path, b: Path) -> bool:
+    from unite_core.config import ConfigError, load_config
+
+    try:
+        return load_config(a) == load_config(b)
+    except ConfigError:
+        return False
+
+
+@app.command()
 def ui(
     params: ParamsOption = DEFAULT_PARAMS,
     set_: SetOption = None,

@@ -52,8 +52,11 @@ def ray_cluster() -> str:
 
 
 def tiny_params(**sections) -> dict:
-    """presets/digits_tiny.yaml with some sections updated (a dict per section)."""
-    params = yaml.safe_load((REPO / "presets" / "digits_tiny.yaml").read_text())
+    """The params.yaml that `unite preset digits_tiny` writes (presets/digits_tiny.yaml over the embedded
+    default, every key written out), with some sections updated (a dict per section)."""
+    from unite_core.config import preset_params_text
+
+    params = yaml.safe_load(preset_params_text(REPO / "presets" / "digits_tiny.yaml", "digits_tiny"))
     for name, values in sections.items():
         if isinstance(values, dict):
             params.setdefault(name, {}).update(values)

@@ -118,6 +118,41 @@ def test_unreadable_params_files_get_specific_messages(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------
+# unite preset
+# ----------------------------------------------------------------------------------------------
+def test_preset_makes_params_yaml_the_preset_and_says_how_to_go_back(tmp_path):
+    import shutil
+    from pathlib import Path
+
+    from unite_core.config import load_config
+
+    repo = Path(__file__).resolve().parents[1]
+    shutil.copy(repo / "params.yaml", tmp_path / "params.yaml")
+    shutil.copytree(repo / "presets", tmp_path / "presets")
+    default = (tmp_path / "params.yaml").read_bytes()
+
+    same = run_unite(["preset", "mnist5k"], cwd=tmp_path)  # the embedded default: nothing to change
+    assert same.returncode == 0 and "nothing written" in same.stdout, same.stderr
+    assert (tmp_path / "params.yaml").read_bytes() == default
+
+    made = run_unite(["preset", "digits_tiny"], cwd=tmp_path)
+    assert made.returncode == 0, made.stderr
+    assert "git checkout params.yaml" in made.stdout
+    written = (tmp_path / "params.yaml").read_text()
+    assert written.startswith("# Written by `unite preset digits_tiny`") and "\nbase:" not in written
+    assert load_config(tmp_path / "params.yaml") == load_config(repo / "presets" / "digits_tiny.yaml")
+    assert "sweep:" in written and "eval:" in written  # every section, for DVC's params dependencies
+
+    again = run_unite(["preset", "digits_tiny"], cwd=tmp_path)
+    assert again.returncode == 0 and "holds preset digits_tiny already" in again.stdout, again.stderr
+    other = run_unite(["preset", "molecules"], cwd=tmp_path)  # presets build on the embedded default, gone now
+    assert_one_line_error(other, "holds preset digits_tiny", "git checkout params.yaml")
+    assert load_config(tmp_path / "params.yaml") == load_config(repo / "presets" / "digits_tiny.yaml")
+    unknown = run_unite(["preset", "nope"], cwd=tmp_path)
+    assert_one_line_error(unknown, "preset 'nope' not found", "digits_tiny, imagenet256_unite_b")
+
+
+# ----------------------------------------------------------------------------------------------
 # unite bench
 # ----------------------------------------------------------------------------------------------
 def test_bench_lists_the_benchmarks_and_refuses_an_unknown_one(tmp_path):

@@ -199,3 +199,46 @@ def test_a_yaml_date_names_the_key_and_the_fix(tmp_path):
 def test_a_folder_as_params_file(tmp_path):
     with pytest.raises(ConfigError, match="is a folder"):
         load_config(tmp_path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Presets: `base:` and the merge
+# ----------------------------------------------------------------------------------------------
+def test_a_preset_is_merged_over_its_base_section_by_section(tmp_path):
+    (tmp_path / "params.yaml").write_text(
+        "train:\n  lr: 0.002\n  steps: 1000\n  two_phase:\n    hold_until: 5\n    decay_until: 8\n"
+        "sweep:\n  steps: 7\n  space:\n    model.latent_tokens: [2, 4]\n    model.latent_dim: [4]\n")
+    (tmp_path / "presets").mkdir()
+    preset = tmp_path / "presets" / "p.yaml"
+    preset.write_text("# notes\nbase: ../params.yaml\ntrain:\n  lr: 0.01\n  two_phase:\n    hold_until: 6\n"
+                      "sweep:\n  space:\n    model.latent_tokens: [8]\n")
+    cfg = load_config(preset)
+    assert (cfg.train.lr, cfg.train.steps) == (0.01, 1000)  # a section: key by key
+    assert (cfg.train.two_phase.hold_until, cfg.train.two_phase.decay_until) == (6, 8)  # nested sections too
+    assert cfg.sweep.steps == 7 and cfg.sweep.space == {"model.latent_tokens": [8]}  # a mapping value: replaced
+    # a base of a base, and overrides on top
+    (tmp_path / "presets" / "q.yaml").write_text("base: p.yaml\ntrain:\n  steps: 500\n")
+    cfg = load_config(tmp_path / "presets" / "q.yaml", ["train.steps=600"])
+    assert (cfg.train.lr, cfg.train.steps, cfg.train.two_phase.hold_until) == (0.01, 600, 6)
+
+
+def test_a_preset_whose_base_is_missing_loops_or_was_overwritten_by_unite_preset(tmp_path):
+    from unite_core.config import PRESET_MARK
+
+    p = tmp_path / "p.yaml"
+    p.write_text("base: nowhere.yaml\ntrain:\n  lr: 0.01\n")
+    with pytest.raises(ConfigError, match="builds on .*nowhere.yaml.* not a file"):
+        load_config(p)
+    p.write_text("base: [1]\n")
+    with pytest.raises(ConfigError, match="must name the params file it builds on"):
+        load_config(p)
+    p.write_text("base: q.yaml\n")
+    (tmp_path / "q.yaml").write_text("base: p.yaml\n")
+    with pytest.raises(ConfigError, match="a loop of bases"):
+        load_config(p)
+    (tmp_path / "params.yaml").write_text(f"{PRESET_MARK}digits_tiny`: presets/digits_tiny.yaml ...\ntrain:\n  lr: 1\n")
+    p.write_text("base: params.yaml\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    msg = str(e.value)
+    assert "holds preset digits_tiny" in msg and "git checkout params.yaml" in msg and "\n" not in msg

@@ -1,7 +1,7 @@
 """`dvc repro` end to end in a copy of the repository, what it leaves in MLflow and its UI, and two
 `dvc exp run` experiments compared with `dvc exp show`, `dvc metrics diff` and `dvc plots diff`.
 
-One module-scoped run of the whole pipeline (presets/digits_tiny.yaml: 8x8 digits, 40 in-process
+One module-scoped run of the whole pipeline (`unite preset digits_tiny`: 8x8 digits, 40 in-process
 training steps) feeds every test here.
 """
 
@@ -24,7 +24,7 @@ import pytest
 import yaml
 
 from tests.ray_fixtures import (REPO, active_runs, copy_repo, mlflow_client, read_json, subprocess_env,
-                                tiny_params, write_params)
+                                tiny_params)
 
 pytestmark = pytest.mark.slow
 
@@ -62,7 +62,10 @@ def declared_outputs(root: Path) -> dict[str, list[Path]]:
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
     root = copy_repo(tmp_path_factory.mktemp("repo"))
-    write_params(root, tiny_params())
+    made = subprocess.run([str(Path(sys.executable).parent / "unite"), "preset", "digits_tiny"], cwd=root,
+                          env=subprocess_env(), capture_output=True, text=True, timeout=120)  # as README says
+    assert made.returncode == 0, made.stderr
+    assert yaml.safe_load((root / "params.yaml").read_text()) == tiny_params()
     missing = [s for s in OPTIONAL_STAGES if not available(s)]
     if missing:  # a build without some stages: test the rest, and say so
         spec = yaml.safe_load((root / "dvc.yaml").read_text())

@@ -1,5 +1,6 @@
 """Presets: every params file in presets/ validates and builds its model (on the meta device: no memory,
-no weights files needed), and the embedded default preset is params.yaml itself."""
+no weights files needed), holds only what it changes in its base (params.yaml, the embedded default, or
+another preset), resolves to the settings it always had, and the embedded default preset is params.yaml."""
 
 from __future__ import annotations
 
@@ -7,8 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
+from pydantic import BaseModel
 
-from unite_core.config import load_config
+from unite_core.config import Config, load_config, read_params
 from unite_core.model import UNITE, parameter_report
 
 PRESETS = Path(__file__).resolve().parents[1] / "presets"
@@ -41,7 +44,74 @@ def test_molecules_large_preset_is_moses_with_the_model_of_the_molecules_preset(
 
 def test_mnist5k_preset_is_the_embedded_default():
     root = PRESETS.parent
-    assert (PRESETS / "mnist5k.yaml").read_bytes() == (root / "params.yaml").read_bytes()
+    assert read_params(PRESETS / "mnist5k.yaml") == read_params(root / "params.yaml")
+    assert load_config(PRESETS / "mnist5k.yaml") == load_config(root / "params.yaml")
+
+
+def _flat(data: dict, schema=Config, prefix: str = "") -> dict:
+    """{dotted key: value}, down to the schema's sections (a mapping value such as sweep.space is one value)."""
+    out = {}
+    for key, value in data.items():
+        field = schema.model_fields.get(key)
+        sub = field.annotation if field is not None else None
+        if isinstance(value, dict) and isinstance(sub, type) and issubclass(sub, BaseModel):
+            out.update(_flat(value, sub, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_preset_holds_only_what_it_changes_in_its_base(name):
+    raw = yaml.safe_load((PRESETS / f"{name}.yaml").read_text())
+    base = raw.pop("base")
+    assert base in ("../params.yaml", "molecules.yaml"), base
+    base_values = _flat(read_params(PRESETS / base))
+    same = [k for k, v in _flat(raw).items() if k in base_values and base_values[k] == v]
+    assert same == [], f"presets/{name}.yaml repeats its base's values for {same}: leave them out"
+
+
+# A few values of every preset, frozen when the presets were full params files (the overlays resolve to
+# the same settings; the full comparison was made when they were converted).
+FROZEN = {
+    "mnist5k": {"data.dataset": "mnist5k", "data.image_size": 32, "model.ge_size": "T", "model.latent_out_init": "xavier",
+                "loss.recon": "mse", "train.steps": 1800, "train.lr": 0.002, "train.time_limit_minutes": 10.0,
+                "sample.steps": 25, "distributed.num_workers": 1, "sweep.space": {
+                    "model.latent_tokens": [2, 4, 8, 16], "model.latent_dim": [4, 16]}},
+    "digits_tiny": {"data.dataset": "digits", "data.image_size": 8, "model.ge_size": "custom", "model.ge_depth": 2,
+                    "model.latent_out_init": "zero", "loss.recon": "l1", "train.steps": 40, "train.lr": 0.002,
+                    "train.threads": 1, "train.precision": "fp32", "sample.solver": "euler", "eval.cfg_scales": [1.0, 2.0],
+                    "distributed.num_workers": 0, "sweep.space": {"model.latent_tokens": [2, 4]},
+                    "analysis.probe_max_iter": 100},
+    "molecules": {"modality": "molecules", "data.dataset": "molecules_embedded", "data.max_atoms": 29,
+                  "model.latent_dim": 16, "model.in_context_tokens": 0, "model.latent_out_init": "zero",
+                  "loss.recon": "l1", "loss.flow_warmup_steps": 200, "train.steps": 4500, "train.lr": 0.003,
+                  "train.precision": "fp32", "sample.cfg_scale": 1.0, "tracking.experiment": "unite-molecules",
+                  "sweep.scheduler": "asha", "sweep.space": {"model.latent_tokens": [8, 16]}},
+    "molecules_large": {"modality": "molecules", "data.dataset": "moses3d", "data.num_molecules": 20000,
+                        "data.max_heavy_atoms": 32, "data.max_atoms": 32, "model.ge_width": 128, "train.steps": 4500,
+                        "train.batch_size": 16, "tracking.experiment": "unite-molecules-large",
+                        "sweep.metric": "val_match_rate"},
+    "imagenet256_unite_b": {"data.dataset": "imagefolder", "data.flip": True, "model.ge_size": "B",
+                            "model.decoder_kind": "patch_tokens", "model.latent_out_init": "zero",
+                            "flow.chunk_size": 3, "loss.recon": "l1", "train.lr": 1e-4, "train.schedule": "two_phase",
+                            "train.two_phase.lr2": 5e-5, "train.two_phase.decay_until": 62550,
+                            "train.betas": [0.9, 0.999], "train.time_limit_minutes": None, "sample.solver": "dopri5",
+                            "sample.norm_unguided": False, "eval.num_samples": 50000, "eval.cfg_scales": [
+                                1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0], "sweep.space": {"flow.minibatches": [3, 7]},
+                            "analysis.num_images": 1024},
+}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_preset_resolves_to_its_frozen_settings(name):
+    """--params presets/NAME.yaml and the params.yaml that `unite preset NAME` writes: the same settings."""
+    from unite_core.config import config_from_dict, preset_params_text
+
+    values = _flat(load_config(PRESETS / f"{name}.yaml").to_dict())
+    assert {k: values[k] for k in FROZEN[name]} == FROZEN[name]
+    written = config_from_dict(yaml.safe_load(preset_params_text(PRESETS / f"{name}.yaml", name)))
+    assert written == load_config(PRESETS / f"{name}.yaml")
 
 
 @pytest.mark.parametrize("name", NAMES)

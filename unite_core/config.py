@@ -1,6 +1,8 @@
 """Typed schema of params.yaml: one source of truth for every setting.
 
 `load_config(path, overrides)` reads the YAML, applies `a.b=c` overrides and validates the result.
+A preset (presets/*.yaml) holds only the keys it changes and names the file it builds on with
+`base: ../params.yaml` (relative to its folder); `read_params` merges it over that base section by section.
 Any problem (unknown key, wrong type, impossible value) raises `ConfigError` whose message is one line
 naming the key, the offending value and what is allowed.
 """
@@ -11,6 +13,7 @@ import datetime
 import hashlib
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -597,32 +600,110 @@ def config_from_dict(data: dict[str, Any] | None, overrides: list[str] | None = 
         raise ConfigError(_format_error(err)) from None
 
 
+#: the first line of a params file that `unite preset` wrote (a preset merged over the embedded default)
+PRESET_MARK = "# Written by `unite preset "
+
+
+def _read_params_file(p: Path) -> tuple[dict[str, Any], str]:
+    """One YAML params file as it is written (a `base:` key included), and its text."""
+    if p.is_dir():
+        raise ConfigError(f"params file '{p}' is a folder: pass --params FILE (a YAML file such as params.yaml)")
+    if not p.is_file():
+        raise ConfigError(f"params file '{p}' not found: pass --params FILE or run from the project root")
+    try:
+        raw = p.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"params file '{p}' cannot be read ({exc.strerror}): check its permissions") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        text = None
+    if text is None or "\0" in text:
+        raise ConfigError(f"params file '{p}' is binary, not YAML text: pass the YAML params file "
+                          "(e.g. params.yaml or presets/*.yaml)")
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"params file '{p}' is not valid YAML{where}: fix the syntax") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"params file '{p}' must hold a mapping of sections (data, model, train, ...)")
+    _check_plain(data, f"params file '{p}': ")
+    return data, text
+
+
+def merge_params(base: dict[str, Any], overlay: dict[str, Any], schema: type[BaseModel] = Config) -> dict[str, Any]:
+    """`overlay` over `base`: a section (a model of the schema, e.g. `train` or `train.two_phase`) is merged
+    key by key; any other value, a mapping such as `sweep.space` or a list included, replaces the base's."""
+    out = dict(base)
+    for key, value in overlay.items():
+        field = schema.model_fields.get(key)
+        sub = field.annotation if field is not None else None
+        if (isinstance(value, dict) and isinstance(out.get(key), dict) and isinstance(sub, type)
+                and issubclass(sub, BaseModel)):
+            out[key] = merge_params(out[key], value, sub)
+        else:
+            out[key] = value
+    return out
+
+
+def read_params(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A params file as plain data, with its `base:` resolved: a preset that says `base: ../params.yaml`
+    (a path relative to the preset's own folder) holds only what it changes, and is merged over that base
+    (recursively: a base may have a base of its own). Not validated: `config_from_dict` does that."""
+    p = Path(path)
+    data, _ = _read_params_file(p)
+    if "base" not in data:
+        return data
+    base = data.pop("base")
+    if not isinstance(base, str) or not base.strip():
+        raise ConfigError(f"params file '{p}': base={base!r} must name the params file it builds on, relative "
+                          f"to its folder (e.g. base: ../params.yaml)")
+    base_path = Path(os.path.normpath(p.parent / base))
+    if not base_path.is_file():
+        raise ConfigError(f"params file '{p}' builds on '{base_path}' (base: {base}, relative to the file's "
+                          f"folder), which is not a file: fix the base or restore that file")
+    chain = (*_chain, p.resolve())
+    if base_path.resolve() in chain:
+        raise ConfigError(f"params file '{p}': base {base} leads back to '{base_path}' (a loop of bases)")
+    _, base_text = _read_params_file(base_path)
+    if base_text.startswith(PRESET_MARK):
+        written = base_text.splitlines()[0].removeprefix(PRESET_MARK).split("`")[0]
+        raise ConfigError(f"params file '{p}' builds on '{base_path}', which now holds preset {written} (written "
+                          f"by `unite preset`), not the embedded default: restore it with "
+                          f"`git checkout {base_path.name}` (then `unite preset NAME` for another preset)")
+    return merge_params(read_params(base_path, chain), data)
+
+
 def load_config(path: str | Path | None = "params.yaml", overrides: list[str] | None = None) -> Config:
-    data: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if p.is_dir():
-            raise ConfigError(f"params file '{p}' is a folder: pass --params FILE (a YAML file such as params.yaml)")
-        if not p.is_file():
-            raise ConfigError(f"params file '{p}' not found: pass --params FILE or run from the project root")
-        try:
-            raw = p.read_bytes()
-        except OSError as exc:
-            raise ConfigError(f"params file '{p}' cannot be read ({exc.strerror}): check its permissions") from None
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            text = None
-        if text is None or "\0" in text:
-            raise ConfigError(f"params file '{p}' is binary, not YAML text: pass the YAML params file "
-                              "(e.g. params.yaml or presets/*.yaml)")
-        try:
-            data = yaml.safe_load(text) or {}
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f" at line {mark.line + 1}" if mark else ""
-            raise ConfigError(f"params file '{p}' is not valid YAML{where}: fix the syntax") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"params file '{p}' must hold a mapping of sections (data, model, train, ...)")
-        _check_plain(data, f"params file '{p}': ")
+    """Read, merge (a preset's `base:`), override and validate a params file (None: the schema's defaults)."""
+    data = read_params(path) if path is not None else {}
     return config_from_dict(data, overrides)
+
+
+class _ParamsDumper(yaml.SafeDumper):
+    """Sections as blocks, lists on one line (`cfg_scales: [1.0, 2.0]`), as params.yaml writes them."""
+
+
+_ParamsDumper.add_representer(
+    list, lambda dumper, data: dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=True))
+
+
+def preset_params_text(path: str | Path, name: str) -> str:
+    """The full params file `unite preset NAME` writes: the preset merged over its base, every key written
+    out (DVC reads params.yaml itself), headed by PRESET_MARK and the preset's own leading comments."""
+    p = Path(path)
+    data = read_params(p)
+    config_from_dict(data)  # validate before anything is written
+    _, text = _read_params_file(p)
+    notes = []
+    for line in text.splitlines():
+        if not line.startswith("#"):
+            break
+        notes.append(line)
+    header = [f"{PRESET_MARK}{name}`: {p.as_posix()} over its base, every key written out.",
+              "# Presets build on the embedded default: `git checkout params.yaml` restores it (before",
+              "# `unite preset OTHER` or `--params presets/OTHER.yaml`). The preset's notes:", *notes]
+    body = yaml.dump(data, Dumper=_ParamsDumper, sort_keys=False, width=120, allow_unicode=True)
+    return "\n".join(header) + "\n" + body

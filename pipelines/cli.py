@@ -3,6 +3,7 @@
     unite prepare | classifier | train | evaluate | analyze     the DVC stages, one at a time
     unite sample --classes 0,1,2 --cfg-scale 3                   a grid of samples from a checkpoint
     unite import-checkpoint FILE                                 the authors' released weights, as a project checkpoint
+    unite preset NAME                                            params.yaml := presets/NAME.yaml over the default
     unite ui [--port 5000]                                       the MLflow UI on this project's runs
     unite sweep | compare                                        when this build has them
     unite bench [NAME [OPTIONS]]                                 run a benchmark of benchmarks/ (JSON lines)

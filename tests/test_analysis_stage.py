@@ -58,6 +58,7 @@ SWEEP_ROWS = [  # a tiny synthetic sweep table: PSNR grows with K*d, M=1 and M=3
 ]
 
 
+@pytest.mark.slow
 def test_analyze_writes_every_out_with_sane_numbers(project, tmp_path, monkeypatch):
     for key in ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "DVC_EXP_NAME"):
         monkeypatch.delenv(key, raising=False)

@@ -254,6 +254,7 @@ MIN_MATCH = 75.0
 MAX_RMSD = 0.25
 
 
+@pytest.mark.slow
 def test_short_training_learns_a_handful_of_molecules(mols):
     train = {"steps": 500, "batch_size": 16, "warmup_steps": 20, "lr": 3e-3, "lr_min": 1e-5,
              "optimizer": "muon_adamw", "ema_decay": 0.99, "log_every": 50, "eval_every": 500}

@@ -82,6 +82,7 @@ def test_every_notebook_is_a_parameterised_jupytext_file():
         assert "out_dir" in tagged[0].source and "mlflow_run_id" in tagged[0].source
 
 
+@pytest.mark.slow  # papermill runs the notebook in a kernel
 def test_linear_probe_notebook_matches_csv_and_logs_to_mlflow(tracked, tmp_path):
     from mlflow.tracking import MlflowClient
 
@@ -104,6 +105,7 @@ def test_linear_probe_notebook_matches_csv_and_logs_to_mlflow(tracked, tmp_path)
     assert logged == ["notebooks/linear_probe.png"]
 
 
+@pytest.mark.slow  # papermill runs the notebook in a kernel
 def test_rate_distortion_notebook_matches_csv(tracked, tmp_path):
     res, nb = run_notebook("rate_distortion", tracked, tmp_path)
     assert res["trials"] == 4
@@ -118,6 +120,7 @@ def test_rate_distortion_notebook_matches_csv(tracked, tmp_path):
     assert "more capacity -> higher PSNR: yes" in text
 
 
+@pytest.mark.slow  # papermill runs the notebook in a kernel
 def test_alignment_notebook_matches_csv(tracked, tmp_path):
     res, nb = run_notebook("alignment", tracked, tmp_path)
     for layer in (0, 1, 2):

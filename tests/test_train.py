@@ -100,6 +100,7 @@ def mnist16():
     return load_image_data(DataConfig(dataset="mnist5k", image_size=16))
 
 
+@pytest.mark.slow
 def test_short_run_learns_image_specific_latents(tiny_cfg, mnist16):
     """The tokenizer must encode each image, not just learn the mean image.
 

@@ -46,6 +46,7 @@ def test_stage_configs():
         TwoStageBudget(minutes=1.0, tokenizer_fraction=1.0)
 
 
+@pytest.mark.slow
 def test_two_stage_freezes_tokenizer_and_trains_denoiser(digits, tmp_path):
     cfg = cfg_with()
     tok_path, final_path = tmp_path / "tokenizer.pt", tmp_path / "two_stage.pt"

@@ -73,10 +73,12 @@ INTERRUPT_ENV = "UNITE_TEST_SWEEP_INTERRUPT_AFTER"
 TRIAL_CPU = 0.01
 EVAL_ROUNDS = 4
 CSV_NAME = "sweep.csv"
+TRADEOFF_NAME = "sweep_tradeoff.png"
 BEST_NAME = "best_params.yaml"
 FIXED_COLUMNS = (
     "trial", "status", "steps", "val_psnr", "rfid", "rate_floats", "bits_per_image", "bits_per_dim_mean",
-    "latent_tokens", "latent_dim", "flow_minibatches", "best_reported", "train_seconds", "wall_seconds",
+    "gfid", "conditional_accuracy", "latent_tokens", "latent_dim", "flow_minibatches", "best_reported",
+    "train_seconds", "wall_seconds",
     "mlflow_run_id", "run_dir",
 )
 
@@ -331,6 +333,8 @@ class SweepDriver:
         self.logged_step: dict[str, int] = {}
         self._data = None
         self._classifier = None
+        self._features = None  # FeatureSpec for the trials' gFID (False: unavailable)
+        self._reference = None
         self._load_previous(fresh)
 
     # --- state carried over from an interrupted sweep -----------------------------------------
@@ -533,7 +537,31 @@ class SweepDriver:
                 row["rfid"] = rec["rfid"]
             except Exception as exc:  # noqa: BLE001 - rFID is a bonus column
                 log.warning("sweep: rFID of %s failed (%s)", name, exc)
+        if self.cfg.sweep.gfid_samples > 0 and self.cfg.modality == "images":
+            row.update(self._gfid(model, config_from_dict(cfg)))
         return row
+
+    def _gfid(self, model, trial_cfg: Config) -> dict:
+        """gFID (and conditional accuracy) of sweep.gfid_samples samples at guidance sweep.gfid_scale against
+        the training images, with the evaluation's feature network; {} (one warning) when it is missing."""
+        from unite_core.evaluate import evaluate_generation
+
+        from .stages.evaluate import feature_spec, reference_images
+
+        if self._features is None:
+            try:
+                self._features = feature_spec(self.ctx, self._data, "cpu")
+                self._reference = self._features.stats(reference_images(self._data)[0])
+            except Exception as exc:  # noqa: BLE001 - a missing classifier/Inception file: no gFID column
+                log.warning("sweep: no gFID (%s)", exc)
+                self._features = False
+        if not self._features:
+            return {}
+        s = self.cfg.sweep
+        res = evaluate_generation(model, self._reference, self._features.classifier, cfg_scales=[s.gfid_scale],
+                                  n=s.gfid_samples, sample_cfg=trial_cfg.sample, features=self._features,
+                                  seed=trial_cfg.sample.seed)
+        return {"gfid": res["best"]["fid"], "conditional_accuracy": res["best"]["conditional_accuracy"]}
 
     # --- result files --------------------------------------------------------------------------------
     def best_row(self) -> dict | None:
@@ -552,6 +580,11 @@ class SweepDriver:
         rows = sorted(self.rows.values(), key=lambda r: order.get(r["trial"], 1e9))
         cols = ["trial", *keys, *[c for c in FIXED_COLUMNS if c != "trial"], "sweep"]
         write_csv(rows, self.ctx.paths.reports / CSV_NAME, cols)
+        if any(isinstance(r.get("gfid"), float) for r in rows):
+            from unite_core.analysis.report import plot_tradeoff, save_figure
+
+            save_figure(plot_tradeoff(rows, keys, title=f"Sweep {self.name}: reconstruction vs generation"),
+                        self.ctx.paths.reports / TRADEOFF_NAME)
         best = self.best_row()
         if best is not None:
             write_best_params(self.ctx.paths.reports / BEST_NAME, self.params_doc,
@@ -640,6 +673,10 @@ def run(ctx: StageContext) -> dict:
     t0 = time.perf_counter()
     steps = int(opts["steps"] or s.steps or cfg.train.steps)
     concurrency = int(opts["concurrency"] or s.max_concurrent)
+    if s.scheduler == "asha" and not s.metric.startswith("val_"):
+        raise SweepError(f"sweep.metric={s.metric} is measured when a trial has ended, but the asha scheduler "
+                         "stops trials on a metric reported while they train (val_psnr, val_loss, ...): set "
+                         "sweep.scheduler=none or a val_* metric")
     overrides = trial_overrides(cfg, opts["trials"])
     specs = [{"index": i, "name": trial_name(i, o), "overrides": o} for i, o in enumerate(overrides)]
     trial_cfgs = {sp["name"]: trial_config(cfg, sp["overrides"], steps) for sp in specs}

@@ -208,3 +208,19 @@ def test_rate_distortion_rows_and_spearman():
     assert report.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
     assert report.spearman([1, 2, 2, 3], [1, 2, 3, 4]) == pytest.approx(0.9486832980505138)
     assert math.isnan(report.spearman([1, 2], [1, 2]))
+
+
+def test_tradeoff_plot_has_a_point_per_trial_with_gfid():
+    from unite_core.analysis.report import plot_tradeoff
+
+    keys = ["loss.w_gen", "flow.reduction", "model.latent_dim"]
+    rows = [{"loss.w_gen": w, "flow.reduction": red, "model.latent_dim": d, "gfid": 10.0 / w + d,
+             "val_psnr": 20.0 - w, "rfid": 1.0 + w}
+            for w in (0.3, 1, 3, 10) for red in ("sum", "mean") for d in (4, 16)]
+    rows.append({"loss.w_gen": 1, "flow.reduction": "sum", "model.latent_dim": 4, "gfid": None, "val_psnr": 9.0})
+    fig = plot_tradeoff(rows, keys)
+    left, right = fig.axes[:2]
+    assert sum(len(c.get_offsets()) for c in left.collections) == 16  # the trial without gFID is left out
+    assert sorted(float(c.get_offsets()[0][1]) for c in right.collections)[0] == 1.3
+    labels = [t.get_text() for t in right.get_legend().get_texts()]
+    assert labels[:4] == ["w_gen = 0.3", "w_gen = 1", "w_gen = 3", "w_gen = 10"] and len(labels) == 4 + 4

@@ -22,7 +22,7 @@ from unite_core.data import prepare_image_data
 pytestmark = pytest.mark.slow
 
 SWEEP = {"search": "grid", "num_samples": 1, "max_concurrent": 2, "scheduler": "none", "metric": "val_psnr",
-         "mode": "max", "steps": 8, "space": {"model.latent_tokens": [2, 4]}}
+         "mode": "max", "steps": 8, "space": {"model.latent_tokens": [2, 4]}, "gfid_samples": 20, "gfid_scale": 1.5}
 
 
 @pytest.fixture
@@ -57,11 +57,14 @@ def invocations(root: Path, name: str) -> dict[str, int]:
 
 def test_two_trial_sweep_logs_two_child_runs_and_writes_results(ray_cluster, project):  # noqa: F811
     root, params = project
+    execute("classifier", load_config(params), root)  # the feature network of the trials' gFID
     summary = run_sweep(root, params)
 
     assert summary["trials"] == summary["finished"] == 2
     rows = report.read_csv(root / "reports" / "sweep.csv")
     assert len(rows) == 2
+    assert all(r["gfid"] > 0 and 0 <= r["conditional_accuracy"] <= 1 for r in rows)
+    assert (root / "reports" / sweep_module.TRADEOFF_NAME).stat().st_size > 10_000  # the trade-off plot
     assert sorted(r["model.latent_tokens"] for r in rows) == [2, 4]
     for r in rows:
         assert r["status"] == "finished" and r["steps"] == 8
@@ -103,6 +106,7 @@ def test_interrupted_sweep_resumes_without_redoing_finished_trials(ray_cluster, 
         run_sweep(root, params, concurrency=1)
     rows = report.read_csv(root / "reports" / "sweep.csv")
     assert len(rows) == 1 and rows[0]["status"] == "finished"
+    assert rows[0]["gfid"] is None  # no feature classifier in this project: no gFID, and the sweep goes on
     first = rows[0]["trial"]
     name = rows[0]["sweep"]
     before = invocations(root, name)

@@ -405,6 +405,9 @@ class SweepConfig(_Section):
     reduction_factor: int = Field(2, ge=2)
     steps: Optional[int] = Field(None, ge=1, description="train.steps per trial (default: train.steps)")
     space: dict[str, list[Any]] = Field(default_factory=dict, description="dotted key -> values")
+    gfid_samples: int = Field(0, ge=0, description="images: class-balanced samples per trial for its gFID "
+                              "(own features or Inception as eval.feature_extractor says); 0 = no gFID")
+    gfid_scale: float = Field(2.0, ge=0.0, description="guidance scale of the trials' gFID samples")
 
 
 class AnalysisConfig(_Section):

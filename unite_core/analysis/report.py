@@ -415,6 +415,44 @@ def plot_rate_distortion(rows: Sequence[Mapping], title: str = "Rate-distortion 
     return fig
 
 
+def plot_tradeoff(rows: Sequence[Mapping], keys: Sequence[str],
+                  title: str = "Reconstruction vs generation over the sweep"):
+    """Per trial, PSNR (left) and rFID (right) against gFID: the reconstruction/generation trade-off.
+
+    Colour: the first swept key (e.g. loss.w_gen); marker: the combination of the other swept keys
+    (e.g. flow.reduction x model.latent_dim). Trials without a gFID are left out."""
+    from matplotlib.lines import Line2D
+
+    keys = list(keys)
+    rows = [r for r in rows if r.get("gfid") is not None and math.isfinite(float(r["gfid"]))]
+    fig, axes = _figure(2)
+    first = keys[0] if keys else None
+    firsts = sorted({r.get(first) for r in rows}, key=lambda v: (isinstance(v, str), v)) if first else [None]
+    colors = dict(zip(firsts, _colors(len(firsts))))
+    rest = sorted({tuple(r.get(k) for k in keys[1:]) for r in rows}, key=str)
+    markers = dict(zip(rest, "osD^vP*Xh<>p"))
+    for ax, metric, label in ((axes[0], "val_psnr", "validation PSNR (dB, higher is better)"),
+                              (axes[1], "rfid", "rFID (lower is better)")):
+        for r in rows:
+            if r.get(metric) is None:
+                continue
+            ax.scatter(float(r["gfid"]), float(r[metric]), color=colors[r.get(first) if first else None],
+                       marker=markers.get(tuple(r.get(k) for k in keys[1:]), "o"), s=46, edgecolors="black",
+                       linewidths=0.4)
+        ax.set_xlabel("gFID (lower is better)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    handles = [Line2D([], [], ls="", marker="o", color=c, label=f"{first.rsplit('.', 1)[-1]} = {v}")
+               for v, c in colors.items()] if first else []
+    handles += [Line2D([], [], ls="", marker=m, color="gray",
+                       label=", ".join(f"{k.rsplit('.', 1)[-1]} = {v}" for k, v in zip(keys[1:], combo)))
+                for combo, m in markers.items() if keys[1:]]
+    if handles:
+        axes[1].legend(handles=handles, fontsize=7, loc="best")
+    fig.suptitle(title)
+    return fig
+
+
 def save_figure(fig, path: str | Path, dpi: int = 110) -> Path:
     """Save a figure as PNG (parent folders created) and release it."""
     return atomic_write(path, lambda f: fig.savefig(f, dpi=dpi, format="png"))

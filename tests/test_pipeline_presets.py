@@ -101,6 +101,11 @@ FROZEN = {
                             "sample.norm_unguided": False, "eval.num_samples": 50000, "eval.cfg_scales": [
                                 1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0], "sweep.space": {"flow.minibatches": [3, 7]},
                             "analysis.num_images": 1024},
+    "sweep_loss_weights": {"data.dataset": "mnist5k", "loss.w_gen": 1.0, "train.steps": 1800, "sweep.scheduler": "none",
+                           "sweep.metric": "gfid", "sweep.mode": "min", "sweep.steps": 600, "sweep.gfid_samples": 500,
+                           "sweep.gfid_scale": 2.0, "sweep.space": {"loss.w_gen": [0.3, 1.0, 3.0, 10.0],
+                                                                  "flow.reduction": ["sum", "mean"],
+                                                                  "model.latent_dim": [4, 16]}},
 }
 
 

@@ -525,7 +525,7 @@ class SweepDriver:
         row["val_psnr"] = totals / max(1, count)
         if self._classifier is not None:
             try:
-                from unite_core.evaluate import dataset_images, evaluate_reconstruction
+                from unite_core.eval_images import dataset_images, evaluate_reconstruction
 
                 images, _ = dataset_images(data.val, max_items=n)
                 rec = evaluate_reconstruction(model, images, self._classifier,

@@ -1,4 +1,4 @@
-"""Evaluation: unite_core.evaluate, the classifier/evaluate stages, `unite compare` and their commands.
+"""Evaluation: unite_core.eval_images, the classifier/evaluate stages, `unite compare` and their commands.
 
 Everything runs on sklearn's 8x8 digits (1617 train / 180 val) with tiny models and a 200-step feature
 classifier (val accuracy ~0.96).
@@ -17,7 +17,7 @@ from tests.conftest import TINY, deep_merge
 from tests.ray_fixtures import ray_cluster  # noqa: F401 (fixture)
 from unite_core.config import ConfigError, DataConfig, config_from_dict
 from unite_core.data import load_image_data, prepare_image_data
-from unite_core.evaluate import (
+from unite_core.eval_images import (
     CURVE_KEYS,
     FeatureSpec,
     LocalRunner,
@@ -518,8 +518,8 @@ def test_compare_logs_one_mlflow_child_run_per_variant(project):
 
 
 def test_evaluate_stage_dispatches_molecules_to_evaluate_molecules(tmp_path, monkeypatch):
-    import unite_core.data.molecules as molecule_data
-    import unite_core.molecules as molecules
+    import unite_core.data.molecule_sets as molecule_data
+    import unite_core.eval_molecules as molecules
     from pipelines.context import StageContext
     from pipelines.stages import evaluate as evaluate_stage
 

@@ -21,15 +21,12 @@ from unite_core.eval_images import (
     CURVE_KEYS,
     FeatureSpec,
     LocalRunner,
-    class_grid,
     dataset_images,
     evaluate_generation,
     evaluate_reconstruction,
     fid_noise,
     generate_balanced,
-    image_grid,
     noise_floor,
-    pairs_grid,
     sample_noise,
 )
 from unite_core.metrics.images import (
@@ -40,6 +37,7 @@ from unite_core.metrics.images import (
     save_classifier,
     train_feature_classifier,
 )
+from unite_core.pictures import class_grid, image_grid, pairs_grid
 from unite_core.train import Trainer
 
 # measured (seed 0, 200-step classifier): FID self 0.0, val-vs-train 0.49, noise(300)-vs-train ~65

@@ -56,6 +56,7 @@ from .metrics.images import (
     ssim,
     summarise,
     tensor_batches,
+    tensor_hash,
     to_feature_input,
 )
 from .model import balanced_labels
@@ -142,8 +143,6 @@ class TensorSource(ImageSource):
     @property
     def key(self) -> str:
         if self._key is None:
-            from .metrics.images import tensor_hash
-
             self._key = tensor_hash(self.images)
         return self._key
 

@@ -170,7 +170,7 @@ class Trainer:
             )
         torch.manual_seed(t.seed)  # parameter initialisation is identical on every rank
         self.model = UNITE(cfg, info).to(self.device)
-        getattr(self.model.modality, "perceptual", None)  # a missing perceptual-loss file fails here, not at step 1
+        self.model.modality.perceptual  # a missing perceptual-loss file fails here, not at step 1
         if t.compile:
             compile_blocks(self.model)
         self.ema = make_ema(self.model, cfg)

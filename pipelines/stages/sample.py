@@ -11,11 +11,10 @@ params' `sample` section. Images: one row per class. Molecules: unite_core.eval_
 from __future__ import annotations
 
 import logging
-import shutil
 import time
 from pathlib import Path
 
-from unite_core.io import atomic_write
+from unite_core.io import atomic_write, atomic_write_bytes
 
 from ..context import StageContext
 from . import StageError
@@ -129,7 +128,7 @@ def _molecules(ctx: StageContext, model, state: dict, out: Path, t0: float) -> d
     files = write_samples(model, n, out.parent, cfg)
     png = Path(files["png"])
     if png.resolve() != out.resolve():
-        shutil.copyfile(png, out)
+        atomic_write_bytes(out, png.read_bytes())
     from PIL import Image
 
     with Image.open(out) as img:

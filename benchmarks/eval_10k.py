@@ -103,10 +103,11 @@ def main(argv=None) -> dict:
 
     from unite_core.config import load_config
     from unite_core.data import load_image_data
-    from unite_core.evaluate import autocast_dtype_for, dataset_images, generate_balanced
+    from unite_core.devices import autocast_dtype_for, resolve_device
+    from unite_core.eval_images import dataset_images, generate_balanced
     from unite_core.metrics.images import FeatureClassifier, fidelity_metrics, load_classifier, register_own_extractor
     from unite_core.model import UNITE
-    from unite_core.train import load_checkpoint, model_from_checkpoint, resolve_device
+    from unite_core.train import load_checkpoint, model_from_checkpoint
 
     cfg = load_config(args.params, args.overrides)
     device = resolve_device(cfg.train.device)

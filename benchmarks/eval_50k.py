@@ -2,7 +2,7 @@
 
 A tiny random UNITE (GE and decoder of width 64, patch 16, 1000 classes) generates --samples class-balanced
 256x256 images with a few Euler steps, batch by batch, exactly as the `evaluate` stage does
-(unite_core.evaluate.evaluate_generation: per-sample noise, features computed per batch and summarised into
+(unite_core.eval_images.evaluate_generation: per-sample noise, features computed per batch and summarised into
 FeatureStats; only the images kept for a picture are held). The model is random on purpose: the cost per
 image and the memory do not depend on what the weights learned, and the point is that memory stays flat
 in the number of images.
@@ -131,7 +131,7 @@ def main(argv=None) -> dict:
     device = torch.device(args.device)
 
     from unite_core.config import config_from_dict
-    from unite_core.evaluate import FeatureSpec, GenerationJob, LocalRunner, TensorSource, reference_with_stats_file
+    from unite_core.eval_images import FeatureSpec, GenerationJob, LocalRunner, TensorSource, reference_with_stats_file
     from unite_core.metrics.images import FeatureClassifier, to_feature_input
     from unite_core.model import UNITE
 

@@ -24,7 +24,8 @@ import torch
 
 from unite_core.config import load_config
 from unite_core.data import load_image_data
-from unite_core.evaluate import dataset_images, evaluate_generation, generate_balanced
+from unite_core.devices import autocast_dtype_for
+from unite_core.eval_images import dataset_images, evaluate_generation, generate_balanced
 from unite_core.metrics.images import conditional_accuracy, load_classifier, save_classifier, train_feature_classifier
 from unite_core.train import Trainer
 
@@ -63,7 +64,7 @@ def main() -> None:
     record = {"bench": "short_run", "overrides": args.overrides, "minutes": None if args.steps else args.minutes,
               "steps": trainer.step, "s_per_step": round(seconds / max(trainer.step, 1), 4), "threads": args.threads,
               "val_psnr_ema": round(trainer.evaluate(use_ema=True)["val_psnr"], 3)}
-    amp = torch.bfloat16 if cfg.train.precision == "bf16" else None
+    amp = autocast_dtype_for(cfg.train.precision)
     scales = [float(s) for s in args.scales.split(",")]
     if args.fid:
         reference = dataset_images(data.train)[0]

@@ -247,7 +247,7 @@ def load_training_data(cfg, data_dir: Path):
     """(train_set, val_set, info) from the prepared folder; read-time settings (data.on_corrupt) come
     from the params in force, not from the prepare that made the folder."""
     if cfg.modality == "molecules":
-        from unite_core.data.molecules import load_prepared_molecules
+        from unite_core.data.molecule_sets import load_prepared_molecules
 
         data = load_prepared_molecules(Path(data_dir), cfg.data)
     else:
@@ -881,7 +881,8 @@ def train_in_process(ctx, data_dir: Path, live=None) -> dict:
     """The same loop without Ray (distributed.num_workers=0): same run folder, checkpoints, resume."""
     import torch
 
-    from unite_core.train import Trainer, resolve_device
+    from unite_core.devices import resolve_device
+    from unite_core.train import Trainer
 
     cfg = ctx.cfg
     t0 = time.perf_counter()

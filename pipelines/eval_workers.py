@@ -5,7 +5,7 @@ Each of `distributed.num_workers` Ray actors (one GPU each with `distributed.use
 Ray's object store) and the feature network (the own classifier's weights, or the Inception file at the
 same absolute path: shared storage on a multi-node cluster). For each guidance scale the driver sends the
 same GenerationJob to every actor; actor r generates batches r, r + W, r + 2W, ... with per-sample noise
-(unite_core.evaluate.sample_noise), so the union of the shards is exactly the single-process run, and
+(unite_core.eval_images.sample_noise), so the union of the shards is exactly the single-process run, and
 returns only statistics (FID moments, IS sums, the kept feature subset), classifier hits and the few images
 kept for pictures. The driver merges them (ShardResult.merge) and computes the metrics.
 
@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from unite_core.evaluate import GenerationJob, LocalRunner, ShardResult, run_generation_shard
+from unite_core.eval_images import GenerationJob, LocalRunner, ShardResult, run_generation_shard
 from unite_core.metrics.images import FeatureClassifier, MetricsError
 
 log = logging.getLogger(__name__)

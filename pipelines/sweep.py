@@ -529,7 +529,7 @@ class SweepDriver:
         row["val_psnr"] = totals / max(1, count)
         if self._classifier is not None:
             try:
-                from unite_core.evaluate import dataset_images, evaluate_reconstruction
+                from unite_core.eval_images import dataset_images, evaluate_reconstruction
 
                 images, _ = dataset_images(data.val, max_items=n)
                 rec = evaluate_reconstruction(model, images, self._classifier,
@@ -544,7 +544,7 @@ class SweepDriver:
     def _gfid(self, model, trial_cfg: Config) -> dict:
         """gFID (and conditional accuracy) of sweep.gfid_samples samples at guidance sweep.gfid_scale against
         the training images, with the evaluation's feature network; {} (one warning) when it is missing."""
-        from unite_core.evaluate import evaluate_generation
+        from unite_core.eval_images import evaluate_generation
 
         from .stages.evaluate import feature_spec, reference_images
 

@@ -28,7 +28,6 @@
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import logging
 import math
@@ -38,6 +37,8 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, TypeVar
+
+from unite_core.io import stable_hash
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +115,7 @@ def numeric_items(d: dict, prefix: str = "") -> dict[str, float]:
 
 
 def params_hash(params: dict) -> str:
-    return hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
+    return stable_hash(params, 12)
 
 
 def _metric_key(k: str) -> str:

@@ -27,6 +27,11 @@ def test_wrong_type_names_key_and_value():
     assert "train.steps" in msg and "'many'" in msg
 
 
+def test_a_list_item_is_named_by_its_position():
+    msg = err({"sample": {"cfg_interval": [0.1, "x"]}})
+    assert msg.startswith("sample.cfg_interval[1]='x' is invalid")
+
+
 def test_negative_lr():
     msg = err(overrides=["train.lr=-1"])
     assert "train.lr" in msg and "-1" in msg and "greater than 0" in msg

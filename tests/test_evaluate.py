@@ -1,4 +1,4 @@
-"""Evaluation: unite_core.evaluate, the classifier/evaluate stages, `unite compare` and their commands.
+"""Evaluation: unite_core.eval_images, the classifier/evaluate stages, `unite compare` and their commands.
 
 Everything runs on sklearn's 8x8 digits (1617 train / 180 val) with tiny models and a 200-step feature
 classifier (val accuracy ~0.96).
@@ -17,19 +17,16 @@ from tests.conftest import TINY, deep_merge
 from tests.ray_fixtures import ray_cluster  # noqa: F401 (fixture)
 from unite_core.config import ConfigError, DataConfig, config_from_dict
 from unite_core.data import load_image_data, prepare_image_data
-from unite_core.evaluate import (
+from unite_core.eval_images import (
     CURVE_KEYS,
     FeatureSpec,
     LocalRunner,
-    class_grid,
     dataset_images,
     evaluate_generation,
     evaluate_reconstruction,
     fid_noise,
     generate_balanced,
-    image_grid,
     noise_floor,
-    pairs_grid,
     sample_noise,
 )
 from unite_core.metrics.images import (
@@ -40,6 +37,7 @@ from unite_core.metrics.images import (
     save_classifier,
     train_feature_classifier,
 )
+from unite_core.pictures import class_grid, image_grid, pairs_grid
 from unite_core.train import Trainer
 
 # measured (seed 0, 200-step classifier): FID self 0.0, val-vs-train 0.49, noise(300)-vs-train ~65
@@ -518,8 +516,8 @@ def test_compare_logs_one_mlflow_child_run_per_variant(project):
 
 
 def test_evaluate_stage_dispatches_molecules_to_evaluate_molecules(tmp_path, monkeypatch):
-    import unite_core.data.molecules as molecule_data
-    import unite_core.molecules as molecules
+    import unite_core.data.molecule_sets as molecule_data
+    import unite_core.eval_molecules as molecules
     from pipelines.context import StageContext
     from pipelines.stages import evaluate as evaluate_stage
 

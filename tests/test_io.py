@@ -112,3 +112,16 @@ def test_unite_prepare_on_a_full_disk_ends_in_one_line(tmp_path):
 
 def test_bytes_roundtrip(tmp_path):
     assert atomic_write_bytes(tmp_path / "x.bin", b"\x00\x01").read_bytes() == b"\x00\x01"
+
+
+def test_stable_hash_is_the_sorted_json_digest_the_run_names_were_made_with():
+    import hashlib
+    import json
+
+    from unite_core.io import stable_hash
+
+    obj = {"b": [1, 2.5, None], "a": {"y": "x", "k": True}}
+    old = hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+    assert stable_hash(obj, 12) == old[:12] and stable_hash(obj, 8) == old[:8]
+    assert stable_hash({"a": {"k": True, "y": "x"}, "b": [1, 2.5, None]}) == stable_hash(obj)
+    assert stable_hash({"p": Path("x")}) == stable_hash({"p": "x"})  # str() of what JSON cannot hold

@@ -359,7 +359,7 @@ def test_feature_stats_merge_of_parts_equals_numpy_over_the_whole():
 
 def test_reference_npz_gives_the_fid_of_the_direct_computation(mnist, trained, tmp_path):
     """An ADM/JiT-style .npz (mu, sigma) computed from known features gives the FID of the images themselves."""
-    from unite_core.evaluate import FeatureSpec, reference_with_stats_file
+    from unite_core.eval_images import FeatureSpec, reference_with_stats_file
 
     tx, _, vx, _ = mnist
     model, _ = trained

@@ -14,19 +14,15 @@ from rdkit import Chem
 
 from unite_core.config import DataConfig
 from unite_core.data.errors import DataError
-from unite_core.data.molecules import (
-    ATOM_MASSES,
-    ATOM_TYPES,
-    PAD_TYPE,
+from unite_core.atoms import ATOM_MASSES, ATOM_TYPES, PAD_TYPE, random_rotation
+from unite_core.chem import embed_molecule, to_rdkit
+from unite_core.data.molecule_sets import (
     MoleculeData,
-    embed_molecule,
     load_molecule_data,
     load_prepared_molecules,
     prepare_molecule_data,
-    random_rotation,
-    to_rdkit,
 )
-from unite_core.metrics.molecules import kabsch_rmsd
+from unite_core.metrics.molecule_metrics import kabsch_rmsd
 
 MASSES = torch.tensor(ATOM_MASSES, dtype=torch.float64)
 

@@ -9,14 +9,13 @@ import pytest
 import torch
 from scipy.spatial.transform import Rotation
 
-from unite_core.data.molecules import ATOM_TYPES, PAD_TYPE, embed_molecule
-from unite_core.metrics.molecules import (
+from unite_core.atoms import ATOM_TYPES, PAD_TYPE
+from unite_core.chem import build_molecule, embed_molecule, is_valid
+from unite_core.metrics.molecule_metrics import (
     MATCH_RMSD_THRESHOLD,
     atom_stability,
     bond_order,
-    build_molecule,
     generation_metrics,
-    is_valid,
     kabsch_rmsd,
     reconstruction_metrics,
     unbatch,
@@ -118,7 +117,7 @@ def test_reconstruction_metrics_numbers():
 def test_known_molecules_are_valid(smiles):
     mol = build_molecule(*mol3d(smiles))
     assert mol is not None and is_valid(mol)
-    from unite_core.data.molecules import canonical_smiles
+    from unite_core.chem import canonical_smiles
     from rdkit import Chem
 
     assert canonical_smiles(mol) == Chem.MolToSmiles(Chem.MolFromSmiles(smiles), isomericSmiles=False)

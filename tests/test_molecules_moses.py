@@ -24,14 +24,13 @@ from unite_core.config import ConfigError, DataConfig, config_from_dict
 from unite_core.data import moses
 from unite_core.data.errors import DataError
 from unite_core.io import file_sha256
-from unite_core.data.molecules import (
-    ATOM_MASSES,
-    ATOM_TYPES,
+from unite_core.atoms import ATOM_MASSES, ATOM_TYPES
+from unite_core.chem import build_molecule
+from unite_core.data.molecule_sets import (
     load_molecule_data,
     load_prepared_molecules,
     prepare_molecule_data,
 )
-from unite_core.metrics.molecules import build_molecule
 
 ROOT = Path(__file__).resolve().parents[1]
 

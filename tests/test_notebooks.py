@@ -1,4 +1,4 @@
-"""The analysis notebooks (analysis/*.py, jupytext percent format) execute with papermill on small tracked
+"""The analysis notebooks (notebooks/*.py, jupytext percent format) execute with papermill on small tracked
 outputs, write their PNGs, print the numbers of the CSVs, and log to MLflow when given a run."""
 
 from __future__ import annotations

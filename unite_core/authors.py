@@ -26,13 +26,14 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from .config import Config, config_from_dict
 from .nn import rope_tables
-from .train import CHECKPOINT_FORMAT, CheckpointError, build_optimizers
+from .io import atomic_write_text
+from .model import UNITE
+from .train import CHECKPOINT_FORMAT, CheckpointError, build_optimizers, save_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -393,9 +394,6 @@ def import_checkpoint(src: str | Path, out: str | Path, *, in_context_start: int
     their perceptual loss, `<out stem>.perceptual.pt`."""
     import yaml
 
-    from .model import UNITE
-    from .train import save_checkpoint
-
     src, out = Path(src), Path(out)
     raw = read_authors_checkpoint(src)
     sd = raw["model"]
@@ -438,9 +436,7 @@ def import_checkpoint(src: str | Path, out: str | Path, *, in_context_start: int
               "# Sizes come from the weights; the training recipe is the authors' (M=14 flow noisings, two-phase lr).\n"
               "# Point data.root at ImageNet's train/ folder (and eval.* at local Inception weights) before\n"
               "# evaluating or resuming; train.init_from starts a new run from the imported state.\n")
-    tmp = params_path.with_name(f".{params_path.name}.tmp")
-    tmp.write_text(header + yaml.safe_dump(params, sort_keys=False))
-    tmp.replace(params_path)
+    atomic_write_text(params_path, header + yaml.safe_dump(params, sort_keys=False))
     return ImportResult(out, params_path, perceptual_path if lpips is not None else None, cfg, step, dropped,
                         optimizers is not None)
 

@@ -10,7 +10,6 @@ naming the key, the offending value and what is allowed.
 from __future__ import annotations
 
 import datetime
-import hashlib
 import json
 import math
 import os
@@ -19,6 +18,8 @@ from typing import Any, Literal, Optional
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .io import stable_hash
 
 
 class ConfigError(ValueError):
@@ -509,7 +510,7 @@ class Config(_Section):
             section, _, key = dotted.partition(".")
             if isinstance(sub.get(section), dict):
                 sub[section].pop(key, None)
-        return hashlib.sha256(json.dumps(sub, sort_keys=True).encode()).hexdigest()[:12]
+        return stable_hash(sub, 12)
 
 
 # --------------------------------------------------------------------------------------------
@@ -517,7 +518,9 @@ class Config(_Section):
 # --------------------------------------------------------------------------------------------
 def _format_error(err: ValidationError) -> str:
     e = err.errors()[0]
-    loc = ".".join(str(p) for p in e["loc"] if not isinstance(p, int) or True)
+    loc = ""
+    for part in e["loc"]:  # keys joined by dots, list positions in brackets: sample.cfg_interval[1]
+        loc += f"[{part}]" if isinstance(part, int) else (f".{part}" if loc else str(part))
     msg = e["msg"]
     if e["type"] == "extra_forbidden":
         return f"unknown key '{loc}': remove it or check the spelling (see params.yaml for the known keys)"

@@ -11,6 +11,9 @@ the old file stays as it was.
     atomic_torch_save(obj, path)           atomic_write(path, lambda f: image.save(f, format="PNG"))
     with atomic_dir(folder) as tmp: ...    # a checkpoint folder: all files, then one rename
 
+Also the project's two digests: `file_sha256(path)` (a file's bytes) and `stable_hash(obj, n)` (a
+JSON-able object, key order ignored: params hashes, resume keys, cache names).
+
 Hand-written on purpose: the standard library has no fsynced, permission-keeping atomic write, and
 the small packages that offer one either skip the fsync or the umask.
 """
@@ -18,6 +21,8 @@ the small packages that offer one either skip the fsync or the umask.
 from __future__ import annotations
 
 import errno
+import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -37,6 +42,7 @@ __all__ = [
     "file_sha256",
     "fsync_tree",
     "raise_write_error",
+    "stable_hash",
 ]
 
 _FULL = {errno.ENOSPC, errno.EDQUOT}
@@ -209,7 +215,11 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
 
 def file_sha256(path: str | os.PathLike) -> str:
     """Hex SHA-256 of a file's bytes, read in chunks (the check of prepared files and downloaded data)."""
-    import hashlib
-
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def stable_hash(obj: Any, n: int = 12) -> str:
+    """The first `n` hex digits of the SHA-256 of `obj` as sorted-key JSON (values JSON cannot hold are
+    written as their str()): the same object gives the same hash in every process and on every machine."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:n]

@@ -1,8 +1,8 @@
 """UNITE = Generative Encoder + decoder + flow matching, for any modality.
 
-A *modality* tells the model how to embed observations into GE tokens, how to decode latents, how
-to measure reconstruction, and how to turn decoder outputs into user-facing results. Images are
-built in; molecules register themselves from `unite_core.molecules`. The GE never changes.
+A *modality* (`unite_core.modalities`: images, molecules) tells the model how to embed observations
+into GE tokens, how to decode latents, how to measure reconstruction, and how to turn decoder
+outputs into user-facing results. The GE never changes.
 
 Variants (all parameters of the config):
 - weight_sharing: "shared" (one GE for tokenize and denoise) or "separate" (two GEs of equal size).
@@ -12,142 +12,14 @@ Variants (all parameters of the config):
 
 from __future__ import annotations
 
-from typing import Any, Callable, Protocol
-
 import torch
 from torch import nn
 
 from .config import Config, SampleConfig
-from .decoder import PatchEmbed, PatchTokenDecoder, PixelDecoder
+from .devices import autocast
 from .encoder import GenerativeEncoder
 from .flow import GuidanceConfig, flow_loss, guided_prediction, integrate, interpolate, sample_timesteps, x_to_velocity
-
-
-class Modality(Protocol):
-    name: str
-
-    def make_embed(self, width: int) -> nn.Module: ...
-    def make_decoder(self) -> nn.Module: ...
-    def unpack(self, batch) -> tuple[Any, torch.Tensor]: ...
-    def recon_loss(self, decoded, obs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...
-    def recon_metrics(self, decoded, obs) -> dict[str, float]: ...
-    def postprocess(self, decoded, **kwargs): ...
-    def batch_size(self, obs) -> int: ...
-
-
-_MODALITIES: dict[str, Callable[[Config, dict], Modality]] = {}
-
-
-def register_modality(name: str, factory: Callable[[Config, dict], Modality]) -> None:
-    _MODALITIES[name] = factory
-
-
-def build_modality(cfg: Config, info: dict) -> Modality:
-    name = info.get("modality", cfg.modality)
-    if name not in _MODALITIES and name == "molecules":
-        from . import molecules  # noqa: F401  (registers itself)
-    if name not in _MODALITIES:
-        raise ValueError(f"unknown modality '{name}'; known: {sorted(_MODALITIES)}")
-    return _MODALITIES[name](cfg, info)
-
-
-class ImageModality:
-    """Images: patch embedding in, pixel decoder out (`model.decoder_kind`), L1/MSE (+ perceptual) loss.
-
-    Datasets hold images in [-1, 1]. The model sees them in `model.pixel_range`: "unit" ([0, 1], the
-    authors'), or "signed" ([-1, 1]). `unpack` converts a batch into the model's range; the model's
-    tokenize/decode/reconstruct work in that range, and `postprocess` returns [0, 1] images.
-    """
-
-    name = "images"
-
-    def __init__(self, cfg: Config, info: dict):
-        self.cfg = cfg
-        self.channels = int(info["channels"])
-        self.image_size = int(info["image_size"])
-        self.patch = cfg.model.patch_size
-        self.unit_range = cfg.model.pixel_range == "unit"
-        if self.image_size % self.patch:
-            raise ValueError(f"model.patch_size={self.patch} must divide the image size {self.image_size}")
-        self._perceptual = None
-
-    @property
-    def perceptual(self):
-        """The perceptual loss (loss.w_perc > 0), loaded from loss.perceptual_weights on first use, so
-        that sampling and evaluation never need its weights file."""
-        if self._perceptual is None and self.cfg.loss.w_perc > 0:
-            from .perceptual import PerceptualLoss
-
-            self._perceptual = PerceptualLoss(self.cfg.loss.perceptual_weights, unit_range=self.unit_range)
-        return self._perceptual
-
-    def make_embed(self, width: int) -> nn.Module:
-        return PatchEmbed(self.channels, self.image_size, self.patch, width, pos_table=self.cfg.model.patch_pos_table)
-
-    def make_decoder(self) -> nn.Module:
-        m = self.cfg.model
-        depth, width, heads = m.decoder_dims()
-        common = dict(
-            latent_dim=m.latent_dim, latent_tokens=m.latent_tokens, channels=self.channels,
-            image_size=self.image_size, patch=self.patch, depth=depth, width=width, heads=heads,
-            mlp_ratio=m.decoder_mlp_ratio,
-        )
-        if m.decoder_kind == "patch_tokens":
-            return PatchTokenDecoder(**common, latent_width=m.decoder_latent_width)
-        return PixelDecoder(**common)
-
-    # -- value ranges ----------------------------------------------------------------------------
-    def from_data(self, x: torch.Tensor) -> torch.Tensor:
-        """Dataset range [-1, 1] -> the model's range."""
-        return (x + 1) * 0.5 if self.unit_range else x
-
-    def from_unit(self, x: torch.Tensor) -> torch.Tensor:
-        """[0, 1] -> the model's range."""
-        return x if self.unit_range else x * 2 - 1
-
-    def to_unit(self, x: torch.Tensor) -> torch.Tensor:
-        """The model's range -> [0, 1], clamped."""
-        x = x.float()
-        return x.clamp(0, 1) if self.unit_range else ((x.clamp(-1, 1) + 1) * 0.5)
-
-    def unpack(self, batch):
-        x, y = batch
-        return self.from_data(x), y
-
-    def batch_size(self, obs) -> int:
-        return obs.shape[0]
-
-    def recon_loss(self, decoded, obs):
-        """Pixel loss in the model's range (`loss.recon`), plus `loss.w_perc` x perceptual."""
-        err = decoded.float() - obs.float()
-        kind = self.cfg.loss.recon
-        metrics: dict[str, torch.Tensor] = {}
-        loss = torch.zeros((), device=err.device)
-        if kind in ("l1", "l1_mse"):
-            l1 = err.abs().mean()
-            metrics["l1"] = l1.detach()
-            loss = loss + l1
-        if kind in ("mse", "l1_mse"):
-            mse = err.pow(2).mean()
-            metrics["mse"] = mse.detach()
-            loss = loss + mse
-        if self.perceptual is not None:
-            perc = self.perceptual.to(obs.device)(decoded, obs)
-            metrics["perceptual"] = perc.detach()
-            loss = loss + self.cfg.loss.w_perc * perc
-        return loss, metrics
-
-    def recon_metrics(self, decoded, obs) -> dict[str, float]:
-        a = self.to_unit(decoded).flatten(1)
-        b = self.to_unit(obs).flatten(1)
-        mse = (a - b).pow(2).mean(1).clamp_min(1e-10)
-        return {"psnr": float((10 * torch.log10(1.0 / mse)).mean())}
-
-    def postprocess(self, decoded, **_):
-        return self.to_unit(decoded).cpu()
-
-
-register_modality("images", ImageModality)
+from .modalities import build_modality
 
 
 def balanced_labels(n: int, num_classes: int, device=None) -> torch.Tensor:
@@ -223,9 +95,8 @@ class UNITE(nn.Module):
         with_flow=False drops the flow term (the trainer's loss.flow_warmup_steps warm start)."""
         cfg = self.cfg
         obs, y = self.modality.unpack(batch)
-        augment = getattr(self.modality, "augment", None)  # optional: modality's training augmentation
-        if self.training and augment is not None:
-            obs = augment(obs, generator)
+        if self.training:
+            obs = self.modality.augment(obs, generator)
         z0 = self.tokenize(obs, generator)
         B = z0.shape[0]
         dev = z0.device
@@ -318,7 +189,7 @@ class UNITE(nn.Module):
         clamp = self.cfg.flow.velocity_clamp
 
         def raw_fn(zz, tt, yy):
-            with torch.autocast(dev.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            with autocast(dev, autocast_dtype):
                 return ge(zz, tt, yy).raw.float()
 
         def velocity(t_scalar, zz):
@@ -337,7 +208,7 @@ class UNITE(nn.Module):
         Arguments as for `sample_latents`."""
         autocast_dtype = kwargs.get("autocast_dtype")
         z, nfe = self.sample_latents(labels, sample, **kwargs)
-        with torch.autocast(z.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        with autocast(z.device, autocast_dtype):
             decoded = self.decode(z)
         return self.modality.postprocess(decoded.float(), labels=labels), nfe
 

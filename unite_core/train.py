@@ -16,8 +16,6 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import os
-import tempfile
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -28,6 +26,9 @@ import torch
 import torch.distributed as dist
 
 from .config import Config, config_from_dict
+from .devices import autocast, autocast_dtype_for
+from .io import atomic_torch_save
+from .nn import AdaLNBlock, ViTBlock
 from .optim import build_optimizers, ema_with_warmup, lr_factor, lr_scale, make_ema, muon_eligible  # noqa: F401
 from .data.loader import StepBatches, collate, fetch, loader_workers, move, step_indices  # noqa: F401
 from .model import UNITE
@@ -61,8 +62,6 @@ def step_generator(seed: int, step: int, rank: int, device: torch.device) -> tor
 # ----------------------------------------------------------------------------------------------
 def save_checkpoint(path: str | Path, state: dict) -> Path:
     """Atomic, fsynced write (unite_core.io): a crash leaves the old file; a full disk is one line."""
-    from .io import atomic_torch_save
-
     return atomic_torch_save(state, path)
 
 
@@ -135,20 +134,10 @@ def compile_blocks(model: torch.nn.Module) -> int:
     """torch.compile every transformer block in place (the state_dict keeps its names): the norms,
     modulation, rotary and activation ops around each block's matrix products fuse. Whole-model
     compilation would break its graph at the data-dependent in-context and masking steps."""
-    from .nn import AdaLNBlock, ViTBlock
-
     blocks = [m for m in model.modules() if isinstance(m, (AdaLNBlock, ViTBlock))]
     for block in blocks:
         block.compile()
     return len(blocks)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise TrainingError("train.device=cuda but no CUDA device is visible: use train.device=cpu or auto")
-    return torch.device(name)
 
 
 class Trainer:
@@ -181,7 +170,7 @@ class Trainer:
             )
         torch.manual_seed(t.seed)  # parameter initialisation is identical on every rank
         self.model = UNITE(cfg, info).to(self.device)
-        getattr(self.model.modality, "perceptual", None)  # a missing perceptual-loss file fails here, not at step 1
+        self.model.modality.perceptual  # a missing perceptual-loss file fails here, not at step 1
         if t.compile:
             compile_blocks(self.model)
         self.ema = make_ema(self.model, cfg)
@@ -189,7 +178,7 @@ class Trainer:
         self.base_lrs = [[g["lr"] for g in o.param_groups] for o in self.optimizers]
         self.step = 0
         self.history: list[dict] = []
-        self.autocast_dtype = torch.bfloat16 if t.precision == "bf16" else None
+        self.autocast_dtype = autocast_dtype_for(t.precision)
         # data delivery: the micro-batches of steps [step, _batch_end), decoded ahead by DataLoader
         # workers for lazy sets (image folders, shards); reopened whenever self.step jumps (resume)
         self._batches: StepBatches | None = None
@@ -300,7 +289,7 @@ class Trainer:
             # gradients are averaged across ranks once, in the last micro-batch's backward
             sync = not self.distributed or i == t.grad_accum - 1
             with (nullcontext() if sync else net.no_sync()):
-                with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+                with autocast(self.device, self.autocast_dtype):
                     loss, metrics = net(batch, gen, **warm)
                 (loss / t.grad_accum).backward()
             for k, v in metrics.items():  # summed on the device: no host sync per micro-batch
@@ -344,7 +333,7 @@ class Trainer:
         for start in range(0, n, batch_size):
             idx = torch.arange(start, min(n, start + batch_size))
             obs, _ = model.modality.unpack(move(fetch(self.val_set, idx), self.device))
-            with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+            with autocast(self.device, self.autocast_dtype):
                 decoded = model.reconstruct(obs, gen)
             for k, v in model.modality.recon_metrics(decoded.float(), obs).items():
                 totals[k] = totals.get(k, 0.0) + v * len(idx) / n

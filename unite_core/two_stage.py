@@ -27,6 +27,7 @@ from typing import Callable, Optional
 import torch
 
 from .config import Config, config_from_dict
+from .devices import autocast, autocast_dtype_for
 from .model import UNITE
 from .train import Trainer, TrainResult, build_optimizers, make_ema, save_checkpoint
 
@@ -216,17 +217,13 @@ def encode_dataset(model: UNITE, dataset, *, batch_size: int = 256, device="cpu"
                 batch = tuple(torch.stack([torch.as_tensor(it[j]) for it in items]) for j in range(len(items[0])))
             obs, y = model.modality.unpack(batch)
             obs = obs.to(dev) if torch.is_tensor(obs) else {k: v.to(dev) for k, v in obs.items()}
-            with torch.autocast(dev.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            with autocast(dev, autocast_dtype):
                 z = model.tokenize(obs, gen)
             zs.append(z.float().cpu())
             ys.append(torch.as_tensor(y).long().cpu())
     finally:
         model.train(was_training)
     return LatentDataset(torch.cat(zs), torch.cat(ys))
-
-
-def _autocast(cfg: Config):
-    return torch.bfloat16 if cfg.train.precision == "bf16" else None
 
 
 def _limit(seconds: Optional[float]) -> float:
@@ -258,7 +255,7 @@ def train_denoiser(cfg: Config, info: dict, train_set, frozen: dict, *, val_set=
     tok.load_state_dict(frozen)
     tok.to(device)
     latents = encode_dataset(tok, train_set, batch_size=max(64, cfg.train.batch_size), device=device,
-                             seed=cfg.train.seed, autocast_dtype=_autocast(cfg))
+                             seed=cfg.train.seed, autocast_dtype=autocast_dtype_for(cfg.train.precision))
     del tok
     encode_s = time.perf_counter() - t0
     log.info("two-stage: encoded %d training items to latents in %.1f s", len(latents), encode_s)

@@ -45,7 +45,7 @@ def register(app: typer.Typer) -> None:
         class_mode: Annotated[str, typer.Option(
             "--class-mode", help="class of the denoising pass: null (as the tokenization pass) or label")] = "null",
         notebooks: Annotated[bool, typer.Option(
-            "--notebooks", help="also execute the notebooks in analysis/ (papermill) into reports/notebooks/")] = False,
+            "--notebooks", help="also execute the notebooks in notebooks/ (papermill) into reports/notebooks/")] = False,
     ) -> None:
         """Alignment (CKA/CKNNA per GE block, cosine vs t), linear probes, weight description length, and the
         rate-distortion table of a sweep: metrics/analyze.json, plots/*.csv and plots/*.png."""

@@ -54,35 +54,6 @@ def atomic_write_json(path: str | Path, data: dict) -> Path:
 
 
 # ----------------------------------------------------------------------------------------------
-# Pictures
-# ----------------------------------------------------------------------------------------------
-def image_grid(images, nrow: int, padding: int = 2, min_tile: int = 64):
-    """PIL image of `images` ((N, C, H, W) in [0, 1], C in {1, 3}), `nrow` per row.
-
-    Small images are upscaled (nearest neighbour, an integer factor) so that a tile is at least
-    `min_tile` pixels wide: a 32x32 digit is unreadable at its native size in a browser.
-    """
-    import numpy as np
-    from PIL import Image
-
-    x = images.detach().float().clamp(0, 1).cpu().numpy()
-    n, c, h, w = x.shape
-    nrow = max(1, min(nrow, n))
-    rows = math.ceil(n / nrow)
-    canvas = np.full((rows * (h + padding) + padding, nrow * (w + padding) + padding, c), 0.5, dtype=np.float32)
-    for i in range(n):
-        r, col = divmod(i, nrow)
-        y, xx = padding + r * (h + padding), padding + col * (w + padding)
-        canvas[y : y + h, xx : xx + w] = x[i].transpose(1, 2, 0)
-    arr = (canvas * 255).round().astype(np.uint8)
-    img = Image.fromarray(arr[..., 0] if c == 1 else arr, mode="L" if c == 1 else "RGB")
-    scale = max(1, math.ceil(min_tile / max(w, 1)))
-    if scale > 1:
-        img = img.resize((img.width * scale, img.height * scale), Image.Resampling.NEAREST)
-    return img
-
-
-# ----------------------------------------------------------------------------------------------
 # Running a stage
 # ----------------------------------------------------------------------------------------------
 def stage_module(stage: str) -> ModuleType | None:

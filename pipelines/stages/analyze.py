@@ -28,7 +28,7 @@ config, same seed, as the Trainer builds it), per component (ge = the tokenizer 
 denoising unless weights are separate; denoiser; decoder) and parameter group.
 
 Options (`unite analyze --help`; ctx.options): checkpoint, variants (name -> path), sweep_csv,
-class_mode, probe_train_images, notebooks (also execute analysis/*.py into reports/notebooks/).
+class_mode, probe_train_images, notebooks (also execute notebooks/*.py into reports/notebooks/).
 """
 
 from __future__ import annotations
@@ -52,8 +52,9 @@ from unite_core.analysis.activations import (
 )
 from unite_core.analysis import report
 from unite_core.config import config_from_dict
+from unite_core.devices import autocast_dtype_for, resolve_device
 from unite_core.model import UNITE
-from unite_core.train import CheckpointError, fetch, load_checkpoint, model_from_checkpoint, resolve_device
+from unite_core.train import CheckpointError, fetch, load_checkpoint, model_from_checkpoint
 
 from ..context import StageContext
 
@@ -80,7 +81,7 @@ def load_data(ctx: StageContext):
     cfg = ctx.cfg
     folder = ctx.paths.dataset_dir(cfg)
     if cfg.modality == "molecules":
-        from unite_core.data.molecules import load_prepared_molecules
+        from unite_core.data.molecule_sets import load_prepared_molecules
 
         return load_prepared_molecules(folder, cfg.data)
     from unite_core.data import load_image_data, load_prepared
@@ -202,17 +203,17 @@ def _paper_comparisons(cfg, model, trained_res: dict, main_align: dict, variants
 
 
 # ----------------------------------------------------------------------------------------------
-# Notebooks (analysis/*.py, jupytext percent format, executed with papermill)
+# Notebooks (notebooks/*.py, jupytext percent format, executed with papermill)
 # ----------------------------------------------------------------------------------------------
 NOTEBOOKS = ("linear_probe", "rate_distortion", "alignment")
 
 
 def notebook_dir(root: Path) -> Path:
-    """analysis/ of the project root, else of the installed source tree."""
-    here = Path(root) / "analysis"
+    """notebooks/ of the project root, else of the installed source tree."""
+    here = Path(root) / "notebooks"
     if (here / "alignment.py").is_file():
         return here
-    return Path(__file__).resolve().parents[2] / "analysis"
+    return Path(__file__).resolve().parents[2] / "notebooks"
 
 
 def notebook_parameters(name: str, root: Path, out_dir: Path) -> dict:
@@ -314,7 +315,7 @@ def _analyze(
     cfg, paths, tracker = ctx.cfg, ctx.paths, ctx.tracker
     a = cfg.analysis
     device = resolve_device(cfg.train.device)
-    amp = torch.bfloat16 if cfg.train.precision == "bf16" else None  # the precision the model runs at
+    amp = autocast_dtype_for(cfg.train.precision)  # the precision the model runs at
     seed = cfg.train.seed
     ckpt_path = Path(checkpoint) if checkpoint else paths.checkpoint
     state = load_checkpoint(ckpt_path, cfg)

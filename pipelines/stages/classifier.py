@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 
 from unite_core.data import DataError, load_image_data, load_prepared
-from unite_core.evaluate import dataset_images
+from unite_core.eval_images import dataset_images
 from unite_core.metrics.images import MetricsError, load_classifier, save_classifier, train_feature_classifier
-from unite_core.train import resolve_device
+from unite_core.devices import resolve_device
 
 from ..context import StageContext
 

@@ -55,7 +55,8 @@ from unite_core.config import Config, config_from_dict
 from unite_core.io import atomic_write_text
 from unite_core.metrics.images import classifier_fingerprint
 from unite_core.model import count_parameters
-from unite_core.train import Trainer, load_checkpoint, model_from_checkpoint, resolve_device
+from unite_core.devices import resolve_device
+from unite_core.train import Trainer, load_checkpoint, model_from_checkpoint
 from unite_core.two_stage import TwoStageBudget, train_two_stage
 
 from ..context import StageContext
@@ -587,7 +588,7 @@ def run(ctx: StageContext, **options) -> dict:
             write_rows(rows, paths["csv"], order)  # progress survives an interruption
             task.update(i + 1, variant=f"{name} s{seed}", gfid=rows[(name, seed)].get("gfid"))
 
-    from unite_core.evaluate import noise_floor
+    from unite_core.eval_images import noise_floor
 
     floor = noise_floor(references[0], references[1], features=features)
     steps_text = f"train.steps={steps or cfg.train.steps}"

@@ -16,7 +16,7 @@ without pickle). Reference sets of up to MAX_REFERENCE images (a seeded subset o
 data.num_workers DataLoader processes; their statistics are cached under .unite_cache/fidelity/ (.npz, the
 mu/sigma format eval.reference_stats reads) with a name that hashes the data content and the extractor.
 
-Molecules: unite_core.molecules.evaluate_molecules (reconstruction + validity/uniqueness/...) instead.
+Molecules: unite_core.eval_molecules.evaluate_molecules (reconstruction + validity/uniqueness/...) instead.
 """
 
 from __future__ import annotations
@@ -32,21 +32,20 @@ from typing import Any
 
 import torch
 
-from unite_core.evaluate import (
+from unite_core.eval_images import (
     CURVE_KEYS,
     DatasetSource,
     FeatureSpec,
-    autocast_dtype_for,
-    class_grid,
     dataset_images,
     evaluate_images,
-    pairs_grid,
     reference_with_stats_file,
 )
+from unite_core.devices import autocast_dtype_for, resolve_device
 from unite_core.io import atomic_write, atomic_write_text
 from unite_core.metrics.images import FeatureStats, MetricsError
 from unite_core.model import balanced_labels
-from unite_core.train import load_checkpoint, model_from_checkpoint, resolve_device
+from unite_core.pictures import class_grid, pairs_grid
+from unite_core.train import load_checkpoint, model_from_checkpoint
 
 from ..context import Reporter, StageContext
 from .classifier import load_checked_classifier, load_stage_data
@@ -296,13 +295,13 @@ def warn_if_ema_is_young(state: dict, use_ema: bool, path) -> bool:
 
 def _evaluate_molecules(ctx: StageContext, model) -> dict:
     cfg = ctx.cfg
-    if importlib.util.find_spec("unite_core.molecules") is None:
-        raise MetricsError("modality=molecules needs unite_core.molecules (evaluate_molecules), which is not installed")
-    from unite_core import molecules
-    from unite_core.data.molecules import load_prepared_molecules
+    if importlib.util.find_spec("unite_core.eval_molecules") is None:
+        raise MetricsError("modality=molecules needs unite_core.eval_molecules (evaluate_molecules), which is not installed")
+    from unite_core import eval_molecules as molecules
+    from unite_core.data.molecule_sets import load_prepared_molecules
 
     if not hasattr(molecules, "evaluate_molecules"):
-        raise MetricsError("unite_core.molecules has no evaluate_molecules(model, data, cfg): update the package")
+        raise MetricsError("unite_core.eval_molecules has no evaluate_molecules(model, data, cfg): update the package")
     data = load_prepared_molecules(ctx.paths.dataset_dir(cfg), cfg.data)
     metrics = molecules.evaluate_molecules(model, data, cfg)
     if hasattr(molecules, "write_samples"):

@@ -22,7 +22,7 @@ def run(ctx: StageContext) -> dict:
     out_dir = ctx.paths.dataset_dir(cfg)
     t0 = time.perf_counter()
     if cfg.modality == "molecules":
-        from unite_core.data.molecules import prepare_molecule_data
+        from unite_core.data.molecule_sets import prepare_molecule_data
 
         manifest = prepare_molecule_data(cfg.data, out_dir, progress=ctx.reporter.progress)
         info = manifest

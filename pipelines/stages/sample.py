@@ -4,21 +4,20 @@ Options (ctx.options): checkpoint (default models/unite.pt), classes (list of in
 class), per_class (default sample.num_samples / number of classes), cfg_scale (default
 sample.cfg_scale), out (default reports/samples.png). The model is rebuilt from the checkpoint's own
 config with EMA weights (sample.use_ema); solver, steps, guidance interval and seed come from the
-params' `sample` section. Images: one row per class. Molecules: unite_core.molecules.write_samples
+params' `sample` section. Images: one row per class. Molecules: unite_core.eval_molecules.write_samples
 (an SDF and a PNG of 2-D depictions beside --out).
 """
 
 from __future__ import annotations
 
 import logging
-import shutil
 import time
 from pathlib import Path
 
-from unite_core.io import atomic_write
+from unite_core.io import atomic_write, atomic_write_bytes
 
 from ..context import StageContext
-from . import StageError, image_grid
+from . import StageError
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +45,9 @@ def parse_classes(text: str | None) -> list[int] | None:
 def run(ctx: StageContext) -> dict:
     import torch
 
-    from unite_core.train import load_checkpoint, model_from_checkpoint, resolve_device
+    from unite_core.devices import autocast_dtype_for, resolve_device
+    from unite_core.pictures import image_grid
+    from unite_core.train import load_checkpoint, model_from_checkpoint
 
     cfg, opts = ctx.cfg, ctx.options
     path = Path(opts.get("checkpoint") or ctx.paths.checkpoint)
@@ -82,7 +83,7 @@ def run(ctx: StageContext) -> dict:
         raise StageError(f"--per-class {per_class} must be >= 1")
     labels = torch.tensor([c for c in classes for _ in range(per_class)], device=device)
     gen = torch.Generator(device=device).manual_seed(s.seed)
-    autocast = torch.bfloat16 if cfg.train.precision == "bf16" else None
+    autocast = autocast_dtype_for(cfg.train.precision)
     batch = max(1, cfg.eval.batch_size)
     images, nfe = [], 0
     with ctx.reporter.progress("sample", len(labels)) as task:
@@ -92,7 +93,7 @@ def run(ctx: StageContext) -> dict:
             images.append(x.float().cpu())
             nfe = max(nfe, int(n))
             task.update(min(len(labels), start + batch))
-    grid = image_grid(torch.cat(images), nrow=per_class)
+    grid = image_grid(torch.cat(images), nrow=per_class, min_tile=64)
     atomic_write(out, lambda f: grid.save(f, format="PNG"))
     ctx.tracker.log_image(grid, out.name)
     result = {
@@ -115,11 +116,11 @@ def run(ctx: StageContext) -> dict:
 
 def _molecules(ctx: StageContext, model, state: dict, out: Path, t0: float) -> dict:
     try:
-        from unite_core.molecules import write_samples
+        from unite_core.eval_molecules import write_samples
     except ImportError:
         write_samples = None
     if write_samples is None:
-        raise StageError("sampling molecules needs unite_core.molecules.write_samples, which this build lacks")
+        raise StageError("sampling molecules needs unite_core.eval_molecules.write_samples, which this build lacks")
     cfg, opts = ctx.cfg, ctx.options
     n = int(opts.get("per_class") or cfg.sample.num_samples)
     if opts.get("cfg_scale") is not None:
@@ -127,7 +128,7 @@ def _molecules(ctx: StageContext, model, state: dict, out: Path, t0: float) -> d
     files = write_samples(model, n, out.parent, cfg)
     png = Path(files["png"])
     if png.resolve() != out.resolve():
-        shutil.copyfile(png, out)
+        atomic_write_bytes(out, png.read_bytes())
     from PIL import Image
 
     with Image.open(out) as img:

@@ -22,7 +22,7 @@ from pathlib import Path
 from unite_core.io import atomic_write
 
 from ..context import StageContext
-from . import atomic_write_text, image_grid
+from . import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,7 @@ def reconstruction_grid(state: dict, data_dir: Path, n: int = RECON_IMAGES):
     import torch
 
     from unite_core.data import load_prepared
+    from unite_core.pictures import image_grid
     from unite_core.train import fetch, model_from_checkpoint
 
     data = load_prepared(data_dir)
@@ -68,7 +69,7 @@ def reconstruction_grid(state: dict, data_dir: Path, n: int = RECON_IMAGES):
         decoded = model.reconstruct(x, torch.Generator().manual_seed(0))
     recon = model.modality.postprocess(decoded.float())
     originals = model.modality.postprocess(x)
-    return image_grid(torch.cat([originals, recon]), nrow=len(picks[:n]))
+    return image_grid(torch.cat([originals, recon]), nrow=len(picks[:n]), min_tile=64)
 
 
 def summarize(history: list[dict], summary: dict, batch_size: int) -> dict:

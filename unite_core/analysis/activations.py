@@ -31,6 +31,7 @@ from typing import Sequence
 
 import torch
 
+from ..devices import autocast
 from ..flow import interpolate
 from ..train import fetch, move
 from .alignment import cosine_similarity_curve, layerwise_alignment
@@ -95,10 +96,6 @@ def _chunks(indices: torch.Tensor, batch_size: int):
         yield indices[start : start + batch_size]
 
 
-def _autocast(device: torch.device, dtype: torch.dtype | None):
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
-
-
 def _cpu32(x: torch.Tensor) -> torch.Tensor:
     return x.detach().to(device="cpu", dtype=torch.float32)
 
@@ -129,7 +126,7 @@ def tokenization_features(
     z0s, labels = [], []
     for chunk in _chunks(torch.as_tensor(indices, dtype=torch.long), batch_size):
         obs, y = model.modality.unpack(move(fetch(dataset, chunk), device))
-        with _autocast(device, autocast_dtype):
+        with autocast(device, autocast_dtype):
             z0, hid = ge.tokenize(obs, gen, return_hidden=True)
         if hidden is None:
             hidden = [[] for _ in hid]
@@ -189,7 +186,7 @@ def extract_activations(
                 y = torch.full((zc.shape[0],), null, dtype=torch.long, device=device)
             else:
                 y = labels[sl].to(device=device, dtype=torch.long)
-            with _autocast(device, autocast_dtype):
+            with autocast(device, autocast_dtype):
                 x_hat, hid = denoiser.denoise(z_t, tt, y, return_hidden=hids is not None)
             zts.append(_cpu32(z_t))
             preds.append(_cpu32(x_hat))

@@ -21,6 +21,7 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
+from scipy.stats import spearmanr
 
 from ..io import atomic_write, atomic_write_text
 from .compression import GROUPS, compare_description_lengths, description_length
@@ -216,22 +217,9 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> float:
     a constant input."""
     x = np.asarray(x, dtype=np.float64)
     y = np.asarray(y, dtype=np.float64)
-    if x.size < 3 or x.size != y.size:
-        return float("nan")
-
-    def ranks(v):
-        order = np.argsort(v, kind="stable")
-        r = np.empty(v.size)
-        r[order] = np.arange(v.size, dtype=np.float64)
-        for val in np.unique(v):  # average ranks of ties
-            m = v == val
-            r[m] = r[m].mean()
-        return r
-
-    rx, ry = ranks(x), ranks(y)
-    if rx.std() == 0 or ry.std() == 0:
-        return float("nan")
-    return float(np.corrcoef(rx, ry)[0, 1])
+    if x.size < 3 or x.size != y.size or np.ptp(x) == 0 or np.ptp(y) == 0:
+        return float("nan")  # (scipy would warn about a constant input and return nan as well)
+    return float(spearmanr(x, y).statistic)
 
 
 def alignment_summary(rows: Sequence[Mapping]) -> dict:

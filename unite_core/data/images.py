@@ -71,7 +71,7 @@ from torch.utils.data import Dataset
 
 from unite_core.config import DataConfig
 from unite_core.data.decoding import (
-    Chunk, ProgressFactory, chunked, create_shard, decode_files, decode_square, open_shard,
+    Chunk, ProgressFactory, available_cpus, chunked, create_shard, decode_files, decode_square, open_shard,
 )
 from unite_core.data.errors import DataError
 from unite_core.io import atomic_torch_save, atomic_write_text, file_sha256
@@ -853,8 +853,6 @@ def _plan_shards(staging: Path, files: Sequence[str], parts: dict[str, np.ndarra
                  shard_bytes: int, processes: Optional[int]) -> tuple[dict, list[Chunk]]:
     """Create the (empty) shard files of each split in ``staging``; their layout and the decode chunks
     that fill them (records in split order)."""
-    from unite_core.data.decoding import available_cpus
-
     per = max(1, int(shard_bytes) // (3 * size * size))
     procs = processes or available_cpus()
     layout: dict[str, Any] = {"image_size": int(size)}
@@ -881,8 +879,6 @@ def _prepare_folder(cfg: DataConfig, out_dir: Path, progress: Optional[ProgressF
     ``format=shards`` the first pass writes the images into shard files laid out for its split; only
     when corrupt files changed the split are they written again, in a second pass.
     """
-    from unite_core.data.decoding import available_cpus
-
     scan = _scan_folder(cfg.root)
     size = int(cfg.image_size)
     procs = processes or available_cpus()

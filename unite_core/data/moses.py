@@ -13,7 +13,7 @@ when present, else the downloaded wheel.
 Subset. The SMILES are visited in a fixed pseudo-random order (a permutation seeded by
 ``data.split_seed``); each one is parsed, filtered like the embedded set (single fragment, neutral,
 heavy atoms C/N/O/F only, at most ``data.max_heavy_atoms`` heavy atoms and ``data.max_atoms`` atoms
-with explicit hydrogens), deduplicated, and embedded with ``embed_molecule`` (ETKDGv3 seeded by
+with explicit hydrogens), deduplicated, and embedded with ``unite_core.chem.embed_molecule`` (ETKDGv3 seeded by
 ``data.conformer_seed``, MMFF94 / UFF relaxation). The first ``data.num_molecules`` molecules of that
 order that embed make the dataset: a molecule that fails to embed is counted, listed and replaced
 by the next candidate. Each molecule's result depends only on its SMILES and the seeds, and results
@@ -22,7 +22,7 @@ worker processes (``data.prepare_workers``), and a smaller ``num_molecules`` giv
 larger one's molecules (before the train/val split).
 
 Why the element filter is not optional: the molecule modality's vocabulary is QM9's (H, C, N, O,
-F; ``ATOM_TYPES``), and so are the bond tables of the validity and stability metrics. The 42.5 % of
+F; ``unite_core.atoms.ATOM_TYPES``), and so are the bond tables of the validity and stability metrics. The 42.5 % of
 MOSES molecules with S, Cl or Br are therefore skipped (counted as ``elements``).
 """
 
@@ -47,6 +47,7 @@ import numpy as np
 from rdkit import Chem
 from rdkit.rdBase import BlockLogs
 
+from unite_core.chem import canonical_smiles, embed_molecule, filter_reason
 from unite_core.config import DataConfig
 from unite_core.data.errors import DataError
 from unite_core.io import file_sha256
@@ -160,13 +161,11 @@ def screen_and_embed(smiles: str, cfg: DataConfig) -> tuple:
     ``("ok", key, types, coords, relaxation, smiles_no_stereo)``, where ``key`` is the canonical
     isomeric SMILES used for deduplication.
     """
-    from unite_core.data.molecules import _filter_reason, canonical_smiles, embed_molecule
-
     with BlockLogs():
         mol = Chem.MolFromSmiles(smiles)
         if mol is None:
             return ("unparsable",)
-        reason = _filter_reason(mol, cfg)
+        reason = filter_reason(mol, cfg)
         if reason is not None:
             return ("filtered", reason)
         key = Chem.MolToSmiles(mol)

@@ -52,7 +52,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..io import atomic_torch_save
+from ..devices import autocast, autocast_dtype_for, resolve_device
+from ..io import atomic_torch_save, atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -159,28 +160,6 @@ def tensor_hash(t: torch.Tensor, length: int = 16) -> str:
         for i in range(0, flat.size, step):
             h.update(flat[i : i + step].tobytes())
     return h.hexdigest()[:length]
-
-
-def _bf16_supported(device: torch.device) -> bool:
-    if device.type == "cuda":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    if device.type != "cpu":
-        return False
-    for fn in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
-        probe = getattr(torch.cpu, fn, None)
-        try:
-            if probe is not None and probe():
-                return True
-        except Exception:  # private API: never fail because of it
-            pass
-    return False
-
-
-def _resolve_device(device: str | torch.device) -> torch.device:
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise MetricsError(f"device {device!r} requested but CUDA is not available; use device='cpu'")
-    return dev
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -348,8 +327,8 @@ def train_feature_classifier(
         raise MetricsError("train_x is empty")
     if steps < 1:
         raise MetricsError(f"steps must be >= 1, got {steps}")
-    dev = _resolve_device(device)
-    use_bf16 = _bf16_supported(dev) if bf16 is None else bool(bf16)
+    dev = resolve_device(device, setting="device")
+    amp = autocast_dtype_for("auto" if bf16 is None else "bf16" if bf16 else "fp32", dev)
     train_y = train_y.long()
     val_y = val_y.long()
     if num_classes is None:
@@ -361,12 +340,12 @@ def train_feature_classifier(
         torch.manual_seed(seed)
         return _train_loop(
             train_x, train_y, val_x, val_y, steps=steps, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
-            seed=seed, dev=dev, augment=augment, use_bf16=use_bf16, num_classes=num_classes, log_every=log_every,
+            seed=seed, dev=dev, augment=augment, amp=amp, num_classes=num_classes, log_every=log_every,
             on_step=on_step,
         )
 
 
-def _train_loop(train_x, train_y, val_x, val_y, *, steps, batch_size, lr, weight_decay, seed, dev, augment, use_bf16,
+def _train_loop(train_x, train_y, val_x, val_y, *, steps, batch_size, lr, weight_decay, seed, dev, augment, amp,
                 num_classes, log_every, on_step=None) -> tuple[FeatureClassifier, dict]:
     channels, image_size = int(train_x.shape[1]), int(train_x.shape[-1])
     model = FeatureClassifier(channels, image_size, num_classes)
@@ -395,7 +374,7 @@ def _train_loop(train_x, train_y, val_x, val_y, *, steps, batch_size, lr, weight
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
     logger.info(
         "training FeatureClassifier: %d train / %d val images %dx%dx%d, %d classes, %d steps, batch %d, bf16=%s, %s",
-        len(xs), len(val_x), channels, image_size, image_size, num_classes, steps, batch_size, use_bf16, dev,
+        len(xs), len(val_x), channels, image_size, image_size, num_classes, steps, batch_size, amp is not None, dev,
     )
 
     t0 = time.perf_counter()
@@ -413,7 +392,7 @@ def _train_loop(train_x, train_y, val_x, val_y, *, steps, batch_size, lr, weight
         xb, yb = xs[idx], ys[idx]
         if augment:
             xb = _random_affine(xb, max_shift, gen)
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_bf16):
+        with autocast(dev, amp):
             logits = model(xb)
         loss = F.cross_entropy(logits.float(), yb)
         opt.zero_grad(set_to_none=True)
@@ -518,7 +497,7 @@ def conditional_accuracy(
         raise MetricsError(f"{len(images)} images but {len(labels)} labels")
     if len(images) == 0:
         raise MetricsError("conditional_accuracy: no images")
-    dev = _resolve_device(device)
+    dev = resolve_device(device, setting="device")
     channels = getattr(classifier, "channels", images.shape[1])
     size = getattr(classifier, "image_size", images.shape[-1])
     param = next(classifier.parameters(), None)
@@ -770,7 +749,7 @@ def build_feature_net(
 ) -> FeatureNet:
     """The feature network of ``extractor`` ("own": ``classifier``; "inception": torch-fidelity's
     inception-v3-compat from the local file ``inception_weights``, checked without pickle first), on ``device``."""
-    dev = _resolve_device(device)
+    dev = resolve_device(device, setting="device")
     _, registry = _fidelity()
     if extractor == "own":
         if classifier is None:
@@ -998,15 +977,7 @@ class FeatureStats:
         if self.subset is not None:
             arrays["subset"] = self.subset.numpy()
             arrays["subset_index"] = self.subset_index.numpy()
-        path = os.fspath(path)
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        tmp = f"{path}.{os.getpid()}.tmp.npz"
-        try:
-            np.savez(tmp, **arrays)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        atomic_write(path, lambda f: np.savez(f, **arrays))
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, what: str = "statistics file",
@@ -1120,7 +1091,7 @@ def fidelity_from_stats(
             if k >= n_min:
                 k = n_min - 1
                 logger.info("precision/recall neighbourhood clamped from %d to %d (n=%d)", prc_neighborhood, k, n_min)
-            dev = _resolve_device(device)  # cdist of the kept features: the accelerator when there is one
+            dev = resolve_device(device, setting="device")  # cdist of the kept features: the accelerator when there is one
             m = prc_features_to_metric(g.to(dev), r.to(dev), prc_neighborhood=k, prc_batch_size=10000,
                                        save_cpu_ram=True, verbose=False)
             out["precision"], out["recall"] = m[KEY_METRIC_PRECISION], m[KEY_METRIC_RECALL]

@@ -1,17 +1,13 @@
 """Molecule metrics: reconstruction (match rate, RMSD) and generation (validity, uniqueness,
 novelty, atom/molecule stability).
 
-A molecule is given as ``(types, coords, mask)`` in the layout of ``unite_core.data.molecules``:
+A molecule is given as ``(types, coords, mask)`` in the token format of ``unite_core.atoms``:
 types index ``ATOM_TYPES`` (H, C, N, O, F), coords in Angstrom, mask marks real atoms. Arrays may be
 numpy arrays or torch tensors. All rates are returned in percent (0..100), as in the paper's tables.
 
 Definitions
-- valid: bonds and bond orders inferred from the coordinates with RDKit's ``rdDetermineBonds``
-  (``DetermineConnectivity``, then ``DetermineBondOrders`` for a neutral molecule with no formal
-  charges allowed), then ``SanitizeMol`` succeeds, the molecule is one fragment and no atom is left
-  with radical electrons (an atom whose valence cannot be filled is a failed structure, not a
-  radical species). Atoms with more neighbours than their maximum valence make the structure
-  invalid before bond orders are searched (this also keeps the search from blowing up).
+- valid: ``unite_core.chem.build_molecule`` (bonds and bond orders inferred from the coordinates)
+  succeeds and ``unite_core.chem.is_valid`` holds (sanitisable, one fragment, no radical electrons).
 - uniqueness: distinct canonical SMILES (no H, no stereo) among valid molecules / valid.
 - novelty: distinct valid SMILES not in the training set / distinct valid SMILES.
 - atom / molecule stability (as in EDM): bond orders from interatomic distances with the length
@@ -26,21 +22,17 @@ import math
 from typing import Any, Iterable, Optional, Sequence
 
 import numpy as np
-import torch
 from rdkit import Chem
-from rdkit.Chem import rdDetermineBonds
-from rdkit.rdBase import BlockLogs
 
-from unite_core.data.molecules import ATOM_TYPES, canonical_smiles, to_rdkit
+from unite_core.atoms import ATOM_TYPES, as_numpy, real_atoms
+from unite_core.chem import build_molecule, canonical_smiles, is_valid
 
 # Reconstruction: a match needs identical atoms (same mask, same type at every token) and a Kabsch
 # RMSD below this many Angstrom.
 MATCH_RMSD_THRESHOLD = 0.5
 
-# Allowed valences (sum of bond orders) per atom type, and the most neighbours an atom may have
-# before bond orders are even searched for (neutral molecules).
+# Allowed valences (sum of bond orders) per atom type.
 ALLOWED_VALENCES: dict[str, tuple[int, ...]] = {"H": (1,), "C": (4,), "N": (3,), "O": (2,), "F": (1,)}
-MAX_NEIGHBOURS: dict[str, int] = {"H": 1, "C": 4, "N": 3, "O": 2, "F": 1}
 
 # Typical covalent bond lengths in Angstrom (textbook values for small organic molecules).
 SINGLE_BOND_LENGTHS: dict[frozenset, float] = {
@@ -66,23 +58,9 @@ TRIPLE_BOND_LENGTHS: dict[frozenset, float] = {
 BOND_MARGINS = {1: 0.10, 2: 0.05, 3: 0.03}
 
 
-def _np(x: Any, dtype=None) -> np.ndarray:
-    if isinstance(x, torch.Tensor):
-        x = x.detach().cpu().numpy()
-    a = np.asarray(x)
-    return a.astype(dtype) if dtype is not None else a
-
-
-def _select(types: Any, coords: Any, mask: Any = None) -> tuple[np.ndarray, np.ndarray]:
-    t = _np(types, np.int64).reshape(-1)
-    x = _np(coords, np.float64).reshape(-1, 3)
-    m = np.ones(len(t), dtype=bool) if mask is None else _np(mask, bool).reshape(-1)
-    return t[m], x[m]
-
-
 def unbatch(types: Any, coords: Any, mask: Any) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """(B, N), (B, N, 3), (B, N) arrays -> list of per-molecule (types, coords, mask)."""
-    t, x, m = _np(types, np.int64), _np(coords, np.float64), _np(mask, bool)
+    t, x, m = as_numpy(types, np.int64), as_numpy(coords, np.float64), as_numpy(mask, bool)
     return [(t[i], x[i], m[i]) for i in range(t.shape[0])]
 
 
@@ -95,12 +73,12 @@ def kabsch_rmsd(p: Any, q: Any, mask: Any = None) -> float:
     Points correspond one-to-one (same order). ``mask`` (n,) selects the points to use. Computed in
     float64 with the Kabsch algorithm (SVD of the covariance, reflection removed).
     """
-    a = _np(p, np.float64).reshape(-1, 3)
-    b = _np(q, np.float64).reshape(-1, 3)
+    a = as_numpy(p, np.float64).reshape(-1, 3)
+    b = as_numpy(q, np.float64).reshape(-1, 3)
     if a.shape != b.shape:
         raise ValueError(f"point sets differ in shape: {a.shape} vs {b.shape}")
     if mask is not None:
-        m = _np(mask, bool).reshape(-1)
+        m = as_numpy(mask, bool).reshape(-1)
         a, b = a[m], b[m]
     if len(a) == 0:
         raise ValueError("kabsch_rmsd needs at least one point")
@@ -133,8 +111,8 @@ def reconstruction_metrics(true_types: Any, true_coords: Any, true_mask: Any,
       type_accuracy   % of real input atoms whose token is real in the output with the same type
       num_molecules, num_same_atoms
     """
-    tt, tx, tm = _np(true_types, np.int64), _np(true_coords, np.float64), _np(true_mask, bool)
-    pt, px, pm = _np(pred_types, np.int64), _np(pred_coords, np.float64), _np(pred_mask, bool)
+    tt, tx, tm = as_numpy(true_types, np.int64), as_numpy(true_coords, np.float64), as_numpy(true_mask, bool)
+    pt, px, pm = as_numpy(pred_types, np.int64), as_numpy(pred_coords, np.float64), as_numpy(pred_mask, bool)
     if tt.shape != pt.shape or tx.shape != px.shape or tm.shape != pm.shape:
         raise ValueError(
             f"true and predicted batches differ in shape: types {tt.shape} vs {pt.shape}, "
@@ -168,50 +146,6 @@ def reconstruction_metrics(true_types: Any, true_coords: Any, true_mask: Any,
 # ---------------------------------------------------------------------------------------------
 # Validity, uniqueness, novelty
 # ---------------------------------------------------------------------------------------------
-def build_molecule(types: Any, coords: Any, mask: Any = None) -> Optional[Chem.Mol]:
-    """RDKit molecule (explicit H) with bonds and bond orders inferred from the coordinates.
-
-    ``DetermineConnectivity`` (connect-the-dots on covalent radii), a neighbour-count check, then
-    ``DetermineBondOrders(charge=0, allowChargedFragments=False)`` and ``SanitizeMol``. Returns
-    None when any step fails (no atoms, atoms without neighbours that need some, over-connected
-    atoms, no bond-order assignment, sanitisation error).
-    """
-    t, x = _select(types, coords, mask)
-    if len(t) == 0 or not np.isfinite(x).all():
-        return None
-    try:
-        mol = to_rdkit(t, x)
-    except ValueError:
-        return None
-    with BlockLogs():
-        try:
-            rdDetermineBonds.DetermineConnectivity(mol)
-            for atom in mol.GetAtoms():
-                if atom.GetDegree() > MAX_NEIGHBOURS[atom.GetSymbol()]:
-                    return None
-            rdDetermineBonds.DetermineBondOrders(mol, charge=0, allowChargedFragments=False,
-                                                 embedChiral=False)
-            Chem.SanitizeMol(mol)
-        except Exception:
-            return None
-    return mol
-
-
-def is_valid(mol: Optional[Chem.Mol]) -> bool:
-    """Sanitisable, a single fragment, and no radical electrons (see the module docstring)."""
-    if mol is None or mol.GetNumAtoms() == 0:
-        return False
-    with BlockLogs():
-        try:
-            m = Chem.Mol(mol)
-            Chem.SanitizeMol(m)
-        except Exception:
-            return False
-    if len(Chem.GetMolFrags(m)) != 1:
-        return False
-    return all(a.GetNumRadicalElectrons() == 0 for a in m.GetAtoms())
-
-
 def validity(mols: Sequence[Optional[Chem.Mol]]) -> float:
     """Percent of ``mols`` (from ``build_molecule``; None counts as invalid) that are valid."""
     if len(mols) == 0:
@@ -234,7 +168,7 @@ def bond_order(a: str, b: str, distance: float) -> int:
 
 def atom_stability(types: Any, coords: Any, mask: Any = None) -> tuple[int, int, bool]:
     """(stable atoms, atoms, molecule stable) by the distance-based valence criterion."""
-    t, x = _select(types, coords, mask)
+    t, x = real_atoms(types, coords, mask)
     n = len(t)
     if n == 0:
         return 0, 0, False
@@ -297,6 +231,6 @@ def generation_metrics(samples: Iterable[tuple[Any, Any, Any]],
 __all__ = [
     "MATCH_RMSD_THRESHOLD", "ALLOWED_VALENCES", "SINGLE_BOND_LENGTHS", "DOUBLE_BOND_LENGTHS",
     "TRIPLE_BOND_LENGTHS", "BOND_MARGINS", "kabsch_rmsd", "reconstruction_metrics",
-    "build_molecule", "is_valid", "validity", "bond_order", "atom_stability",
+    "validity", "bond_order", "atom_stability",
     "generation_metrics", "unbatch",
 ]

@@ -1,7 +1,9 @@
 """Molecules as a UNITE modality: atoms are tokens, a set decoder predicts atoms back.
 
-Importing this module registers the modality "molecules" (``unite_core.model.build_modality``
-imports it when ``info["modality"] == "molecules"``).
+The model side of the modality "molecules" (``unite_core.modalities.MODALITIES``): embedding,
+decoder, loss, the data hooks (``unpack``, ``augment``) and the reconstruction metrics. Sampling,
+evaluation and the sample files are in ``unite_core.eval_molecules``; the token format is
+``unite_core.atoms``.
 
 Tokenization. ``AtomEmbed`` turns each atom into one GE token: an embedding of its type (H, C, N, O,
 F) plus a linear map of its Cartesian coordinates (computed in fp32). Every atom gets rotary
@@ -28,24 +30,20 @@ docs/MOLECULES.md has the measurement that decided for matching.
 Reconstruction metrics align the predicted atoms to the input atoms the same way (Hungarian on type
 mismatch + distance, in the input's frame; the encoder is not invariant to rotations, so the
 reconstruction comes back in the input's frame), then use
-``unite_core.metrics.molecules.reconstruction_metrics`` (match: same atoms and Kabsch RMSD below
+``unite_core.metrics.molecule_metrics.reconstruction_metrics`` (match: same atoms and Kabsch RMSD below
 0.5 A).
 
 Generation: the number of atoms of a generated molecule is the number of slots whose most likely
 class is not "absent" (``size_mode="decoder"``, the default). ``size_mode="histogram"`` instead
 draws the size from the training set's size histogram and keeps the slots least likely to be
-absent; ``evaluate_molecules`` reports the generated size distribution against the data's for
+absent; ``unite_core.eval_molecules.evaluate_molecules`` reports the generated size distribution against the data's for
 either.
 """
 
 from __future__ import annotations
 
-import io
-import logging
 import math
-import time
-from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import numpy as np
 import torch
@@ -53,13 +51,9 @@ import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from torch import nn
 
-from .config import Config
-from .data.molecules import ATOM_MASSES, ATOM_TYPES, PAD_TYPE, random_rotation, to_rdkit
-from .io import atomic_write, atomic_write_text
-from .model import register_modality
-from .nn import ViTBlock, sincos_1d
-
-log = logging.getLogger(__name__)
+from ..atoms import ATOM_MASSES, ATOM_TYPES, PAD_TYPE, random_rotation
+from ..config import Config
+from ..nn import ViTBlock, sincos_1d
 
 NUM_TYPES = len(ATOM_TYPES)  # 5: H C N O F
 ABSENT = NUM_TYPES  # the extra decoder class of an empty slot
@@ -336,9 +330,6 @@ class MoleculeModality:
             depth=depth, width=width, heads=heads, mlp_ratio=m.decoder_mlp_ratio,
         )
 
-    def to(self, device):
-        return self
-
     # -- data ------------------------------------------------------------------------------------
     def unpack(self, batch):
         obs = {"types": batch["types"], "coords": batch["coords"], "mask": batch["mask"].bool()}
@@ -393,7 +384,8 @@ class MoleculeModality:
         return slots_to_atoms(decoded, sizes)
 
     def recon_metrics(self, decoded, obs) -> dict[str, float]:
-        from .metrics.molecules import reconstruction_metrics
+        # lazy: the metrics module imports RDKit, which training and sampling never need
+        from ..metrics.molecule_metrics import reconstruction_metrics  # heavy optional dependency
 
         types, coords, mask = slots_to_atoms(decoded.detach())
         tt = obs["types"].cpu().numpy()
@@ -434,231 +426,7 @@ class MoleculeModality:
         return sizes[idx]
 
 
-register_modality("molecules", MoleculeModality)
-
-
-# ----------------------------------------------------------------------------------------------
-# Evaluation, sampling, files
-# ----------------------------------------------------------------------------------------------
-def _device_of(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
-def _autocast_dtype(cfg: Config, device: torch.device) -> Optional[torch.dtype]:
-    return torch.bfloat16 if cfg.train.precision == "bf16" else None
-
-
-@torch.no_grad()
-def generate_molecules(
-    model, n: int, cfg: Config, *, size_mode: Optional[str] = None, batch_size: Optional[int] = None,
-    seed: Optional[int] = None,
-) -> tuple[list[tuple[np.ndarray, np.ndarray, np.ndarray]], dict[str, float]]:
-    """Sample n molecules: flow ODE from noise (cfg.sample solver/steps), decode, read atoms.
-
-    Returns (per-molecule (types, coords, mask), {"nfe": evaluations per batch, "seconds": ...}).
-    """
-    modality = model.modality
-    mode = size_mode or getattr(modality, "size_mode", "decoder")
-    dev = _device_of(model)
-    dtype = _autocast_dtype(cfg, dev)
-    s = cfg.sample
-    bs = batch_size or cfg.eval.batch_size
-    gen = torch.Generator(device=dev).manual_seed(s.seed if seed is None else seed)
-    size_gen = torch.Generator().manual_seed((s.seed if seed is None else seed) + 1)
-    was_training = model.training
-    model.eval()
-    out: list = []
-    nfe = 0
-    start = time.perf_counter()
-    try:
-        for first in range(0, n, bs):
-            b = min(bs, n - first)
-            labels = torch.zeros(b, dtype=torch.long, device=dev)
-            z, nfe = model.sample_latents(labels, s, generator=gen, autocast_dtype=dtype)
-            with torch.autocast(dev.type, dtype=dtype, enabled=dtype is not None):
-                decoded = model.decode(z)
-            sizes = modality.sample_sizes(b, size_gen) if mode == "histogram" else None
-            out.extend(modality.postprocess(decoded.float(), sizes=sizes))
-    finally:
-        model.train(was_training)
-    return out, {"nfe": float(nfe), "seconds": time.perf_counter() - start}
-
-
-def size_distribution(sizes: np.ndarray, max_atoms: int) -> np.ndarray:
-    """Normalised histogram over 0..max_atoms atoms."""
-    h = np.bincount(np.asarray(sizes, dtype=np.int64), minlength=max_atoms + 1)[: max_atoms + 1]
-    return h / max(1, h.sum())
-
-
-def size_report(gen_sizes: np.ndarray, data_sizes: np.ndarray, max_atoms: int) -> dict[str, float]:
-    """Generated vs data atom counts: means, stds, total variation distance, empty molecules."""
-    pg = size_distribution(gen_sizes, max_atoms)
-    pd = size_distribution(data_sizes, max_atoms)
-    return {
-        "gen_size_mean": float(np.mean(gen_sizes)) if len(gen_sizes) else 0.0,
-        "gen_size_std": float(np.std(gen_sizes)) if len(gen_sizes) else 0.0,
-        "data_size_mean": float(np.mean(data_sizes)),
-        "data_size_std": float(np.std(data_sizes)),
-        "size_tv_distance": float(0.5 * np.abs(pg - pd).sum()),
-        "gen_empty": 100.0 * float(np.mean(np.asarray(gen_sizes) == 0)) if len(gen_sizes) else 0.0,
-    }
-
-
-@torch.no_grad()
-def reconstruct_dataset(model, dataset, cfg: Config, batch_size: Optional[int] = None) -> dict[str, float]:
-    """Reconstruction metrics (match rate %, RMSD A, type/size accuracy %) over a MoleculeDataset."""
-    from .metrics.molecules import reconstruction_metrics
-
-    modality = model.modality
-    dev = _device_of(model)
-    dtype = _autocast_dtype(cfg, dev)
-    bs = batch_size or cfg.eval.batch_size
-    gen = torch.Generator(device=dev).manual_seed(12345)
-    was_training = model.training
-    model.eval()
-    parts: dict[str, list] = {k: [] for k in ("tt", "tx", "tm", "pt", "px", "pm")}
-    try:
-        for first in range(0, len(dataset), bs):
-            idx = torch.arange(first, min(len(dataset), first + bs))
-            batch = {k: v.to(dev) for k, v in dataset.get_batch(idx).items()}
-            obs, _ = modality.unpack(batch)
-            with torch.autocast(dev.type, dtype=dtype, enabled=dtype is not None):
-                decoded = model.reconstruct(obs, gen)
-            types, coords, mask = slots_to_atoms(decoded.float())
-            tt, tx, tm = (obs["types"].cpu().numpy(), obs["coords"].cpu().numpy().astype(np.float64),
-                          obs["mask"].cpu().numpy())
-            pt, px, pm = align_to_reference(tt, tx, tm, types.cpu().numpy(),
-                                            coords.cpu().numpy().astype(np.float64), mask.cpu().numpy())
-            for k, v in zip(("tt", "tx", "tm", "pt", "px", "pm"), (tt, tx, tm, pt, px, pm)):
-                parts[k].append(v)
-    finally:
-        model.train(was_training)
-    cat = {k: np.concatenate(v) for k, v in parts.items()}
-    r = reconstruction_metrics(cat["tt"], cat["tx"], cat["tm"], cat["pt"], cat["px"], cat["pm"])
-    return {
-        "recon_match_rate": r["match_rate"],
-        "recon_rmsd": r["rmsd_mean"],
-        "recon_rmsd_all": r["rmsd_mean_all"],
-        "recon_type_accuracy": r["type_accuracy"],
-        "recon_size_accuracy": 100.0 * float((cat["tm"].sum(1) == cat["pm"].sum(1)).mean()),
-        "recon_num_molecules": float(r["num_molecules"]),
-    }
-
-
-def evaluate_molecules(model, data, cfg: Config, n_samples: Optional[int] = None, *,
-                       size_mode: Optional[str] = None) -> dict[str, float]:
-    """Reconstruction on the validation split and generation metrics of n samples (flat floats).
-
-    ``data`` is a ``MoleculeData`` (train_smiles for novelty, train sizes for the size report, val
-    for reconstruction). n defaults to ``cfg.sample.num_samples``. Rates are in percent, RMSD in A.
-    Keys: recon_match_rate, recon_rmsd (mean over matched molecules), recon_rmsd_all (over
-    molecules with the right atoms), recon_type_accuracy, recon_size_accuracy, validity,
-    uniqueness, novelty, atom_stability, molecule_stability, num_samples, num_valid, num_unique,
-    gen_size_mean/std, data_size_mean/std, size_tv_distance, gen_empty, nfe, and timings
-    (recon_seconds, sample_seconds, metrics_seconds, samples_per_s). ``size_histogram_mode`` is 1
-    when sizes were drawn from the data's histogram, 0 when the decoder decided them.
-    """
-    from .metrics.molecules import generation_metrics
-
-    n = int(n_samples or cfg.sample.num_samples)
-    mode = size_mode or getattr(model.modality, "size_mode", "decoder")
-    t0 = time.perf_counter()
-    out: dict[str, float] = reconstruct_dataset(model, data.val, cfg)
-    out["recon_seconds"] = time.perf_counter() - t0
-    samples, info = generate_molecules(model, n, cfg, size_mode=mode)
-    out["sample_seconds"] = info["seconds"]
-    out["samples_per_s"] = n / max(info["seconds"], 1e-9)
-    out["nfe"] = info["nfe"]
-    t1 = time.perf_counter()
-    g = generation_metrics(samples, data.train_smiles)
-    out["metrics_seconds"] = time.perf_counter() - t1
-    out.update({k: float(v) for k, v in g.items()})
-    gen_sizes = np.array([int(m.sum()) for _, _, m in samples])
-    data_sizes = data.train.mask.sum(1).numpy()
-    out.update(size_report(gen_sizes, data_sizes, model.modality.max_atoms))
-    out["size_histogram_mode"] = 1.0 if mode == "histogram" else 0.0
-    log.info("molecule evaluation: %s", {k: round(v, 4) for k, v in out.items()})
-    return out
-
-
-def _depiction(mol_3d, valid: bool):
-    """A 2-D depiction of a generated molecule (hydrogens hidden where possible)."""
-    from rdkit import Chem
-    from rdkit.Chem import AllChem, rdDetermineBonds
-    from rdkit.rdBase import BlockLogs
-
-    with BlockLogs():
-        m = Chem.Mol(mol_3d)
-        if not valid and m.GetNumBonds() == 0 and m.GetNumAtoms() > 1:
-            try:  # show connectivity (single bonds) even when bond orders failed
-                rdDetermineBonds.DetermineConnectivity(m)
-            except Exception:  # noqa: BLE001 - an atoms-only picture is still a picture
-                pass
-        try:
-            m = Chem.RemoveHs(m, sanitize=valid)
-        except Exception:  # noqa: BLE001
-            pass
-        m.RemoveAllConformers()
-        try:
-            m.UpdatePropertyCache(strict=False)
-            AllChem.Compute2DCoords(m)
-        except Exception:  # noqa: BLE001
-            pass
-    return m
-
-
-def write_samples(model, n: int, out_dir, cfg: Config, *, grid_max: int = 64,
-                  size_mode: Optional[str] = None) -> dict[str, str]:
-    """Generate n molecules and write ``samples.sdf`` and ``samples.png`` under out_dir.
-
-    The SDF holds every sample: bonds and bond orders where ``build_molecule`` succeeds, atoms only
-    otherwise; properties ``valid`` (0/1), ``smiles`` (valid ones) and ``num_atoms``. The PNG is a
-    grid of 2-D depictions of the first ``grid_max`` samples (RDKit MolsToGridImage), each labelled
-    with its SMILES or "invalid". Returns {"sdf": path, "png": path}.
-    """
-    from rdkit import Chem
-    from rdkit.Chem import Draw
-    from rdkit.rdBase import BlockLogs
-
-    from .data.molecules import canonical_smiles
-    from .metrics.molecules import build_molecule, is_valid
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    samples, _ = generate_molecules(model, n, cfg, size_mode=size_mode)
-    sdf_path = out_dir / "samples.sdf"
-    png_path = out_dir / "samples.png"
-    pictures, legends = [], []
-    sdf_text = io.StringIO()
-    writer = Chem.SDWriter(sdf_text)
-    writer.SetKekulize(False)
-    n_valid = 0
-    with BlockLogs():
-        for i, (types, coords, mask) in enumerate(samples):
-            mol = build_molecule(types, coords, mask)
-            valid = is_valid(mol)
-            if mol is None:
-                mol = to_rdkit(types, coords, mask)
-            smiles = canonical_smiles(mol) if valid else ""
-            n_valid += int(valid)
-            mol.SetProp("_Name", f"sample_{i}")
-            mol.SetIntProp("valid", int(valid))
-            mol.SetProp("smiles", smiles)
-            mol.SetIntProp("num_atoms", int(mask.sum()))
-            writer.write(mol)
-            if i < grid_max:
-                pictures.append(_depiction(mol, valid))
-                legends.append(f"{i}: {smiles}" if valid else f"{i}: invalid ({int(mask.sum())} atoms)")
-    writer.close()
-    atomic_write_text(sdf_path, sdf_text.getvalue())
-    img = Draw.MolsToGridImage(pictures, molsPerRow=8, subImgSize=(200, 200), legends=legends)
-    atomic_write(png_path, lambda f: img.save(f, format="PNG"))
-    log.info("wrote %d molecules (%d valid) to %s and %s", len(samples), n_valid, sdf_path, png_path)
-    return {"sdf": str(sdf_path), "png": str(png_path)}
-
-
 __all__ = [
     "ABSENT", "NUM_CLASSES", "AtomEmbed", "AtomDecoder", "MoleculeModality", "match_slots",
-    "slot_targets", "slots_to_atoms", "align_to_reference", "generate_molecules",
-    "reconstruct_dataset", "evaluate_molecules", "write_samples", "size_report",
+    "slot_targets", "slots_to_atoms", "align_to_reference", "principal_frame",
 ]

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .devices import autocast
 from .metrics.images import (
     INCEPTION_EXTRACTOR,
     FeatureNet,
@@ -55,6 +56,7 @@ from .metrics.images import (
     ssim,
     summarise,
     tensor_batches,
+    tensor_hash,
     to_feature_input,
 )
 from .model import balanced_labels
@@ -85,9 +87,6 @@ __all__ = [
     "noise_floor",
     "fid_noise",
     "evaluate_images",
-    "image_grid",
-    "pairs_grid",
-    "autocast_dtype_for",
 ]
 
 #: columns of one guidance-curve row (``evaluate_generation(...)["curve"]``)
@@ -144,8 +143,6 @@ class TensorSource(ImageSource):
     @property
     def key(self) -> str:
         if self._key is None:
-            from .metrics.images import tensor_hash
-
             self._key = tensor_hash(self.images)
         return self._key
 
@@ -342,11 +339,6 @@ def _spec(features: FeatureSpec | None, classifier: nn.Module | None, **kwargs) 
     if features is not None:
         return features
     return FeatureSpec(classifier=classifier, **{k: v for k, v in kwargs.items() if v is not None})
-
-
-def autocast_dtype_for(precision: str) -> torch.dtype | None:
-    """train.precision -> the autocast dtype used for sampling (bf16 is the fast path on CPU and GPU)."""
-    return torch.bfloat16 if precision == "bf16" else None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -706,7 +698,7 @@ def reconstruct_images(
 def _reconstruct_batch(model, x: torch.Tensor, gen, dev, autocast_dtype):
     with _EvalMode(model):
         x = model.modality.from_unit(x.to(dev).float())
-        with torch.autocast(dev.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        with autocast(dev, autocast_dtype):
             decoded = model.reconstruct(x, gen)
         return model.modality.postprocess(decoded)
 
@@ -909,66 +901,3 @@ def evaluate_images(
         n_noise = min(int(num_samples), len(src), int(features.subset_size or len(src)))
         out["noise_fid"] = fid_noise(ref, features=features, n=n_noise, shape=src.shape)
     return out
-
-
-# ----------------------------------------------------------------------------------------------
-# Pictures
-# ----------------------------------------------------------------------------------------------
-def image_grid(images: torch.Tensor, nrow: int, padding: int = 2, pad_value: float = 0.5, min_tile: int = 0):
-    """A PIL image of ``images`` ([0, 1], (N, C, H, W), C in {1, 3}) laid out ``nrow`` per row.
-
-    With ``min_tile`` the picture is upscaled by the smallest integer factor (nearest neighbour) that makes
-    a tile at least that many pixels wide."""
-    from PIL import Image
-
-    if images.dim() != 4 or images.shape[1] not in (1, 3):
-        raise ValueError(f"image_grid expects (N, 1|3, H, W) images, got shape {tuple(images.shape)}")
-    n, c, h, w = images.shape
-    if n == 0:
-        raise ValueError("image_grid: no images")
-    nrow = max(1, min(int(nrow), n))
-    rows = math.ceil(n / nrow)
-    H = rows * h + (rows + 1) * padding
-    W = nrow * w + (nrow + 1) * padding
-    canvas = torch.full((c, H, W), float(pad_value))
-    for i in range(n):
-        r, col = divmod(i, nrow)
-        y0 = padding + r * (h + padding)
-        x0 = padding + col * (w + padding)
-        canvas[:, y0 : y0 + h, x0 : x0 + w] = images[i].float().clamp(0, 1)
-    arr = (canvas * 255.0).round().to(torch.uint8)
-    if c == 1:
-        img = Image.fromarray(arr[0].numpy(), mode="L")
-    else:
-        img = Image.fromarray(arr.permute(1, 2, 0).contiguous().numpy(), mode="RGB")
-    scale = math.ceil(min_tile / w) if min_tile and w < min_tile else 1
-    if scale > 1:
-        img = img.resize((img.width * scale, img.height * scale), Image.Resampling.NEAREST)
-    return img
-
-
-def pairs_grid(originals: torch.Tensor, reconstructions: torch.Tensor, ncol: int = 10, **kwargs):
-    """Rows alternate: ``ncol`` originals, then their ``ncol`` reconstructions below them."""
-    if originals.shape != reconstructions.shape:
-        raise ValueError(f"pairs_grid: shapes differ {tuple(originals.shape)} vs {tuple(reconstructions.shape)}")
-    chunks = []
-    for start in range(0, len(originals), ncol):
-        a = originals[start : start + ncol]
-        b = reconstructions[start : start + ncol]
-        if len(a) < ncol:  # pad the last pair of rows so originals and reconstructions stay aligned
-            fill = torch.zeros((ncol - len(a), *a.shape[1:]))
-            a, b = torch.cat([a, fill]), torch.cat([b, fill])
-        chunks += [a, b]
-    return image_grid(torch.cat(chunks), nrow=ncol, **kwargs)
-
-
-def class_grid(images: torch.Tensor, labels: torch.Tensor, per_class: int = 10, **kwargs):
-    """One row per class (sorted), up to ``per_class`` samples each: the samples picture."""
-    rows = []
-    classes = sorted(set(int(c) for c in labels.tolist()))
-    for c in classes:
-        sel = images[labels == c][:per_class]
-        if len(sel) < per_class:
-            sel = torch.cat([sel, torch.zeros((per_class - len(sel), *images.shape[1:]))])
-        rows.append(sel)
-    return image_grid(torch.cat(rows), nrow=per_class, **kwargs)

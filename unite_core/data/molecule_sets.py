@@ -22,7 +22,8 @@ Three sources (``DataConfig.dataset``):
 accepted records. The train/val split is a permutation seeded by ``split_seed``; ``val_fraction``
 of the molecules (rounded, at least one) go to validation.
 
-Every molecule is centred at its centre of mass (standard atomic masses by element) and stored as
+Every molecule is centred at its centre of mass (standard atomic masses by element) and stored in the
+token format of ``unite_core.atoms``:
 
     types  int64   (max_atoms,)     0..4 indexing ATOM_TYPES, PAD_TYPE (-1) for padding
     coords float32 (max_atoms, 3)   Angstrom, zero for padding
@@ -52,12 +53,14 @@ from typing import Any, Callable, Iterable, Optional
 import numpy as np
 import torch
 from rdkit import Chem
-from rdkit.Chem import AllChem
 from rdkit.rdBase import BlockLogs
 from torch.utils.data import Dataset
 
+from unite_core.atoms import ATOM_TYPES, PAD_TYPE, center_at_com
+from unite_core.chem import Z_TO_TYPE, build_molecule, canonical_smiles, embed_molecule, filter_reason
 from unite_core.config import DataConfig
 from unite_core.data.errors import DataError
+from unite_core.data.moses import build_moses
 from unite_core.io import atomic_torch_save, atomic_write_text, file_sha256
 
 # ``progress(description, total)``: a context manager yielding a task with ``update(completed, total=None)``
@@ -66,18 +69,10 @@ ProgressFactory = Callable[[str, Optional[float]], Any]
 
 logger = logging.getLogger(__name__)
 
-ATOM_TYPES: list[str] = ["H", "C", "N", "O", "F"]
-ATOMIC_NUMBERS: list[int] = [1, 6, 7, 8, 9]
-# Standard atomic weights (u) used for the centre of mass; isotopes are ignored on purpose so that
-# a molecule's centring depends only on its atom types and coordinates.
-ATOM_MASSES: list[float] = [1.008, 12.011, 14.007, 15.999, 18.998]
-PAD_TYPE = -1
 QM9_FILENAME = "gdb9.sdf"
 FORMAT_VERSION = 1
 MAX_LISTED_FAILURES = 50
 
-_Z_TO_TYPE = {z: i for i, z in enumerate(ATOMIC_NUMBERS)}
-_HEAVY_ALLOWED = {6, 7, 8, 9}
 # Settings that define a prepared molecule dataset (compared when a cache is reused).
 _CONFIG_KEYS = ("dataset", "root", "val_fraction", "split_seed", "max_items",
                 "max_heavy_atoms", "max_atoms", "conformer_seed", "num_molecules")
@@ -145,27 +140,6 @@ class MoleculeData:
 # ---------------------------------------------------------------------------------------------
 # Small helpers
 # ---------------------------------------------------------------------------------------------
-def canonical_smiles(mol: Chem.Mol) -> str:
-    """Canonical SMILES without hydrogens and without stereo (constitution only)."""
-    m = Chem.RemoveHs(mol, sanitize=False)
-    return Chem.MolToSmiles(m, isomericSmiles=False)
-
-
-def _as_numpy(x: Any, dtype=None) -> np.ndarray:
-    if isinstance(x, torch.Tensor):
-        x = x.detach().cpu().numpy()
-    arr = np.asarray(x)
-    return arr.astype(dtype) if dtype is not None else arr
-
-
-def center_at_com(types: np.ndarray, coords: np.ndarray) -> np.ndarray:
-    """Shift coordinates (n, 3) of real atoms so that their mass-weighted centre is the origin."""
-    masses = np.asarray(ATOM_MASSES, dtype=np.float64)[np.asarray(types, dtype=np.int64)]
-    coords = np.asarray(coords, dtype=np.float64)
-    com = (masses[:, None] * coords).sum(axis=0) / masses.sum()
-    return coords - com
-
-
 def _pack(molecules: list[tuple[np.ndarray, np.ndarray]], max_atoms: int) -> dict[str, np.ndarray]:
     m = len(molecules)
     types = np.full((m, max_atoms), PAD_TYPE, dtype=np.int64)
@@ -246,27 +220,6 @@ def _embedded_sources() -> Iterable[tuple[str, Iterable[Any]]]:
     yield name, [ln.split()[0] for ln in lines if ln.strip() and not ln.lstrip().startswith("//")]
 
 
-def _filter_reason(mol: Chem.Mol, cfg: DataConfig) -> Optional[str]:
-    if len(Chem.GetMolFrags(mol)) != 1:
-        return "fragments"
-    heavy = 0
-    for atom in mol.GetAtoms():
-        z = atom.GetAtomicNum()
-        if z != 1 and z not in _HEAVY_ALLOWED:
-            return "elements"
-        if atom.GetFormalCharge() != 0 or atom.GetNumRadicalElectrons() != 0:
-            return "charged"
-        heavy += z != 1
-    if heavy == 0:
-        return "no_heavy_atoms"
-    if heavy > cfg.max_heavy_atoms:
-        return "too_many_heavy_atoms"
-    n_total = mol.GetNumAtoms() + sum(a.GetTotalNumHs() for a in mol.GetAtoms())
-    if n_total > cfg.max_atoms:
-        return "too_many_atoms"
-    return None
-
-
 def _embedded_candidates(cfg: DataConfig) -> tuple[list[str], dict[str, Any]]:
     """Canonical isomeric SMILES of all bundled molecules that pass the filters, sorted."""
     sources: dict[str, int] = {}
@@ -283,7 +236,7 @@ def _embedded_candidates(cfg: DataConfig) -> tuple[list[str], dict[str, Any]]:
                 if mol is None:
                     unparsable += 1
                     continue
-                reason = _filter_reason(mol, cfg)
+                reason = filter_reason(mol, cfg)
                 if reason is not None:
                     filtered[reason] += 1
                     continue
@@ -299,42 +252,6 @@ def _embedded_candidates(cfg: DataConfig) -> tuple[list[str], dict[str, Any]]:
         "num_candidates": len(keep),
     }
     return sorted(keep), stats
-
-
-def embed_molecule(smiles: str, seed: int) -> Optional[tuple[np.ndarray, np.ndarray, str]]:
-    """One relaxed 3-D conformer with explicit hydrogens: (types, coords (n, 3), relaxation).
-
-    ETKDGv3 seeded with ``seed`` (single-threaded, hence deterministic), retried once from random
-    coordinates; then MMFF94 relaxation, UFF where MMFF lacks parameters, none where both do.
-    Returns None when no conformer can be embedded.
-    """
-    mol = Chem.MolFromSmiles(smiles)
-    if mol is None:
-        return None
-    mol = Chem.AddHs(mol)
-    params = AllChem.ETKDGv3()
-    params.randomSeed = int(seed)
-    params.numThreads = 1
-    conf_id = AllChem.EmbedMolecule(mol, params)
-    if conf_id < 0:
-        params.useRandomCoords = True
-        conf_id = AllChem.EmbedMolecule(mol, params)
-    if conf_id < 0:
-        return None
-    relaxation = "none"
-    try:
-        if AllChem.MMFFHasAllMoleculeParams(mol):
-            AllChem.MMFFOptimizeMolecule(mol, maxIters=2000)
-            relaxation = "mmff"
-        elif AllChem.UFFHasAllMoleculeParams(mol):
-            AllChem.UFFOptimizeMolecule(mol, maxIters=2000)
-            relaxation = "uff"
-    except (RuntimeError, ValueError) as exc:  # keep the ETKDG geometry, but say so
-        logger.warning("force-field relaxation failed for %s: %s", smiles, exc)
-        relaxation = "none"
-    types = np.array([_Z_TO_TYPE[a.GetAtomicNum()] for a in mol.GetAtoms()], dtype=np.int64)
-    coords = mol.GetConformer(conf_id).GetPositions()
-    return types, center_at_com(types, coords), relaxation
 
 
 def _build_embedded(cfg: DataConfig, progress: Optional[Callable[[int, int], None]] = None):
@@ -395,8 +312,6 @@ def _sdf_smiles(mol: Chem.Mol, types: np.ndarray, coords: np.ndarray) -> str:
         Chem.SanitizeMol(m)
         return canonical_smiles(m)
     except Exception:  # fall back on bonds inferred from the coordinates
-        from unite_core.metrics.molecules import build_molecule  # lazy: metrics imports this module
-
         built = build_molecule(types, coords, np.ones(len(types), dtype=bool))
         return canonical_smiles(built) if built is not None else ""
 
@@ -418,7 +333,7 @@ def _build_qm9(cfg: DataConfig, progress: Optional[Callable[[int, int], None]] =
                 unreadable.append(index)
                 continue
             zs = [a.GetAtomicNum() for a in mol.GetAtoms()]
-            if any(z not in _Z_TO_TYPE for z in zs):
+            if any(z not in Z_TO_TYPE for z in zs):
                 filtered["elements"] += 1
                 continue
             if sum(z != 1 for z in zs) > cfg.max_heavy_atoms:
@@ -427,7 +342,7 @@ def _build_qm9(cfg: DataConfig, progress: Optional[Callable[[int, int], None]] =
             if len(zs) > cfg.max_atoms:
                 filtered["too_many_atoms"] += 1
                 continue
-            types = np.array([_Z_TO_TYPE[z] for z in zs], dtype=np.int64)
+            types = np.array([Z_TO_TYPE[z] for z in zs], dtype=np.int64)
             coords = center_at_com(types, mol.GetConformer().GetPositions())
             if not np.isfinite(coords).all():
                 unreadable.append(index)
@@ -465,8 +380,6 @@ def _build(cfg: DataConfig, progress: Optional[ProgressFactory] = None) -> tuple
             tick = (lambda done, total: task.update(done, total=total)) if task is not None else None
             molecules, smiles, stats = build(cfg, tick)
     elif cfg.dataset == "moses3d":
-        from unite_core.data.moses import build_moses
-
         molecules, smiles, stats = build_moses(cfg, progress)
     else:
         raise DataError(
@@ -599,66 +512,7 @@ def load_prepared_molecules(out_dir: Path, cfg: Optional[DataConfig] = None) -> 
     return MoleculeData(train, val, info, list(train.smiles))
 
 
-# ---------------------------------------------------------------------------------------------
-# Augmentation and conversion
-# ---------------------------------------------------------------------------------------------
-def random_rotation(coords: torch.Tensor, mask: Optional[torch.Tensor] = None,
-                    generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """Rotate each molecule by its own uniformly random proper rotation (Haar measure on SO(3)).
-
-    ``coords`` is (B, N, 3) or (N, 3); rotation is about the origin (molecules are centred at
-    their centre of mass, which therefore stays at zero). Padding (``mask`` False) stays zero.
-    Random unit quaternions (normalised 4-D Gaussians) are uniform on SO(3).
-    """
-    squeeze = coords.ndim == 2
-    x = coords.unsqueeze(0) if squeeze else coords
-    if x.ndim != 3 or x.shape[-1] != 3:
-        raise ValueError(f"coords must have shape (B, N, 3) or (N, 3), got {tuple(coords.shape)}")
-    b = x.shape[0]
-    gen_device = generator.device if generator is not None else x.device
-    q = torch.randn(b, 4, generator=generator, device=gen_device, dtype=torch.float64)
-    q = q / q.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    w, i, j, k = q.unbind(dim=1)
-    rot = torch.stack([
-        1 - 2 * (j * j + k * k), 2 * (i * j - k * w), 2 * (i * k + j * w),
-        2 * (i * j + k * w), 1 - 2 * (i * i + k * k), 2 * (j * k - i * w),
-        2 * (i * k - j * w), 2 * (j * k + i * w), 1 - 2 * (i * i + j * j),
-    ], dim=1).reshape(b, 3, 3).to(device=x.device, dtype=x.dtype)
-    out = x @ rot.transpose(1, 2)
-    if mask is not None:
-        m = mask.unsqueeze(0) if squeeze else mask
-        out = out * m.unsqueeze(-1).to(out.dtype)
-    return out.squeeze(0) if squeeze else out
-
-
-def to_rdkit(types: Any, coords: Any, mask: Any = None) -> Chem.Mol:
-    """An RDKit molecule with the masked atoms and one 3-D conformer, no bonds (not sanitised)."""
-    t = _as_numpy(types, np.int64).reshape(-1)
-    x = _as_numpy(coords, np.float64).reshape(-1, 3)
-    m = np.ones(len(t), dtype=bool) if mask is None else _as_numpy(mask, bool).reshape(-1)
-    if not (len(t) == len(x) == len(m)):
-        raise ValueError(f"types ({len(t)}), coords ({len(x)}) and mask ({len(m)}) differ in length")
-    t, x = t[m], x[m]
-    if len(t) and (t.min() < 0 or t.max() >= len(ATOM_TYPES)):
-        raise ValueError(f"atom type indices must lie in 0..{len(ATOM_TYPES) - 1}, got {sorted(set(t.tolist()))}")
-    rw = Chem.RWMol()
-    for ti in t:
-        atom = Chem.Atom(ATOMIC_NUMBERS[int(ti)])
-        atom.SetNoImplicit(True)
-        rw.AddAtom(atom)
-    conf = Chem.Conformer(len(t))
-    conf.Set3D(True)
-    for i, pos in enumerate(x):
-        conf.SetAtomPosition(i, [float(v) for v in pos])
-    mol = rw.GetMol()
-    mol.AddConformer(conf, assignId=True)
-    mol.UpdatePropertyCache(strict=False)
-    return mol
-
-
 __all__ = [
-    "ATOM_TYPES", "ATOMIC_NUMBERS", "ATOM_MASSES", "PAD_TYPE", "QM9_FILENAME", "DataError",
-    "MoleculeData", "MoleculeDataset", "canonical_smiles", "center_at_com", "embed_molecule",
-    "load_molecule_data", "prepare_molecule_data", "load_prepared_molecules", "random_rotation",
-    "to_rdkit",
+    "QM9_FILENAME", "DataError", "MoleculeData", "MoleculeDataset", "load_molecule_data", "prepare_molecule_data",
+    "load_prepared_molecules",
 ]

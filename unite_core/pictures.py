@@ -1,0 +1,73 @@
+"""Pictures of image sets: a grid, originals above their reconstructions, one row per class.
+
+Images are float (N, C, H, W) in [0, 1] with C in {1, 3}; the result is a PIL image. With
+``min_tile`` a small picture is upscaled (nearest neighbour, an integer factor) so that a tile is at
+least that many pixels wide: a 32x32 digit is unreadable at its native size in a browser.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def image_grid(images: torch.Tensor, nrow: int, padding: int = 2, pad_value: float = 0.5, min_tile: int = 0):
+    """A PIL image of ``images`` ([0, 1], (N, C, H, W), C in {1, 3}) laid out ``nrow`` per row.
+
+    With ``min_tile`` the picture is upscaled by the smallest integer factor (nearest neighbour) that makes
+    a tile at least that many pixels wide."""
+    from PIL import Image
+
+    if images.dim() != 4 or images.shape[1] not in (1, 3):
+        raise ValueError(f"image_grid expects (N, 1|3, H, W) images, got shape {tuple(images.shape)}")
+    images = images.detach()
+    n, c, h, w = images.shape
+    if n == 0:
+        raise ValueError("image_grid: no images")
+    nrow = max(1, min(int(nrow), n))
+    rows = math.ceil(n / nrow)
+    H = rows * h + (rows + 1) * padding
+    W = nrow * w + (nrow + 1) * padding
+    canvas = torch.full((c, H, W), float(pad_value))
+    for i in range(n):
+        r, col = divmod(i, nrow)
+        y0 = padding + r * (h + padding)
+        x0 = padding + col * (w + padding)
+        canvas[:, y0 : y0 + h, x0 : x0 + w] = images[i].float().clamp(0, 1)
+    arr = (canvas * 255.0).round().to(torch.uint8)
+    if c == 1:
+        img = Image.fromarray(arr[0].numpy(), mode="L")
+    else:
+        img = Image.fromarray(arr.permute(1, 2, 0).contiguous().numpy(), mode="RGB")
+    scale = math.ceil(min_tile / w) if min_tile and w < min_tile else 1
+    if scale > 1:
+        img = img.resize((img.width * scale, img.height * scale), Image.Resampling.NEAREST)
+    return img
+
+
+def pairs_grid(originals: torch.Tensor, reconstructions: torch.Tensor, ncol: int = 10, **kwargs):
+    """Rows alternate: ``ncol`` originals, then their ``ncol`` reconstructions below them."""
+    if originals.shape != reconstructions.shape:
+        raise ValueError(f"pairs_grid: shapes differ {tuple(originals.shape)} vs {tuple(reconstructions.shape)}")
+    chunks = []
+    for start in range(0, len(originals), ncol):
+        a = originals[start : start + ncol]
+        b = reconstructions[start : start + ncol]
+        if len(a) < ncol:  # pad the last pair of rows so originals and reconstructions stay aligned
+            fill = torch.zeros((ncol - len(a), *a.shape[1:]))
+            a, b = torch.cat([a, fill]), torch.cat([b, fill])
+        chunks += [a, b]
+    return image_grid(torch.cat(chunks), nrow=ncol, **kwargs)
+
+
+def class_grid(images: torch.Tensor, labels: torch.Tensor, per_class: int = 10, **kwargs):
+    """One row per class (sorted), up to ``per_class`` samples each: the samples picture."""
+    rows = []
+    classes = sorted(set(int(c) for c in labels.tolist()))
+    for c in classes:
+        sel = images[labels == c][:per_class]
+        if len(sel) < per_class:
+            sel = torch.cat([sel, torch.zeros((per_class - len(sel), *images.shape[1:]))])
+        rows.append(sel)
+    return image_grid(torch.cat(rows), nrow=per_class, **kwargs)

@@ -1,58 +1,25 @@
 """Training runs: Ray Train (a TorchTrainer with N data-parallel workers) or in-process, one loop.
 
-Both paths run unite_core's `Trainer` through `run_session`, keep the same files in the run folder
-`<root>/ray_results/<run name>/`, and resume the same way, so a run started under Ray can finish
-in-process and vice versa:
+Both paths run unite_core's `Trainer` through `run_session` and keep the same run folder
+`<root>/ray_results/<run name>/`, so a run started under Ray can finish in-process and vice versa:
+checkpoint_<step>/{state.pt, meta.json}, metrics.jsonl (one line per log step, rank 0, rewritten from
+the checkpoint's history on resume) and stop_requested (written by the driver on SIGINT/SIGTERM: every
+rank stops before its next step with a checkpoint). Run name `unite-<key>` (`unite-<DVC experiment>-<key>`
+in `dvc exp run`): the key hashes Config.fingerprint() and the data's content hash, so operational keys
+resume the same run. A run whose newest checkpoint needs no more training is exported, not trained.
 
-    checkpoint_00000250/state.pt   full training state (weights, EMA, optimisers, history)
-    checkpoint_00000250/meta.json  {"step": 250, "final": false, ...}
-    metrics.jsonl                  one line per log step (rank 0), rewritten from the checkpoint's
-                                   history on resume, so it never holds a step twice
-    stop_requested                 written by the driver on SIGINT/SIGTERM: training stops before
-                                   its next step with a checkpoint (removed when the next run starts)
+The driver follows metrics.jsonl (progress bar, live MLflow curve) and runs Ray's fit in a helper
+thread: from the main thread, Ray Train installs its own abort-everything SIGINT handler.
+Failures (`fit`): Ray retries nothing; the driver refits from the newest checkpoint up to
+distributed.max_failures times after a dead worker, never after the project's own errors.
+Ray workers load the prepared data themselves (image folders / shards through data.num_workers
+DataLoader processes that Ray's CPU accounting does not see: size distributed.cpus_per_worker for them)
+and report at every checkpoint (a barrier; rank 0 hands over the folder) with that step's validation numbers.
 
-Run names: `unite-<key>`, or `unite-<DVC experiment>-<key>` inside `dvc exp run`, where the key
-hashes the settings that define the trained model (Config.fingerprint: modality, data, model, flow,
-loss and train, less the operational keys such as train.log_every, train.device or data.root) and
-the prepared data's content hash. Changing an operational key resumes the same run; changing
-anything else starts another one. A run whose newest checkpoint has all train.steps, or was
-stopped by train.time_limit_minutes with that budget used up, is not trained again: the driver
-exports it and says so (raise the time limit and the run continues).
-
-The driver follows metrics.jsonl while training runs: each new record moves the progress bar and is
-logged to the stage's MLflow run (a live curve, pipelines.tracking.LiveMetrics). On the first
-SIGINT/SIGTERM the driver asks the workers to stop (in-process: a flag; Ray: the stop_requested
-file); they stop before the next step, every rank together, and write a checkpoint; the command
-ends with pipelines.interrupt.Interrupted, whose one line says how to resume. Ray's fit runs in a
-helper thread, so that the main thread keeps the signal handlers (Ray Train installs its own
-abort-everything SIGINT handler when fit is called from the main thread).
-
-Ray Train: `ScalingConfig(num_workers, use_gpu, resources_per_worker={"CPU": cpus_per_worker})`,
-`CheckpointConfig(num_to_keep=2)`, gloo on CPU and NCCL on GPU. GPUs: distributed.use_gpu, or
-train.device=auto on a cluster with a GPU per worker (ray_use_gpu). Failures: Ray retries nothing
-(`FailureConfig(max_failures=0)`); the driver refits from the newest checkpoint up to
-distributed.max_failures times when a worker died or failed outside the project's code, and stops at
-once on the project's own errors (bad data, a non-finite loss, a checkpoint that does not fit), which
-a retry would only repeat.
-Each worker loads the prepared data from the absolute data folder (read-time settings such as
-data.on_corrupt from the params it was given; an image folder or shards are then decoded / read by
-data.num_workers DataLoader processes of its own, which Ray's CPU accounting does not see: size
-distributed.cpus_per_worker to include them), builds a Trainer with its world
-rank (gradients are averaged with one all-reduce per step), resumes from the newest checkpoint, and
-calls `ray.train.report` at every checkpoint (a barrier on all ranks; only rank 0 hands over a
-checkpoint folder). When a worker dies, Ray replaces the worker group and training resumes from the
-last checkpoint. Rank 0 appends per-step records to metrics.jsonl; only the driver writes to MLflow.
-
-Cluster: with RAY_ADDRESS set, `ray.init(address=RAY_ADDRESS)` joins that cluster (multi-node: `ray
-start --head` on one node, `ray start --address=<head>:6379` on the others, every node with this
-package installed and the project folder on shared storage at the same path, then `RAY_ADDRESS=auto
-dvc repro` or `unite train` on the head). Otherwise a local cluster is started for the command with
-`distributed.num_cpus` logical CPUs (default: enough for the workers plus two) and stopped after.
-
-Test-only: UNITE_TEST_CRASH_AT_STEP=N (read by the driver, passed to the Ray workers) makes rank 0
-exit with os._exit(1) right after step N, once per run folder (a marker file records that it
-happened), to exercise recovery from a dead worker. Ignored in-process (it would end the command
-itself). Not a params key on purpose: nobody sets it by accident.
+Cluster: RAY_ADDRESS joins a running one (every node with this package and the project on shared
+storage at the same path); otherwise a local cluster of `distributed.num_cpus` logical CPUs is started
+for the command. Test-only: UNITE_TEST_CRASH_AT_STEP=N makes Ray's rank 0 exit right after step N, once
+per run folder (a marker file), to exercise recovery from a dead worker.
 """
 
 from __future__ import annotations
@@ -73,6 +40,7 @@ from typing import Any, Callable
 
 from unite_core.io import atomic_dir, atomic_torch_save, atomic_write_text, fsync_tree
 
+from .inputs import check_prepared, load_prepared_data
 from .interrupt import GracefulStop, Interrupted, signal_name
 
 log = logging.getLogger(__name__)
@@ -210,51 +178,9 @@ def export_checkpoint(ckpt_dir: Path, dest: Path) -> dict:
     return slim
 
 
-# ----------------------------------------------------------------------------------------------
-# Data
-# ----------------------------------------------------------------------------------------------
-_IMAGE_DATA_KEYS = ("dataset", "image_size", "val_fraction", "split_seed", "max_items", "flip", "format")
-
-
-def check_prepared(cfg, data_dir: Path) -> dict:
-    """The prepared data's manifest; DataError when it is missing or was made from other data params."""
-    from unite_core.data import DataError
-
-    data_dir = Path(data_dir)
-    path = data_dir / "manifest.json"
-    if not path.is_file():
-        raise DataError(f"no prepared data in '{data_dir}': run `unite prepare` (or `dvc repro prepare`) first")
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise DataError(f"'{path}' is unreadable ({exc}): run `unite prepare` again") from None
-    if cfg.modality == "images":
-        made = manifest.get("settings", {})
-        want = cfg.data.model_dump()
-        diff = [k for k in _IMAGE_DATA_KEYS if k in made and made.get(k) != want.get(k)]
-        if diff:
-            detail = ", ".join(f"data.{k}={made.get(k)!r} (params: {want.get(k)!r})" for k in diff)
-            raise DataError(f"the data in '{data_dir}' was prepared with {detail}: run `unite prepare` again")
-    return manifest
-
-
 def num_train_items(manifest: dict) -> int:
     info = manifest.get("info", manifest)
     return int(info.get("num_train", 0))
-
-
-def load_training_data(cfg, data_dir: Path):
-    """(train_set, val_set, info) from the prepared folder; read-time settings (data.on_corrupt) come
-    from the params in force, not from the prepare that made the folder."""
-    if cfg.modality == "molecules":
-        from unite_core.data.molecules import load_prepared_molecules
-
-        data = load_prepared_molecules(Path(data_dir), cfg.data)
-    else:
-        from unite_core.data import load_prepared
-
-        data = load_prepared(Path(data_dir), cfg.data)
-    return data.train, data.val, data.info
 
 
 def preflight(cfg, manifest: dict, workers: int) -> None:
@@ -466,8 +392,8 @@ def ray_worker(config: dict) -> None:
     else:
         device = torch.device("cpu")
     run_dir = Path(config["run_dir"])
-    train_set, val_set, info = load_training_data(cfg, Path(config["data_dir"]))
-    trainer = Trainer(cfg, info, train_set, device, val_set=val_set if rank == 0 else None,
+    data = load_prepared_data(cfg, Path(config["data_dir"]))
+    trainer = Trainer(cfg, data.info, data.train, device, val_set=data.val if rank == 0 else None,
                       rank=rank, world_size=world)
 
     # resume: the newer of Ray's own latest checkpoint (a restart inside this fit) and the newest one
@@ -488,11 +414,11 @@ def ray_worker(config: dict) -> None:
                 write_checkpoint_dir(Path(tmp), trainer, checkpoint_meta(trainer, cfg, final, world))
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
             last = trainer.history[-1] if trainer.history else {}
-            ray.train.report(
-                {"step": trainer.step, "final": final, "loss": last.get("loss")},
-                checkpoint=checkpoint,
-                checkpoint_dir_name=name,
-            )
+            # the validation numbers of this step (eval_every divides checkpoint_every in a sweep: its
+            # scheduler reads them from the report)
+            vals = {k: v for k, v in last.items() if k.startswith("val_")} if last.get("step") == trainer.step else {}
+            ray.train.report({"step": trainer.step, "final": final, "loss": last.get("loss"), **vals},
+                             checkpoint=checkpoint, checkpoint_dir_name=name)
         if rank == 0 and (run_dir / name).is_dir():  # Ray copied it to local storage: make the copy durable
             fsync_tree(run_dir / name)
 
@@ -606,8 +532,9 @@ def local_num_cpus(cfg) -> int:
     return d.num_cpus or max(4, math.ceil(d.num_workers * d.cpus_per_worker) + 2)
 
 
-def ensure_ray(cfg, *, debug: bool = False) -> bool:
-    """Connect to RAY_ADDRESS or start a local cluster; True if this call started Ray."""
+def ensure_ray(cfg, *, debug: bool = False, num_cpus: int | None = None) -> bool:
+    """Connect to RAY_ADDRESS or start a local cluster (`num_cpus` logical CPUs, default
+    `local_num_cpus`); True if this call started Ray."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     # a loaded 2-core machine can take over a minute to start a worker group (Ray's default: 60 s)
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
@@ -625,7 +552,7 @@ def ensure_ray(cfg, *, debug: bool = False) -> bool:
         log.info("joining the Ray cluster at %s", address)
         ray.init(address=address, **kwargs)
     else:
-        n = local_num_cpus(cfg)
+        n = num_cpus or local_num_cpus(cfg)
         log.info("starting a local Ray cluster (%d logical CPUs, temp dir %s)", n, RAY_TEMP_DIR)
         ray.init(address="local", num_cpus=n, _temp_dir=RAY_TEMP_DIR, **kwargs)
     return True
@@ -763,6 +690,63 @@ def _keep_newest_checkpoints(rdir: Path) -> None:
         shutil.rmtree(old.path, ignore_errors=True)
 
 
+def ray_trainer(cfg, *, data_dir: Path, run_dir: Path, resume: CheckpointInfo | None, use_gpu: bool,
+                crash_at: int | None = None, callbacks: tuple = ()):
+    """The TorchTrainer of one training run (`unite train`, a sweep trial): `ray_worker` on
+    distributed.num_workers workers, Ray storage = the run folder's parent. Ray itself retries nothing
+    (max_failures=0): it would retry a data error or a NaN loss as readily as a dead worker; `fit` does."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    d = cfg.distributed
+    return TorchTrainer(
+        ray_worker,
+        train_loop_config={"cfg": cfg.to_dict(), "data_dir": str(Path(data_dir).resolve()), "run_dir": str(run_dir),
+                           "resume_dir": str(resume.path) if resume else None, "cpus_per_worker": d.cpus_per_worker,
+                           "use_gpu": use_gpu, "crash_at": crash_at},
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=d.num_workers, use_gpu=use_gpu,
+                                     resources_per_worker={"CPU": d.cpus_per_worker}),
+        run_config=RunConfig(storage_path=str(Path(run_dir).parent), name=Path(run_dir).name,
+                             failure_config=FailureConfig(max_failures=0), callbacks=list(callbacks),
+                             checkpoint_config=CheckpointConfig(num_to_keep=KEEP_CHECKPOINTS)),
+    )
+
+
+def fit(cfg, run_dir: Path, make_trainer: Callable[[CheckpointInfo | None], Any], *,
+        resume: CheckpointInfo | None = None, stopped: Callable[[], bool] = lambda: False,
+        run_fit: Callable[[Callable[[], Any]], Any] = lambda f: f()) -> None:
+    """Fit `make_trainer(resume)`; after a worker that died or failed outside the project's code, fit
+    again from the newest checkpoint, up to distributed.max_failures times. The project's own errors
+    (bad data, a non-finite loss, a checkpoint that does not fit) are raised at once: a retry would only
+    repeat them. A failure after `stopped()` says so ends quietly (the stop request made it)."""
+    from ray.train import TrainingFailedError
+
+    max_failures, retries = cfg.distributed.max_failures, 0
+    while True:
+        try:
+            run_fit(make_trainer(resume).fit)
+            break
+        except Exception as exc:
+            if stopped():
+                log.debug("Ray Train ended with %s after the stop request", type(exc).__name__, exc_info=True)
+                break
+            if not isinstance(exc, TrainingFailedError):
+                raise
+            own = _unite_error_in(exc)
+            if own is not None:  # deterministic: the same params would fail the same way
+                raise own from None
+            if 0 <= max_failures <= retries:
+                raise _user_error_from(exc, cfg) from None
+            retries += 1
+            resume = latest_checkpoint(run_dir)
+            log.warning("a Ray worker failed (%s); retry %d of %s from %s", type(exc).__name__, retries,
+                        max_failures if max_failures >= 0 else "unlimited",
+                        f"the checkpoint at step {resume.step}" if resume else "the start")
+    if retries:  # each refit's checkpoint manager knew only its own checkpoints: keep the newest overall
+        _keep_newest_checkpoints(run_dir)
+
+
 def train_with_ray(ctx, data_dir: Path, live=None) -> dict:
     """Train through Ray Train; returns a summary (run name, final checkpoint folder, timings).
 
@@ -774,8 +758,7 @@ def train_with_ray(ctx, data_dir: Path, live=None) -> dict:
     manifest = check_prepared(cfg, data_dir)
     preflight(cfg, manifest, d.num_workers)
     name = run_name(cfg, manifest.get("content_hash", ""))
-    storage = ctx.paths.ray_storage
-    rdir = storage / name
+    rdir = ctx.paths.ray_storage / name
     done = _already_finished(cfg, name, rdir, d.num_workers, t0)
     if done is not None:
         return done
@@ -793,66 +776,17 @@ def train_with_ray(ctx, data_dir: Path, live=None) -> dict:
 
         use_gpu = ray_use_gpu(cfg, ray.cluster_resources().get("GPU", 0))
         _check_resources(cfg, use_gpu)
-        from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
-        from ray.train.torch import TorchConfig, TorchTrainer
-
         startup_s = time.perf_counter() - t0
-
-        def make_trainer(resume: CheckpointInfo | None):
-            # Ray itself retries nothing (max_failures=0): it would retry a data error or a NaN loss as
-            # readily as a dead worker. The loop below retries only failures that are not the project's.
-            return TorchTrainer(
-                ray_worker,
-                train_loop_config={
-                    "cfg": cfg.to_dict(),
-                    "data_dir": str(Path(data_dir).resolve()),
-                    "run_dir": str(rdir),
-                    "resume_dir": str(resume.path) if resume else None,
-                    "cpus_per_worker": d.cpus_per_worker,
-                    "use_gpu": use_gpu,
-                    "crash_at": crash_at,
-                },
-                torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-                scaling_config=ScalingConfig(num_workers=d.num_workers, use_gpu=use_gpu,
-                                             resources_per_worker={"CPU": d.cpus_per_worker}),
-                run_config=RunConfig(
-                    storage_path=str(storage),
-                    name=name,
-                    failure_config=FailureConfig(max_failures=0),
-                    checkpoint_config=CheckpointConfig(num_to_keep=KEEP_CHECKPOINTS),
-                ),
-            )
-
         with GracefulStop() as stop, \
                 ctx.reporter.progress(f"train ({d.num_workers} Ray worker{'s' if d.num_workers > 1 else ''})",
                                       cfg.train.steps) as task:
             stop.on_request(lambda: atomic_write_text(stop_file, f"stop requested by {signal_name(stop.requested)}\n",
                                                       fsync=False))
             follower = _follow(rdir, task, live, after_step=previous.step if previous else 0)
-            retries = 0
             try:
-                resume = previous
-                while True:
-                    try:
-                        _run_fit_in_thread(make_trainer(resume).fit)
-                        break
-                    except Exception as exc:
-                        if stop.requested is not None:
-                            log.debug("Ray Train ended with %s after the stop request", type(exc).__name__,
-                                      exc_info=True)
-                            break
-                        if not isinstance(exc, TrainingFailedError):
-                            raise
-                        own = _unite_error_in(exc)
-                        if own is not None:  # deterministic: the same params would fail the same way
-                            raise own from None
-                        if 0 <= d.max_failures <= retries:
-                            raise _user_error_from(exc, cfg) from None
-                        retries += 1
-                        resume = latest_checkpoint(rdir)
-                        log.warning("a Ray worker failed (%s); retry %d of %s from %s", type(exc).__name__,
-                                    retries, d.max_failures if d.max_failures >= 0 else "unlimited",
-                                    f"the checkpoint at step {resume.step}" if resume else "the start")
+                fit(cfg, rdir, lambda resume: ray_trainer(cfg, data_dir=data_dir, run_dir=rdir, resume=resume,
+                                                          use_gpu=use_gpu, crash_at=crash_at),
+                    resume=previous, stopped=lambda: stop.requested is not None, run_fit=_run_fit_in_thread)
             finally:
                 follower.stop()
                 if live is not None:
@@ -863,8 +797,6 @@ def train_with_ray(ctx, data_dir: Path, live=None) -> dict:
             import ray
 
             ray.shutdown()
-    if retries:  # each refit's checkpoint manager knew only its own checkpoints: keep the newest overall
-        _keep_newest_checkpoints(rdir)
     ckpt = latest_checkpoint(rdir)
     if stop.requested is not None and not is_finished(ckpt, cfg):
         raise _interrupted(stop, name, rdir, cfg)
@@ -894,8 +826,8 @@ def train_in_process(ctx, data_dir: Path, live=None) -> dict:
         return done
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    train_set, val_set, info = load_training_data(cfg, data_dir)
-    trainer = Trainer(cfg, info, train_set, resolve_device(cfg.train.device), val_set=val_set)
+    data = load_prepared_data(cfg, data_dir)
+    trainer = Trainer(cfg, data.info, data.train, resolve_device(cfg.train.device), val_set=data.val)
     previous = latest_checkpoint(rdir)
     if previous is not None:
         _resume(trainer, previous.path)

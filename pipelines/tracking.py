@@ -1,28 +1,15 @@
-"""MLflow tracking: one place that knows the tracking URI, run naming and nesting.
+"""MLflow tracking: the one place that knows the store, run naming and run nesting.
 
-- The store defaults to `sqlite:///<project root>/mlflow.db` (an absolute URI, so Ray workers that
-  change directory never create stray databases; under DVC the project root is DVC_ROOT, so queued
-  experiments running in a temporary copy log to the real project); MLFLOW_TRACKING_URI overrides it (a remote
-  `mlflow server`, or another database). Artifacts of a local store go to `<root>/mlartifacts`
-  (absolute, set when the experiment is created), never to a `./mlruns` of whatever folder the
-  process happens to run in.
-- One pipeline run per parameter set: a parent run tagged `unite.pipeline=<params hash>` (named
-  `pipeline-<DVC experiment name or hash>`); every stage (and every sweep trial) logs into a child
-  run under it. Re-running a stage for the same parent creates a fresh child run and soft-deletes
-  the previous one(s) (restorable in the UI), so each stage of a pipeline run is shown once and no
-  metric is ever logged twice into one run.
-- Only one process writes: the stage driver. Under Ray (and in-process), rank 0 appends its per-step
-  records to a file; the driver follows that file and logs each new record while training runs, so
-  the UI shows a growing curve (`LiveMetrics`). SQLite allows one writer at a time; every write is
-  retried with backoff on "database is locked" (two `unite` commands overlapping).
-- A store that stays locked, is corrupt or cannot be reached costs one warning line: the stage
-  runs untracked (its metrics/<stage>.json is written as always). `tracking.strict: true` makes
-  that an error instead (`TrackingError`).
-- Every run carries the git commit of the project (`mlflow.source.git.commit`, with the branch and
-  `unite.git_dirty`) and the params hash (`unite.params_hash`).
-- The trained model is logged as an MLflow model (mlflow.pytorch: the EMA weights wrapped in
-  `pipelines.generator_model.GeneratorModel`, class labels in, images out, with a signature and an input example).
-- MLflow's telemetry is off unless the user turns it on (MLFLOW_DISABLE_TELEMETRY=false).
+- Store: `sqlite:///<project home>/mlflow.db` (absolute; under DVC the home is DVC_ROOT, so queued
+  experiments log to the real project), artifacts beside it in mlartifacts/; MLFLOW_TRACKING_URI overrides.
+- One parent run per params hash (`pipeline-<DVC experiment or hash>`); every stage logs into a fresh
+  child run under it (`stage_run`; the previous one of that stage is soft-deleted once it succeeds);
+  sweep trials are child runs of the sweep's (`Tracker.children/child/retire`).
+- Only the driver writes; training records reach MLflow while training runs (`LiveMetrics`). Every
+  write retries a locked SQLite store; a store that fails costs one warning and the stage goes on
+  untracked (`StoreHealth`; tracking.strict=true stops with TrackingError instead).
+- Every run carries the git commit (+ branch, unite.git_dirty) and the params hash; the trained model
+  is logged as an MLflow model (`GeneratorModel`). MLflow's telemetry is off unless turned on.
 """
 
 from __future__ import annotations
@@ -263,6 +250,39 @@ class Tracker:
         return self.health.call(lambda: log_generator_model(self.client, self.run_id, state, step=step),
                                 "logging the MLflow model", retry=False)
 
+    # --- child runs of this run (sweep trials; stage runs are nested by `stage_run`) -------------
+    def children(self, tags: dict[str, str]) -> list:
+        """Active runs of this run's experiment with `tags`, newest first, whatever their parent."""
+        run = self._call(lambda: self.client.get_run(self.run_id), "reading the run")
+        found = run and self._call(lambda: _find(self.client, run.info.experiment_id, tags, 1000), "searching runs")
+        return list(found or [])
+
+    def child(self, run=None, *, name: str = "", tags: dict[str, str] | None = None) -> "Tracker":
+        """A tracker on `run` (one of `children`, re-parented under this run if needed), or on a new
+        child run `name` with `tags`."""
+        if run is None:
+            parent = self._call(lambda: self.client.get_run(self.run_id), "reading the run")
+            run = parent and self._call(lambda: self.client.create_run(
+                parent.info.experiment_id, run_name=name, tags={**(tags or {}), "mlflow.parentRunId": self.run_id}),
+                "creating a run")
+            if not run:
+                return NullTracker()
+        elif run.data.tags.get("mlflow.parentRunId") != self.run_id:
+            self._call(lambda: self.client.set_tag(run.info.run_id, "mlflow.parentRunId", self.run_id),
+                       "re-parenting a run")
+        return Tracker(run.info.run_id, self.client, self.health)
+
+    def retire(self, run_id: str) -> None:
+        """Soft-delete another run (restorable in the UI)."""
+        self._call(lambda: self.client.delete_run(run_id), "retiring a run")
+
+    def set_status(self, status: str) -> None:
+        """RUNNING, or the end state: FINISHED, FAILED, KILLED."""
+        if status == "RUNNING":
+            self._call(lambda: self.client.update_run(self.run_id, status=status), "updating the run")
+        else:
+            self._call(lambda: self.client.set_terminated(self.run_id, status), "ending the run")
+
 
 class NullTracker(Tracker):
     def __init__(self):
@@ -283,6 +303,10 @@ class NullTracker(Tracker):
     def log_dict(self, data, name): ...
     def set_tags(self, tags): ...
     def log_generator_model(self, state, step=0): ...
+    def children(self, tags): return []
+    def child(self, run=None, *, name="", tags=None): return NullTracker()
+    def retire(self, run_id): ...
+    def set_status(self, status): ...
 
 
 class LiveMetrics:
@@ -361,12 +385,12 @@ def _query(tags: dict[str, str]) -> str:
     return " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
 
 
-def _find(client, exp_id: str, tags: dict[str, str]) -> list:
+def _find(client, exp_id: str, tags: dict[str, str], max_results: int = 100) -> list:
     from mlflow.entities import ViewType
 
     return list(_retry(lambda: client.search_runs(
         [exp_id], filter_string=_query(tags), run_view_type=ViewType.ACTIVE_ONLY,
-        max_results=100, order_by=["attributes.start_time DESC"],
+        max_results=max_results, order_by=["attributes.start_time DESC"],
     )))
 
 
@@ -382,11 +406,6 @@ def _parent_run(client, exp_id: str, key: str, params: dict, tags: dict[str, str
     run = _retry(lambda: client.create_run(exp_id, run_name=f"pipeline-{dvc_exp or key}", tags=tags))
     Tracker(run.info.run_id, client).log_params(params)
     return run.info.run_id
-
-
-def pipeline_run_name(params: dict) -> str:
-    """Name of the parent run that stage_run(params=...) logs under."""
-    return f"pipeline-{os.environ.get('DVC_EXP_NAME') or params_hash(params)}"
 
 
 @functools.lru_cache(maxsize=8)
@@ -489,15 +508,11 @@ def stage_run(
 # The trained model as an MLflow model
 # ----------------------------------------------------------------------------------------------
 def log_generator_model(client, run_id: str, state: dict, step: int = 0) -> str | None:
-    """Log the checkpoint's EMA model (images modality) as MLflow model `model` of the run; its model id.
+    """Log the checkpoint's EMA model (images only) as MLflow model `model` of the run; its model id.
 
-    Saved in mlflow.pytorch's pickle format: its default, pt2 (torch.export), cannot trace the
-    sampler (noise drawn for a symbolic batch size, an ODE loop of tens of steps), so a logged model
-    is loaded with pickle (only load models from a store you trust). The signature says int64 labels (-1,) in, float32
-    images (-1, C, H, W) out; the input example is labels 0 and 1. Requirements
-    are given (torch, mlflow, numpy) rather than inferred, which would load the model again in a
-    subprocess; loading also needs this project's package installed (the pickle names its classes).
-    Molecule models are not logged (their output is not one tensor).
+    mlflow.pytorch's pickle format (its default, torch.export, cannot trace the sampler), so only load
+    models from a store you trust; int64 labels (-1,) in, float32 images (-1, C, H, W) out. Requirements
+    are given rather than inferred (inferring loads the model again in a subprocess).
     """
     import mlflow.pytorch
     import numpy as np
@@ -550,7 +565,3 @@ def log_generator_model(client, run_id: str, state: dict, step: int = 0) -> str 
             os.environ["MLFLOW_TRACKING_URI"] = env_uri
     return logged.model_id
 
-
-# names used before this module grew a public API
-_client = client_for
-_experiment_id = experiment_id

@@ -9,12 +9,12 @@ stage did not already log) to the run.
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import json
 import math
 from pathlib import Path
-from types import ModuleType
 from typing import Any
+
+from unite_core.io import atomic_write_text
 
 #: the stages of dvc.yaml, in pipeline order
 PIPELINE_STAGES = ("prepare", "classifier", "train", "evaluate", "analyze")
@@ -22,13 +22,6 @@ PIPELINE_STAGES = ("prepare", "classifier", "train", "evaluate", "analyze")
 
 class StageError(RuntimeError):
     """A user-facing stage problem (missing input, impossible option); the message says what to do."""
-
-
-# ----------------------------------------------------------------------------------------------
-# Files
-# ----------------------------------------------------------------------------------------------
-# one helper for every atomic write (temp file, fsync, umask-respecting mode, rename): unite_core.io
-from unite_core.io import atomic_write, atomic_write_text  # noqa: E402,F401 - re-exported for the stages
 
 
 def plain(value: Any) -> Any:
@@ -85,20 +78,11 @@ def image_grid(images, nrow: int, padding: int = 2, min_tile: int = 64):
 # ----------------------------------------------------------------------------------------------
 # Running a stage
 # ----------------------------------------------------------------------------------------------
-def stage_module(stage: str) -> ModuleType | None:
-    """pipelines.stages.<stage>, or None when this build has no such stage."""
-    name = f"{__name__}.{stage}"
-    if importlib.util.find_spec(name) is None:
-        return None
-    return importlib.import_module(name)
-
-
 def execute(
     stage: str,
     cfg,
     root: str | Path,
     *,
-    module: ModuleType | None = None,
     params_path: Path | None = None,
     overrides: list[str] | None = None,
     debug: bool = False,
@@ -110,10 +94,7 @@ def execute(
     from ..context import Reporter, StageContext
     from ..tracking import stage_run
 
-    if module is None:
-        module = stage_module(stage)
-        if module is None:
-            raise StageError(f"stage '{stage}' is not available in this build (no pipelines/stages/{stage}.py)")
+    module = importlib.import_module(f"{__name__}.{stage}")
     with stage_run(Path(root), cfg.tracking.experiment, stage, cfg.to_dict(), enabled=cfg.tracking.enabled,
                    strict=cfg.tracking.strict) as tracker:
         ctx = StageContext(cfg, Path(root), tracker, params_path=params_path, overrides=list(overrides or []),

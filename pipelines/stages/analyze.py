@@ -34,7 +34,6 @@ class_mode, probe_train_images, notebooks (also execute analysis/*.py into repor
 from __future__ import annotations
 
 import logging
-import math
 import time
 from pathlib import Path
 from typing import Mapping
@@ -56,6 +55,8 @@ from unite_core.model import UNITE
 from unite_core.train import CheckpointError, fetch, load_checkpoint, model_from_checkpoint, resolve_device
 
 from ..context import StageContext
+from ..inputs import open_data
+from ..tracking import numeric_items
 
 log = logging.getLogger(__name__)
 
@@ -75,23 +76,6 @@ PNG_FILES = ("alignment.png", "cosine.png", "probe.png", "compression.png", "rat
 # ----------------------------------------------------------------------------------------------
 # Inputs
 # ----------------------------------------------------------------------------------------------
-def load_data(ctx: StageContext):
-    """The prepared dataset of this config (falls back to building the embedded set in memory)."""
-    cfg = ctx.cfg
-    folder = ctx.paths.dataset_dir(cfg)
-    if cfg.modality == "molecules":
-        from unite_core.data.molecules import load_prepared_molecules
-
-        return load_prepared_molecules(folder, cfg.data)
-    from unite_core.data import load_image_data, load_prepared
-
-    if (folder / "manifest.json").is_file():
-        return load_prepared(folder)
-    log.warning("no prepared data in %s; building %s in memory (run `unite prepare` to cache it)",
-                folder, cfg.data.dataset)
-    return load_image_data(cfg.data, cache_dir=ctx.paths.cache)
-
-
 def classify_variant(state: dict, stem: str = "") -> str | None:
     """The paper's comparison a checkpoint stands for: 'separate' (separate encoder and denoiser),
     'no_stop_grad', or 'shared' (the default method trained by `unite compare`, i.e. at the same
@@ -141,17 +125,6 @@ def fresh_model(state: dict) -> UNITE:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.train.seed)
         return UNITE(cfg, state["info"]).eval()
-
-
-def _flat_numbers(d: Mapping, prefix: str = "") -> dict[str, float]:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, Mapping):
-            out.update(_flat_numbers(v, key + "."))
-        elif isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v)):
-            out[key] = float(v)
-    return out
 
 
 def _placeholder(text: str):
@@ -285,6 +258,18 @@ class AnalyzeError(RuntimeError):
     """A user-facing problem with the analyze options."""
 
 
+
+def parse_variants(items: list[str] | None) -> dict[str, Path] | None:
+    """`--variant NAME=PATH` options as {name: path}."""
+    out = {}
+    for item in items or []:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise AnalyzeError(f"--variant {item!r} must look like NAME=PATH, e.g. separate=models/sep.pt")
+        out[name.strip()] = Path(path.strip())
+    return out or None
+
+
 def run(ctx: StageContext, **kwargs) -> dict:
     """Run every analysis; write the outs listed in the module docstring; return the summary (also
     written to metrics/analyze.json by the stage runner). Options (keyword arguments or ctx.options): see OPTIONS."""
@@ -319,7 +304,7 @@ def _analyze(
     ckpt_path = Path(checkpoint) if checkpoint else paths.checkpoint
     state = load_checkpoint(ckpt_path, cfg)
     model = model_from_checkpoint(state, use_ema=True, device=device)
-    data = load_data(ctx)
+    data = open_data(ctx)
     if not _same_data(state["info"], data.info):
         raise CheckpointError(
             f"checkpoint '{ckpt_path}' was trained on data described as {state['info']} but the prepared "
@@ -473,7 +458,7 @@ def _analyze(
 
     # --- MLflow (driver only) -------------------------------------------------------------------
     tracker.log_params({"analysis_class_mode": class_mode, "analysis_checkpoint": str(ckpt_path)})
-    flat = {k: v for k, v in _flat_numbers(result).items() if not k.startswith("checkpoint")}
+    flat = {k: v for k, v in numeric_items(result).items() if not k.startswith("checkpoint")}
     tracker.log_metrics(flat)
     for t in sorted({r["t"] for r in align}):  # per-layer curves: step = GE block index
         for r in (r for r in align if r["t"] == t):

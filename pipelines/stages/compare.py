@@ -59,9 +59,9 @@ from unite_core.train import Trainer, load_checkpoint, model_from_checkpoint, re
 from unite_core.two_stage import TwoStageBudget, train_two_stage
 
 from ..context import StageContext
+from ..evaluation import evaluate_checkpoint_images, reference_images, warn_if_ema_is_young
+from ..inputs import feature_spec, load_checked_classifier, open_data, train_classifier
 from ..tracking import stage_run
-from .classifier import load_checked_classifier, load_stage_data, train_and_save
-from .evaluate import evaluate_checkpoint_images, feature_spec, reference_images, warn_if_ema_is_young
 
 log = logging.getLogger(__name__)
 
@@ -161,11 +161,7 @@ def variant_config(cfg: Config, name: str, *, budget: str, minutes: Optional[flo
     overrides["train.time_limit_minutes"] = float(minutes) * factor if budget == "time" else None
     if seed is not None:
         overrides["train.seed"] = int(seed)
-    data = cfg.to_dict()
-    for dotted, value in overrides.items():
-        section, key = dotted.split(".")
-        data[section][key] = value
-    return config_from_dict(data)
+    return config_from_dict(cfg.to_dict(), overrides)
 
 
 def _hash(obj) -> str:
@@ -431,7 +427,7 @@ def _train_in_process(job: dict) -> str:
     """A worker process of ``jobs > 1``: loads the data itself and trains one (variant, seed)."""
     torch.set_num_threads(job["threads"])
     ctx = StageContext(cfg=job["cfg"], root=Path(job["root"]))
-    data = load_stage_data(ctx)
+    data = open_data(ctx)
     train_one(job["name"], job["seed"], job["vcfg"], data, resolve_device(job["cfg"].train.device), Path(job["ckpt"]),
               budget=job["budget"], minutes=job["minutes"], tokenizer_fraction=job["tokenizer_fraction"])
     return f"{job['name']} seed {job['seed']}"
@@ -466,9 +462,8 @@ def run_variant(ctx: StageContext, name: str, seed: int, vcfg: Config, data, *, 
     warn_if_ema_is_young(state, ctx.cfg.sample.use_ema, f"compare variant {name} seed {seed}")
     t0 = time.perf_counter()
     metrics, _ = evaluate_checkpoint_images(
-        ctx, model, data, num_samples=num_samples, cfg_scales=scales, device=device, write_outputs=False,
-        tracker=tracker, sanity=False, features=features, references=references, progress=False,
-    )
+        ctx, model, data, num_samples=num_samples, cfg_scales=scales, device=device, tracker=tracker, sanity=False,
+        features=features, references=references, progress=False)
     row = {
         "variant": name, "seed": seed,
         **{k: metrics.get(k) for k in ("gfid", "best_cfg_scale", "rfid", "psnr", "ssim", "conditional_accuracy",
@@ -534,11 +529,11 @@ def run(ctx: StageContext, **options) -> dict:
         raise CompareError(f"--samples={num_samples} must be >= 2")
 
     device = resolve_device(cfg.train.device)
-    data = load_stage_data(ctx)
+    data = open_data(ctx)
     classifier, _ = load_checked_classifier(ctx, data, required=False)
     if classifier is None and cfg.eval.feature_extractor == "own":
         log.info("compare: no feature classifier yet; training it (the `classifier` stage)")
-        train_and_save(ctx, data)
+        train_classifier(ctx, data)
     features = feature_spec(ctx, data, device)
     references = reference_images(data)
     data_hash = str(data.info.get("content_hash", ""))

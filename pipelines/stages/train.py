@@ -19,10 +19,10 @@ import io
 import logging
 from pathlib import Path
 
-from unite_core.io import atomic_write
+from unite_core.io import atomic_write, atomic_write_text
 
 from ..context import StageContext
-from . import atomic_write_text, image_grid
+from . import image_grid
 
 log = logging.getLogger(__name__)
 

@@ -20,55 +20,25 @@ from unite_core.config import Config
 from .tracking import NullTracker, Tracker
 
 
-@dataclass
 class Paths:
-    root: Path
+    """Absolute folders of a project root: data, models, metrics, plots, reports, .unite_cache."""
 
-    def __post_init__(self):
-        self.root = Path(self.root).resolve()
-
-    @property
-    def data(self) -> Path:
-        return self.root / "data"
-
-    @property
-    def models(self) -> Path:
-        return self.root / "models"
-
-    @property
-    def metrics(self) -> Path:
-        return self.root / "metrics"
-
-    @property
-    def plots(self) -> Path:
-        return self.root / "plots"
-
-    @property
-    def reports(self) -> Path:
-        return self.root / "reports"
-
-    @property
-    def cache(self) -> Path:
-        return self.root / ".unite_cache"
+    def __init__(self, root: Path):
+        self.root = Path(root).resolve()
+        self.data, self.models, self.metrics = self.root / "data", self.root / "models", self.root / "metrics"
+        self.plots, self.reports, self.cache = self.root / "plots", self.root / "reports", self.root / ".unite_cache"
+        self.checkpoint = self.models / "unite.pt"  # the final trained model (DVC out of `train`)
 
     @property
     def ray_storage(self) -> Path:
-        """Ray Train storage (and the in-process runs' checkpoints): one folder per run name.
-
-        Kept in the project home (DVC_ROOT under DVC): a queued `dvc exp run` works in a temporary
-        copy, and its run folder must outlive that copy to be resumed or reused.
-        """
+        """Run folders of training (Ray or in-process), in the project home (DVC_ROOT under DVC): a queued
+        `dvc exp run` works in a temporary copy, and its run folder must outlive that copy."""
         from .tracking import project_home
 
         return project_home(self.root) / "ray_results"
 
     def dataset_dir(self, cfg: Config) -> Path:
         return self.data / cfg.data.dataset
-
-    @property
-    def checkpoint(self) -> Path:
-        """The final trained model (DVC out of `train`)."""
-        return self.models / "unite.pt"
 
     def stage_metrics(self, stage: str) -> Path:
         return self.metrics / f"{stage}.json"

@@ -1,34 +1,15 @@
 """Stage `analyze`: the paper's analyses of a trained model, as JSON/CSV/PNG and MLflow records.
 
-Inputs: the trained checkpoint (models/unite.pt, EMA weights), the prepared data, and when they
-exist the ablation checkpoints written by `unite compare` (models/compare/*.pt; the separate-
-weights and no-stop-gradient variants are recognised from their saved config) and the sweep table
-(reports/sweep.csv).
-
-Outs (all always written, so DVC can declare them; a table without data has only its header and
-its figure says why):
-    metrics/analyze.json         summary numbers (dvc metrics; written by the stage runner)
-    plots/alignment.csv          t, layer, cka, cknna          (main model)
-    plots/alignment_variants.csv model, t, layer, cka, cknna   (ablation checkpoints)
-    plots/cosine.csv             t, cosine_mean, cosine_std, input_cosine_mean
-    plots/probe.csv              feature, layer, val_accuracy, train_accuracy, chance, ...
-    plots/compression.csv        model, component, group, numel, total_bits, bits_per_value
-    plots/rate_distortion.csv    trial, latent_tokens, latent_dim, flow_minibatches, rate_floats,
-                                 rate_bits, psnr, rfid      (from reports/sweep.csv)
-    plots/{alignment,cosine,probe,compression,rate_distortion}.png
-
-Choices: the denoising pass is conditioned on the null class (the tokenization pass's own
-conditioning), so the passes differ only in their input; `class_mode="label"` switches to the
-true labels. Analysis images are a seeded random subset of the validation split
-(`analysis.num_images`); the linear probe trains on a seeded subset of the training split
-(4 x num_images by default) and is scored on those validation images. The passes run at the
-model's training precision (bf16 autocast when train.precision=bf16; activations are compared in
-float64). Compression compares the trained (EMA) weights with the model's initialisation (same
-config, same seed, as the Trainer builds it), per component (ge = the tokenizer GE, shared with
-denoising unless weights are separate; denoiser; decoder) and parameter group.
-
-Options (`unite analyze --help`; ctx.options): checkpoint, variants (name -> path), sweep_csv,
-class_mode, probe_train_images, notebooks (also execute analysis/*.py into reports/notebooks/).
+Inputs: models/unite.pt (EMA weights), the prepared data, and when present the ablation checkpoints of
+`unite compare` (models/compare/*.pt, recognised from their saved config) and reports/sweep.csv.
+Outs (always written, so DVC can declare them; an empty table has its header and its figure says why):
+metrics/analyze.json and plots/{alignment, alignment_variants, cosine, probe, compression,
+rate_distortion}.csv (+ .png).
+Choices: the denoising pass uses the null class (the tokenization pass's conditioning; class_mode="label"
+switches to the true labels); analysis images are a seeded subset of the val split (analysis.num_images),
+the linear probe trains on 4x as many train images; passes run at the training precision (activations
+compared in float64); compression compares the EMA weights with the model's initialisation (same config and
+seed) per component and parameter group. Options (ctx.options, `unite analyze --help`): see OPTIONS.
 """
 
 from __future__ import annotations

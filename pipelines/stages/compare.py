@@ -1,35 +1,15 @@
-"""`unite compare`: UNITE against its ablations and the two-stage baseline, at equal budget, over seeds.
+"""Stage `compare` (`unite compare`): UNITE against its ablations and the two-stage baseline, at equal budget.
 
-Each variant is the params (the embedded default unless you pass others) with a few overrides
-(:data:`VARIANTS`), trained with unite_core.train.Trainer (the two-stage baseline with
-unite_core.two_stage) once per seed (train.seed, train.seed + 1, ...) and evaluated with the same
-evaluation as the `evaluate` stage (guidance sweep, best gFID, rFID/PSNR/SSIM, conditional accuracy, IS).
-
-Results: reports/compare.csv (one row per variant and seed), reports/compare.md (mean +- std per
-variant, the rows, and a verdict per paper direction that takes the seed spread into account), one
-MLflow child run per variant and seed (tags unite.variant, unite.seed), flat metrics to the caller.
-
-Verdicts (:func:`directions`): a direction is "reproduced" or "reversed" only when the difference of the
-mean gFIDs exceeds the spread (the sum of the two variants' standard deviations over seeds); with a
-smaller difference, or fewer than two seeds on either side, it is "not resolved".
-
-Budget (``budget``):
-- "time" (default): every variant trains for ``minutes`` of wall-clock (train.steps still caps the step
-  count and sets the cosine schedule); the two-stage baseline splits the same minutes between its stages
-  (``tokenizer_fraction`` to stage 1, the rest to stage 2).
-- "steps": every network trains train.steps optimizer steps, without a time limit (the two-stage baseline:
-  train.steps for the tokenizer and train.steps for the denoiser).
-`unite_2x_steps` gets twice the budget (steps or minutes): as many updates per objective as the
-two-stage baseline. `unite_param_matched` doubles the GE depth: the parameter count of the
-separate-weights model (the table lists every variant's parameters).
-
-Parallel (``jobs``): with jobs > 1 the missing trainings run first in that many processes (one
-(variant, seed) each, on the params' device: several share one GPU; on the CPU the threads are split),
-then this process evaluates them one after the other. The device column records where each row trained.
-
-Resumable: a (variant, seed) whose row in reports/compare.csv carries the same params hash (variant
-config, seed, budget, evaluation settings, data and classifier) is not redone; a finished training whose
-evaluation did not complete is evaluated from its checkpoint (models/compare/<variant>-s<seed>-<hash>.pt).
+Each variant is the params with a few overrides (VARIANTS), trained once per seed (train.seed, +1, ...)
+with unite_core.train.Trainer (two_stage: unite_core.two_stage) and evaluated like the `evaluate` stage.
+Results: reports/compare.csv (a row per variant and seed), reports/compare.md (mean +- std per variant and a
+verdict per paper direction: "reproduced"/"reversed" only when the gFID means differ by more than the seed
+spread, else "not resolved"; see `directions`), one MLflow child run per variant and seed.
+Budget: "time" (every variant trains `minutes`; two-stage splits them by `tokenizer_fraction`) or "steps"
+(train.steps per network). `unite_2x_steps` gets twice the budget, `unite_param_matched` twice the GE depth.
+`jobs` > 1 trains the missing runs in that many processes first, then evaluates here one by one.
+Resumable: a (variant, seed) row with the same params hash is kept; a finished training whose evaluation
+did not complete is evaluated from models/compare/<variant>-s<seed>-<hash>.pt.
 """
 
 from __future__ import annotations

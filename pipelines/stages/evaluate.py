@@ -1,22 +1,10 @@
 """Stage `evaluate`: the numbers a paper can quote, for the trained checkpoint (models/unite.pt).
 
-Images:
-- guidance sweep over eval.cfg_scales, eval.num_samples class-balanced samples per scale (EMA weights
-  unless sample.use_ema=false): gFID, KID, precision/recall, IS against the training set (or gFID against
-  eval.reference_stats, an ADM/JiT-format .npz), conditional accuracy under the own classifier; the best
-  scale (lowest FID) and the whole curve. Generation runs in this process or sharded over Ray workers /
-  GPUs (eval.parallel, pipelines/eval_workers.py); images are summarised batch by batch (never all in memory);
-- reconstruction of the validation set: rFID, PSNR, SSIM (streamed the same way);
-- noise floor FID(val vs reference) and FID(uniform noise vs reference) as the floor and the ceiling;
-- outs: plots/guidance_curve.csv, plots/samples.png (best scale, one row per class, at most GRID_CLASSES
-  classes), plots/reconstructions.png (rows of originals above their reconstructions); all logged to the tracker.
-Features: eval.feature_extractor=own (models/classifier.pt, the `classifier` stage) or inception
-(torch-fidelity's inception-v3-compat from the local file eval.inception_weights, loaded only if it loads
-without pickle). Reference sets of up to MAX_REFERENCE images (a seeded subset of larger ones) are read with
-data.num_workers DataLoader processes; their statistics are cached under .unite_cache/fidelity/ (.npz, the
-mu/sigma format eval.reference_stats reads) with a name that hashes the data content and the extractor.
-
-Molecules: unite_core.molecules.evaluate_molecules (reconstruction + validity/uniqueness/...) instead.
+Images (pipelines.evaluation): a guidance sweep over eval.cfg_scales (gFID, KID, precision/recall, IS
+against the training set or eval.reference_stats; conditional accuracy; best scale and curve), rFID / PSNR /
+SSIM of the val set, the noise floor; outs plots/guidance_curve.csv, plots/samples.png,
+plots/reconstructions.png. Features: eval.feature_extractor=own (models/classifier.pt) or inception (the
+local file eval.inception_weights, loaded without pickle). Molecules: unite_core.molecules.evaluate_molecules.
 """
 
 from __future__ import annotations

@@ -65,7 +65,8 @@ def open_data(ctx, *, embedded: bool = True):
 
         log.info("no prepared data in %s: building the embedded %s set in memory", folder, cfg.data.dataset)
         return load_image_data(cfg.data, ctx.paths.cache / "data")
-    check_prepared(cfg, folder)
+    if cfg.modality == "images":  # load_prepared_molecules checks its manifest itself (and names the molecule data)
+        check_prepared(cfg, folder)
     return load_prepared_data(cfg, folder)
 
 

@@ -1,4 +1,5 @@
 """`unite`: the command line of the UNITE pipeline (Typer).
+Over 500 lines because every command's options and help live here (Typer reads them from the signatures).
 
     unite prepare | classifier | train | evaluate | analyze     the DVC stages, one at a time
     unite sample --classes 0,1,2 --cfg-scale 3                   a grid of samples from a checkpoint
@@ -7,10 +8,8 @@
     unite sweep | compare                                        a Ray Tune sweep; UNITE vs its ablations
     unite bench [NAME [OPTIONS]]                                 run a benchmark of benchmarks/ (JSON lines)
 
-Every command reads params.yaml (or --params FILE), takes `--set section.key=value` overrides
-(repeatable, validated like the file) and `--debug`. A user error (bad params, missing data or
-checkpoint, failed training, ...) prints one `error: ...` line on stderr and exits 1; --debug shows
-the traceback. Outputs go below the current directory (the project root).
+Commands read params.yaml (--params), take `--set section.key=value` and `--debug`; a user error prints one
+`error: ...` line and exits 1 (--debug: the traceback). Outputs go below the current directory.
 """
 
 from __future__ import annotations
@@ -64,7 +63,6 @@ def load_cfg(params: Path, overrides: list[str] | None):
 
 def run_stage(stage: str, params: Path, overrides: list[str] | None, debug: bool = False, *, quiet: bool = False,
               options: dict | None = None, write_metrics: bool = True) -> dict:
-    """Validate params, run the stage (tracked, with progress), write metrics/<stage>.json, print a summary."""
     from .stages import execute
 
     cfg = load_cfg(params, overrides)
@@ -80,9 +78,7 @@ def run_stage(stage: str, params: Path, overrides: list[str] | None, debug: bool
     return result
 
 
-# ----------------------------------------------------------------------------------------------
-# Commands: each runs its stage (pipelines/stages/<name>.py) through run_stage
-# ----------------------------------------------------------------------------------------------
+# --- Commands: each runs its stage (pipelines/stages/<name>.py) through run_stage ---
 @app.command()
 def prepare(params: ParamsOption = DEFAULT_PARAMS, set_: SetOption = None, debug: DebugOption = False,
             quiet: QuietOption = False) -> None:
@@ -355,11 +351,8 @@ def compare(
     })
 
 
-# ----------------------------------------------------------------------------------------------
-# unite bench: benchmarks/<name>.py as `python benchmarks/<name>.py [options]` from the project folder
-# that holds benchmarks/ (the current directory, else this package's checkout); its JSON lines to
-# stdout as they come, its other lines and logs to stderr; the exit code is the benchmark's
-# ----------------------------------------------------------------------------------------------
+# --- unite bench: `python benchmarks/<name>.py [options]` from the project folder (the current directory, else
+# this package's checkout); its JSON lines to stdout, other lines to stderr; its exit code ---
 class BenchError(RuntimeError):
     """No benchmarks folder, or no benchmark of that name; the message lists what there is."""
 
@@ -439,9 +432,7 @@ def bench(
         raise typer.Exit(code)
 
 
-# ----------------------------------------------------------------------------------------------
-# Entry point: logging and error handling for every command (ours and the registered ones)
-# ----------------------------------------------------------------------------------------------
+# --- Entry point: logging and error handling for every command ---
 def is_user_error(exc: BaseException) -> bool:
     """Errors whose message is meant for the user: *Error classes defined in unite_core or pipelines."""
     for cls in type(exc).__mro__:

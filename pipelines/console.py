@@ -3,7 +3,6 @@ terminal, a line every 30 s elsewhere or with --quiet) and the summary line of a
 
 from __future__ import annotations
 
-import math
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -36,12 +35,6 @@ def err_console():
 # ----------------------------------------------------------------------------------------------
 # Progress
 # ----------------------------------------------------------------------------------------------
-def _fmt_field(k: str, v: Any) -> str:
-    if isinstance(v, float):
-        return f"{k} {v:.4g}"
-    return f"{k} {v}"
-
-
 def _fmt_duration(s: float) -> str:
     s = int(max(0, s))
     h, rem = divmod(s, 3600)
@@ -56,7 +49,7 @@ class _RichTask:
         self.started = False
 
     def update(self, completed: float, total: float | None = None, **fields: Any) -> None:
-        info = "  ".join(_fmt_field(k, v) for k, v in fields.items())
+        info = "  ".join(f"{k} {_num(v)}" for k, v in fields.items())
         if total is not None and total != self.total:
             self.total = total
             self.progress.update(self.task_id, total=total)
@@ -103,7 +96,7 @@ class _LineTask:
             eta = (self.total - completed) * (now - t0) / (completed - c0)
             text += f" eta {_fmt_duration(eta)}"
         if fields:
-            text += "  " + "  ".join(_fmt_field(k, v) for k, v in fields.items())
+            text += "  " + "  ".join(f"{k} {_num(v)}" for k, v in fields.items())
         err_console().print(text, markup=False)
 
 
@@ -133,11 +126,7 @@ class RichReporter:
 
 
 def _num(v: Any, digits: int = 4) -> str:
-    if isinstance(v, float):
-        if not math.isfinite(v):
-            return str(v)
-        return f"{v:.{digits}g}"
-    return str(v)
+    return f"{v:.{digits}g}" if isinstance(v, float) else str(v)
 
 
 def print_result(stage: str, result: dict, seconds: float, root: Path, wrote_metrics: bool) -> None:

@@ -1,11 +1,6 @@
-"""What every stage receives: the validated config, absolute paths, a tracker and a progress reporter.
-
-A stage module (pipelines/stages/<name>.py) exposes `run(ctx: StageContext) -> dict`: it reads its
-inputs from ctx.paths, writes its outs there, returns the metrics that go to metrics/<name>.json,
-and logs through ctx.tracker (an MLflow child run, or a no-op when tracking is off). Long loops
-report progress through `ctx.reporter.progress(...)` (the CLI shows a rich progress bar with an
-ETA; elsewhere it is a no-op). Command-specific options (e.g. `unite sample --classes`) arrive in
-`ctx.options`.
+"""What every stage's `run(ctx)` receives: the validated config, absolute paths (ctx.paths), a tracker (an
+MLflow child run or a no-op), a progress reporter (a rich bar in the CLI, else a no-op) and the command's
+options (ctx.options).
 """
 
 from __future__ import annotations
@@ -45,8 +40,7 @@ class Paths:
 
 
 class ProgressTask:
-    """Handle of one progress bar: `update(completed, total=None, **fields)`; fields are shown beside
-    the bar; `total` sets (or corrects) the total once it is known."""
+    """One progress bar: `update(completed, total=None, **fields)` (fields shown beside the bar)."""
 
     def update(self, completed: float, total: float | None = None, **fields: Any) -> None:  # noqa: D401
         return None

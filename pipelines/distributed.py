@@ -1,25 +1,20 @@
 """Training runs: Ray Train (a TorchTrainer with N data-parallel workers) or in-process, one loop.
+Over 500 lines because the loop, the Ray worker, the driver and the failure policy share one run-folder format.
 
-Both paths run unite_core's `Trainer` through `run_session` and keep the same run folder
-`<root>/ray_results/<run name>/`, so a run started under Ray can finish in-process and vice versa:
-checkpoint_<step>/{state.pt, meta.json}, metrics.jsonl (one line per log step, rank 0, rewritten from
-the checkpoint's history on resume) and stop_requested (written by the driver on SIGINT/SIGTERM: every
-rank stops before its next step with a checkpoint). Run name `unite-<key>` (`unite-<DVC experiment>-<key>`
-in `dvc exp run`): the key hashes Config.fingerprint() and the data's content hash, so operational keys
-resume the same run. A run whose newest checkpoint needs no more training is exported, not trained.
+Both paths run unite_core's `Trainer` through `run_session` in the same run folder
+`<root>/ray_results/<run name>/` (checkpoint_<step>/{state.pt, meta.json}, metrics.jsonl from rank 0,
+stop_requested written by the driver on SIGINT/SIGTERM), so either path resumes the other's run. Run
+name `unite-[<DVC experiment>-]<key>`, the key hashing Config.fingerprint() and the data's content hash.
+A run whose newest checkpoint needs no more training is exported, not trained.
 
-The driver follows metrics.jsonl (progress bar, live MLflow curve) and runs Ray's fit in a helper
-thread: from the main thread, Ray Train installs its own abort-everything SIGINT handler.
-Failures (`fit`): Ray retries nothing; the driver refits from the newest checkpoint up to
-distributed.max_failures times after a dead worker, never after the project's own errors.
-Ray workers load the prepared data themselves (image folders / shards through data.num_workers
-DataLoader processes that Ray's CPU accounting does not see: size distributed.cpus_per_worker for them)
-and report at every checkpoint (a barrier; rank 0 hands over the folder) with that step's validation numbers.
-
-Cluster: RAY_ADDRESS joins a running one (every node with this package and the project on shared
-storage at the same path); otherwise a local cluster of `distributed.num_cpus` logical CPUs is started
-for the command. Test-only: UNITE_TEST_CRASH_AT_STEP=N makes Ray's rank 0 exit right after step N, once
-per run folder (a marker file), to exercise recovery from a dead worker.
+The driver follows metrics.jsonl (progress, live MLflow curve) and runs Ray's fit in a helper thread
+(from the main thread Ray Train installs its own abort-everything SIGINT handler). Ray retries nothing;
+`fit` refits from the newest checkpoint up to distributed.max_failures times after a dead worker, never
+after the project's own errors. Workers load the prepared data themselves (DataLoader processes that
+Ray's CPU accounting does not see: size distributed.cpus_per_worker for them) and report each checkpoint
+with that step's validation numbers. RAY_ADDRESS joins a running cluster (project on shared storage at
+the same path), else a local one of `distributed.num_cpus` logical CPUs is started. Test-only:
+UNITE_TEST_CRASH_AT_STEP=N makes rank 0 exit after step N, once per run folder.
 """
 
 from __future__ import annotations
@@ -34,6 +29,7 @@ import shutil
 import tempfile
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -59,9 +55,7 @@ RAY_TEMP_DIR = os.environ.get("UNITE_RAY_TMPDIR") or f"/tmp/unite-ray-{os.getuid
 _NOT_AVERAGED = {"step", "time_s", "lr", "grad_norm", "samples_per_s"}
 
 
-# ----------------------------------------------------------------------------------------------
-# Run folders and checkpoints
-# ----------------------------------------------------------------------------------------------
+# --- Run folders and checkpoints ---
 def run_key(cfg, data_hash: str = "") -> str:
     """12 hex digits: the model-defining settings (Config.fingerprint) and the data's content hash."""
     fp = cfg.fingerprint()
@@ -71,12 +65,9 @@ def run_key(cfg, data_hash: str = "") -> str:
 
 
 def run_name(cfg, data_hash: str = "") -> str:
-    fp = run_key(cfg, data_hash)
     exp = os.environ.get("DVC_EXP_NAME")
-    if exp:
-        safe = re.sub(r"[^A-Za-z0-9_.-]+", "-", exp).strip("-")[:60] or "exp"
-        return f"unite-{safe}-{fp}"
-    return f"unite-{fp}"
+    safe = (re.sub(r"[^A-Za-z0-9_.-]+", "-", exp).strip("-")[:60] or "exp") + "-" if exp else ""
+    return f"unite-{safe}{run_key(cfg, data_hash)}"
 
 
 @dataclass
@@ -88,7 +79,6 @@ class CheckpointInfo:
 
 
 def _read_meta(folder: Path) -> dict | None:
-    """A checkpoint folder's meta.json, or None when it is missing or unreadable."""
     try:
         return json.loads((Path(folder) / META_FILE).read_text())
     except (OSError, ValueError):
@@ -131,15 +121,10 @@ def is_finished(ckpt: CheckpointInfo | None, cfg) -> bool:
 
 def checkpoint_meta(trainer, cfg, final: bool, world_size: int) -> dict:
     history = trainer.history
-    return {
-        "step": int(trainer.step),
-        "final": bool(final),
-        "steps_requested": int(cfg.train.steps),
-        "stopped_early": bool(final and trainer.step < cfg.train.steps),
-        "train_seconds": float(history[-1]["time_s"]) if history else 0.0,
-        "world_size": int(world_size),
-        "fingerprint": cfg.fingerprint(),
-    }
+    return {"step": int(trainer.step), "final": bool(final), "steps_requested": int(cfg.train.steps),
+            "stopped_early": bool(final and trainer.step < cfg.train.steps),
+            "train_seconds": float(history[-1]["time_s"]) if history else 0.0, "world_size": int(world_size),
+            "fingerprint": cfg.fingerprint()}
 
 
 def write_checkpoint_dir(folder: Path, trainer, meta: dict) -> Path:
@@ -166,21 +151,13 @@ def read_state(ckpt_dir: Path) -> dict:
 
 
 def export_checkpoint(ckpt_dir: Path, dest: Path) -> dict:
-    """Write the run's checkpoint as the model file: weights, EMA weights, config, info, history.
-
-    The optimiser state stays in the run folder (it doubles the file and only matters for resuming).
-    """
+    """The checkpoint as the model file, without the optimiser state (it stays in the run folder)."""
     from unite_core.train import save_checkpoint
 
     state = read_state(ckpt_dir)
     slim = {k: v for k, v in state.items() if k != "optimizers"}
     save_checkpoint(dest, slim)
     return slim
-
-
-def num_train_items(manifest: dict) -> int:
-    info = manifest.get("info", manifest)
-    return int(info.get("num_train", 0))
 
 
 def preflight(cfg, manifest: dict, workers: int) -> None:
@@ -194,17 +171,14 @@ def preflight(cfg, manifest: dict, workers: int) -> None:
             f"train.batch_size={t.batch_size} must be divisible by distributed.num_workers x train.grad_accum = "
             f"{world} x {t.grad_accum}: change one of them"
         )
-    n = num_train_items(manifest)
+    n = int(manifest.get("info", manifest).get("num_train", 0))
     if n and t.batch_size > n:
         raise TrainingError(f"train.batch_size={t.batch_size} exceeds the {n} training samples: lower train.batch_size")
 
 
-# ----------------------------------------------------------------------------------------------
-# The loop (shared by the in-process path and every Ray worker)
-# ----------------------------------------------------------------------------------------------
+# --- The loop (shared by the in-process path and every Ray worker) ---
 def _average_over_ranks(record: dict, world_size: int, device) -> None:
-    """Average the rank-local training metrics of a log record in place (one all-reduce, on the
-    training device: NCCL reduces CUDA tensors only)."""
+    """Average a record's rank-local training metrics in place (one all-reduce on the training device)."""
     import torch
     import torch.distributed as dist
 
@@ -232,18 +206,10 @@ def run_session(
     on_record: Callable[[dict], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
 ) -> str:
-    """Train a (resumed) Trainer to train.steps within the time budget.
-
-    Returns "finished" (all steps), "stopped_early" (time budget used up) or "interrupted"
-    (`should_stop` said so: checked before every step, on rank 0, and agreed by all ranks with one
-    tiny all-reduce; the steps done are checkpointed with save(False) on every rank).
-
-    `save(final)` writes or reports a checkpoint and is called on every rank at the same steps: every
-    train.checkpoint_every steps and once at the end. The time budget (train.time_limit_minutes)
-    counts training time across resumes; Trainer.run checks it after every step, logs the step that
-    uses it up (with a validation pass) and checkpoints it as final. Log records get cumulative time_s
-    and, with several ranks, training metrics averaged over the global batch.
-    """
+    """Train a (resumed) Trainer to train.steps; "finished", "stopped_early" (train.time_limit_minutes,
+    counted across resumes, used up) or "interrupted" (`should_stop`, read on rank 0 before every step and
+    agreed by all ranks; the steps done are checkpointed). `save(final)` runs on every rank at the same
+    steps. Records get cumulative time_s and, with several ranks, metrics averaged over the global batch."""
     t = cfg.train
     until = t.steps
     history = trainer.history
@@ -371,9 +337,7 @@ def _resume_newest(trainer, ray_checkpoint, resume_dir: str | None) -> dict | No
     return _resume(trainer, local) if local_meta is not None else None
 
 
-# ----------------------------------------------------------------------------------------------
-# Ray worker (must live in the installed package: workers import it by name)
-# ----------------------------------------------------------------------------------------------
+# --- Ray worker (must live in the installed package: workers import it by name) ---
 def ray_worker(config: dict) -> None:
     import ray.train
     import torch
@@ -427,15 +391,10 @@ def ray_worker(config: dict) -> None:
                 should_stop=stop_file.exists)
 
 
-# ----------------------------------------------------------------------------------------------
-# Driver side
-# ----------------------------------------------------------------------------------------------
+# --- Driver side ---
 class _RecordFollower(threading.Thread):
-    """Tails metrics.jsonl (rewritten on resume) and feeds each new record to a callback.
-
-    `after_poll` runs after every poll that found new records (the live MLflow logging: one batch
-    per poll, so the curve in the UI is at most `interval` seconds behind the records file).
-    """
+    """Tails metrics.jsonl (rewritten on resume) into a callback; `after_poll` runs after each poll that
+    found records (the live MLflow logging, one batch per poll)."""
 
     def __init__(self, path: Path, callback: Callable[[dict], None], interval: float = 1.0,
                  after_poll: Callable[[], None] | None = None):
@@ -483,9 +442,10 @@ class _RecordFollower(threading.Thread):
         self.poll()
 
 
-def _follow(rdir: Path, task, live, after_step: int = 0) -> _RecordFollower:
-    """Start following the run's records: progress from every new record (those up to `after_step`
-    are a resumed run's history, rewritten at its start), live MLflow logging once per poll."""
+@contextmanager
+def _following(rdir: Path, task, live, after_step: int = 0):
+    """Follow the run's records while the block runs: progress from every new record (those up to
+    `after_step` are a resumed run's history, rewritten at its start), live MLflow logging once per poll."""
     shown = after_step
 
     def on_record(record: dict) -> None:
@@ -498,7 +458,12 @@ def _follow(rdir: Path, task, live, after_step: int = 0) -> _RecordFollower:
 
     follower = _RecordFollower(rdir / RECORDS_FILE, on_record, after_poll=live.flush if live is not None else None)
     follower.start()
-    return follower
+    try:
+        yield
+    finally:
+        follower.stop()
+        if live is not None:
+            live.flush()
 
 
 def _interrupted(stop: GracefulStop, name: str, rdir: Path, cfg) -> Interrupted:
@@ -520,11 +485,7 @@ def _interrupted(stop: GracefulStop, name: str, rdir: Path, cfg) -> Interrupted:
 
 
 def _progress_fields(record: dict) -> dict:
-    out = {}
-    for k in ("loss", "val_psnr"):
-        if isinstance(record.get(k), (int, float)):
-            out[k] = record[k]
-    return out
+    return {k: record[k] for k in ("loss", "val_psnr") if isinstance(record.get(k), (int, float))}
 
 
 def local_num_cpus(cfg) -> int:
@@ -601,15 +562,15 @@ def _check_resources(cfg, use_gpu: bool) -> None:
         )
 
 
+def _worker_errors(exc: BaseException) -> list:
+    return [getattr(e, "_base_exc", e) for _, e in sorted((getattr(exc, "worker_failures", None) or {}).items())]
+
+
 def _unite_error_in(exc: BaseException) -> Exception | None:
-    """The project's own error raised in a worker (bad data, non-finite loss, a checkpoint that does
-    not fit, ...): deterministic, so never retried. None for anything else (a worker that died)."""
-    failures = getattr(exc, "worker_failures", None) or {}
-    for _, err in sorted(failures.items()):
-        base = getattr(err, "_base_exc", err)
-        if type(base).__module__.startswith("unite_core") and type(base).__name__.endswith("Error"):
-            return base
-    return None
+    """The project's own error raised in a worker (bad data, non-finite loss, ...): deterministic, so never
+    retried. None for anything else (a worker that died)."""
+    return next((e for e in _worker_errors(exc)
+                 if type(e).__module__.startswith("unite_core") and type(e).__name__.endswith("Error")), None)
 
 
 def _user_error_from(exc: BaseException, cfg) -> Exception:
@@ -619,12 +580,7 @@ def _user_error_from(exc: BaseException, cfg) -> Exception:
     own = _unite_error_in(exc)
     if own is not None:
         return own
-    failures = getattr(exc, "worker_failures", None) or {}
-    if failures:
-        first_failure = next(iter(failures.values()))
-        cause = getattr(first_failure, "_base_exc", first_failure)
-    else:
-        cause = getattr(exc, "controller_failure", None) or exc
+    cause = (_worker_errors(exc) or [getattr(exc, "controller_failure", None) or exc])[0]
     first = (str(cause).strip().splitlines() or [type(cause).__name__])[-1][:300]
     return TrainingError(
         f"Ray Train failed (distributed.max_failures={cfg.distributed.max_failures} retries used): "
@@ -632,41 +588,35 @@ def _user_error_from(exc: BaseException, cfg) -> Exception:
     )
 
 
-def _summary(cfg, name: str, run_dir: Path, ckpt: CheckpointInfo, *, trained_now: bool, workers: int,
-             wall_s: float, startup_s: float = 0.0, resumed_from: int | None = None) -> dict:
-    return {
-        "run_name": name,
-        "run_dir": str(run_dir),
-        "checkpoint_dir": str(ckpt.path),
-        "final_step": ckpt.step,
-        "steps_requested": cfg.train.steps,
-        "stopped_early": bool(ckpt.meta.get("stopped_early", ckpt.step < cfg.train.steps)),
-        "train_seconds": float(ckpt.meta.get("train_seconds", 0.0)),
-        "trained_now": trained_now,
-        "resumed_from": resumed_from,
-        "workers": workers,
-        "wall_seconds": wall_s,
-        "startup_seconds": startup_s,
-    }
+def _summary(cfg, name: str, run_dir: Path, ckpt: CheckpointInfo, *, workers: int, t0: float,
+             previous: CheckpointInfo | None = None, startup_s: float = 0.0, trained_now: bool = True) -> dict:
+    return {"run_name": name, "run_dir": str(run_dir), "checkpoint_dir": str(ckpt.path), "final_step": ckpt.step,
+            "steps_requested": cfg.train.steps,
+            "stopped_early": bool(ckpt.meta.get("stopped_early", ckpt.step < cfg.train.steps)),
+            "train_seconds": float(ckpt.meta.get("train_seconds", 0.0)), "trained_now": trained_now,
+            "resumed_from": previous.step if previous else None, "workers": workers,
+            "wall_seconds": time.perf_counter() - t0, "startup_seconds": startup_s}
 
 
-def _already_finished(cfg, name: str, run_dir: Path, workers: int, t0: float) -> dict | None:
-    ckpt = latest_checkpoint(run_dir)
+def _open_run(ctx, data_dir: Path, workers: int, t0: float):
+    """(run name, run folder, newest checkpoint, the summary when that one needs no more training)."""
+    cfg = ctx.cfg
+    manifest = check_prepared(cfg, data_dir)
+    preflight(cfg, manifest, workers)
+    name = run_name(cfg, manifest.get("content_hash", ""))
+    rdir = ctx.paths.ray_storage / name
+    ckpt = latest_checkpoint(rdir)
     if not is_finished(ckpt, cfg):
-        return None
+        return name, rdir, ckpt, None
     log.info("run %s already finished at step %d (%s): exporting its final checkpoint, nothing is trained",
              name, ckpt.step, ckpt.path.name)
-    return _summary(cfg, name, run_dir, ckpt, trained_now=False, workers=workers,
-                    wall_s=time.perf_counter() - t0)
+    return name, rdir, ckpt, _summary(cfg, name, rdir, ckpt, workers=workers, t0=t0, trained_now=False)
 
 
 def _run_fit_in_thread(fit: Callable[[], Any]):
-    """Run Ray's blocking fit in a helper thread and wait for it in the main thread.
-
-    From the main thread, Ray Train V2's fit() installs a SIGINT handler that aborts the run at once
-    (no checkpoint) and never restores the previous one; from another thread it does not, so the
-    main thread keeps the GracefulStop handlers and joins in short waits (signals are handled in between).
-    """
+    """Run Ray's blocking fit in a helper thread: called from the main thread, Ray Train V2's fit() installs a
+    SIGINT handler that aborts at once (no checkpoint) and never restores ours. The main thread keeps the
+    GracefulStop handlers and joins in short waits (signals are handled in between)."""
     box: dict[str, Any] = {}
 
     def target() -> None:
@@ -685,16 +635,14 @@ def _run_fit_in_thread(fit: Callable[[], Any]):
 
 
 def _keep_newest_checkpoints(rdir: Path) -> None:
-    """Delete all but the KEEP_CHECKPOINTS newest checkpoint folders of a run."""
     for old in list_checkpoints(rdir)[:-KEEP_CHECKPOINTS]:
         shutil.rmtree(old.path, ignore_errors=True)
 
 
 def ray_trainer(cfg, *, data_dir: Path, run_dir: Path, resume: CheckpointInfo | None, use_gpu: bool,
                 crash_at: int | None = None, callbacks: tuple = ()):
-    """The TorchTrainer of one training run (`unite train`, a sweep trial): `ray_worker` on
-    distributed.num_workers workers, Ray storage = the run folder's parent. Ray itself retries nothing
-    (max_failures=0): it would retry a data error or a NaN loss as readily as a dead worker; `fit` does."""
+    """The TorchTrainer of one run (`unite train`, a sweep trial), stored in the run folder's parent. Ray
+    retries nothing (it would retry a data error or a NaN loss as readily as a dead worker); `fit` does."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -716,10 +664,9 @@ def ray_trainer(cfg, *, data_dir: Path, run_dir: Path, resume: CheckpointInfo | 
 def fit(cfg, run_dir: Path, make_trainer: Callable[[CheckpointInfo | None], Any], *,
         resume: CheckpointInfo | None = None, stopped: Callable[[], bool] = lambda: False,
         run_fit: Callable[[Callable[[], Any]], Any] = lambda f: f()) -> None:
-    """Fit `make_trainer(resume)`; after a worker that died or failed outside the project's code, fit
-    again from the newest checkpoint, up to distributed.max_failures times. The project's own errors
-    (bad data, a non-finite loss, a checkpoint that does not fit) are raised at once: a retry would only
-    repeat them. A failure after `stopped()` says so ends quietly (the stop request made it)."""
+    """Fit `make_trainer(resume)`; after a worker that died or failed outside the project's code, refit from
+    the newest checkpoint, up to distributed.max_failures times. The project's own errors are raised at once
+    (a retry would repeat them); a failure after `stopped()` ends quietly (the stop request made it)."""
     from ray.train import TrainingFailedError
 
     max_failures, retries = cfg.distributed.max_failures, 0
@@ -748,21 +695,12 @@ def fit(cfg, run_dir: Path, make_trainer: Callable[[CheckpointInfo | None], Any]
 
 
 def train_with_ray(ctx, data_dir: Path, live=None) -> dict:
-    """Train through Ray Train; returns a summary (run name, final checkpoint folder, timings).
-
-    `live` (pipelines.tracking.LiveMetrics) receives every record while training runs.
-    """
-    cfg = ctx.cfg
-    d = cfg.distributed
-    t0 = time.perf_counter()
-    manifest = check_prepared(cfg, data_dir)
-    preflight(cfg, manifest, d.num_workers)
-    name = run_name(cfg, manifest.get("content_hash", ""))
-    rdir = ctx.paths.ray_storage / name
-    done = _already_finished(cfg, name, rdir, d.num_workers, t0)
+    """Train through Ray Train; a summary (run name, final checkpoint folder, timings). `live`
+    (pipelines.tracking.LiveMetrics) receives every record while training runs."""
+    cfg, d, t0 = ctx.cfg, ctx.cfg.distributed, time.perf_counter()
+    name, rdir, previous, done = _open_run(ctx, data_dir, d.num_workers, t0)
     if done is not None:
         return done
-    previous = latest_checkpoint(rdir)
     if previous is not None:
         log.info("run %s: resuming from its checkpoint at step %d", name, previous.step)
     crash_at = crash_step_from_env()
@@ -779,18 +717,15 @@ def train_with_ray(ctx, data_dir: Path, live=None) -> dict:
         startup_s = time.perf_counter() - t0
         with GracefulStop() as stop, \
                 ctx.reporter.progress(f"train ({d.num_workers} Ray worker{'s' if d.num_workers > 1 else ''})",
-                                      cfg.train.steps) as task:
+                                      cfg.train.steps) as task, \
+                _following(rdir, task, live, after_step=previous.step if previous else 0):
             stop.on_request(lambda: atomic_write_text(stop_file, f"stop requested by {signal_name(stop.requested)}\n",
                                                       fsync=False))
-            follower = _follow(rdir, task, live, after_step=previous.step if previous else 0)
             try:
                 fit(cfg, rdir, lambda resume: ray_trainer(cfg, data_dir=data_dir, run_dir=rdir, resume=resume,
                                                           use_gpu=use_gpu, crash_at=crash_at),
                     resume=previous, stopped=lambda: stop.requested is not None, run_fit=_run_fit_in_thread)
             finally:
-                follower.stop()
-                if live is not None:
-                    live.flush()
                 stop_file.unlink(missing_ok=True)
     finally:
         if started:
@@ -804,9 +739,7 @@ def train_with_ray(ctx, data_dir: Path, live=None) -> dict:
         from unite_core.train import TrainingError
 
         raise TrainingError(f"Ray Train returned without a final checkpoint in '{rdir}'; rerun to resume")
-    return _summary(cfg, name, rdir, ckpt, trained_now=True, workers=d.num_workers,
-                    wall_s=time.perf_counter() - t0, startup_s=startup_s,
-                    resumed_from=previous.step if previous else None)
+    return _summary(cfg, name, rdir, ckpt, workers=d.num_workers, t0=t0, previous=previous, startup_s=startup_s)
 
 
 def train_in_process(ctx, data_dir: Path, live=None) -> dict:
@@ -815,20 +748,14 @@ def train_in_process(ctx, data_dir: Path, live=None) -> dict:
 
     from unite_core.train import Trainer, resolve_device
 
-    cfg = ctx.cfg
-    t0 = time.perf_counter()
-    manifest = check_prepared(cfg, data_dir)
-    preflight(cfg, manifest, 1)
-    name = run_name(cfg, manifest.get("content_hash", ""))
-    rdir = ctx.paths.ray_storage / name
-    done = _already_finished(cfg, name, rdir, 0, t0)
+    cfg, t0 = ctx.cfg, time.perf_counter()
+    name, rdir, previous, done = _open_run(ctx, data_dir, 0, t0)
     if done is not None:
         return done
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     data = load_prepared_data(cfg, data_dir)
     trainer = Trainer(cfg, data.info, data.train, resolve_device(cfg.train.device), val_set=data.val)
-    previous = latest_checkpoint(rdir)
     if previous is not None:
         _resume(trainer, previous.path)
         log.info("run %s: resuming from its checkpoint at step %d", name, previous.step)
@@ -842,17 +769,11 @@ def train_in_process(ctx, data_dir: Path, live=None) -> dict:
         _keep_newest_checkpoints(rdir)
 
     startup_s = time.perf_counter() - t0
-    with GracefulStop() as stop, ctx.reporter.progress("train (in-process)", cfg.train.steps) as task:
-        follower = _follow(rdir, None, live)
-        try:
-            outcome = run_session(trainer, cfg, rdir, save=save, should_stop=stop,
-                                  on_record=lambda r: task.update(r["step"], **_progress_fields(r)))
-        finally:
-            follower.stop()
-            if live is not None:
-                live.flush()
+    with GracefulStop() as stop, ctx.reporter.progress("train (in-process)", cfg.train.steps) as task, \
+            _following(rdir, None, live):
+        outcome = run_session(trainer, cfg, rdir, save=save, should_stop=stop,
+                              on_record=lambda r: task.update(r["step"], **_progress_fields(r)))
     if outcome == "interrupted":
         raise _interrupted(stop, name, rdir, cfg)
-    ckpt = latest_checkpoint(rdir)
-    return _summary(cfg, name, rdir, ckpt, trained_now=True, workers=0, wall_s=time.perf_counter() - t0,
-                    startup_s=startup_s, resumed_from=previous.step if previous else None)
+    return _summary(cfg, name, rdir, latest_checkpoint(rdir), workers=0, t0=t0, previous=previous,
+                    startup_s=startup_s)

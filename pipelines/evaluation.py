@@ -1,17 +1,11 @@
 """The image evaluation the `evaluate` stage and `unite compare` share, and its generation on Ray workers.
 
 `evaluate_checkpoint_images`: guidance sweep (gFID, KID, precision/recall, IS, conditional accuracy per
-scale), reconstruction (rFID, PSNR, SSIM) and noise floor of a model, against reference images read
-batch by batch (`reference_sources`; at most MAX_REFERENCE, a seeded subset of larger sets).
-
-Generation runs in this process or on Ray workers (`eval.parallel`): `ray` always; `local` never; `auto`
-when distributed.num_workers > 1, or when distributed.use_gpu is set and the driver sees no GPU. Each of
-`distributed.num_workers` Ray actors (one GPU each with `distributed.use_gpu`, `distributed.cpus_per_worker`
-CPUs and as many torch threads) builds the model (weights shipped once through the object store) and the
-feature network (the own classifier's weights, or the Inception file at the same absolute path: shared
-storage on a multi-node cluster). Actor r of W generates batches r, r + W, ... of every guidance scale with
-per-sample noise, so the union of the shards is exactly the single-process run, and returns statistics
-only; the driver merges them (ShardResult.merge).
+scale), reconstruction (rFID, PSNR, SSIM) and noise floor, against at most MAX_REFERENCE reference images.
+Generation runs here or (`eval.parallel`: `ray`, or `auto` with distributed.num_workers > 1 or use_gpu and
+no GPU here) on distributed.num_workers Ray actors that build the model and the feature network (the
+Inception file at the same absolute path: shared storage on a multi-node cluster). Actor r of W generates
+batches r, r + W, ... with per-sample noise, so the merged shards equal the single-process run.
 """
 
 from __future__ import annotations
@@ -63,7 +57,6 @@ def use_ray(cfg) -> bool:
 
 
 def generation_runner(cfg, model, features, device, *, debug: bool = False):
-    """A runner of GenerationJobs: :class:`RayGenerationRunner` or, in this process, ``LocalRunner``."""
     if use_ray(cfg):
         return RayGenerationRunner(cfg, model, features, debug=debug)
     return LocalRunner(model, features.net(), classifier=features.classifier, device=device)
@@ -186,9 +179,7 @@ class RayGenerationRunner:
             self.started = False
 
 
-# ----------------------------------------------------------------------------------------------
-# The evaluation of one model
-# ----------------------------------------------------------------------------------------------
+# --- The evaluation of one model ---
 def _subset_indices(n: int, max_items: int, seed: int = 0):
     if n <= max_items:
         return None
@@ -196,8 +187,7 @@ def _subset_indices(n: int, max_items: int, seed: int = 0):
 
 
 def reference_images(data, max_items: int = MAX_REFERENCE, seed: int = 0):
-    """(train images, val images) in [0, 1] in memory (small sets: `unite compare`); sets larger than
-    max_items are subsampled (seeded)."""
+    """(train, val) images in [0, 1] in memory (`unite compare`), a seeded subset of larger sets."""
     def take(ds):
         idx = _subset_indices(len(ds), max_items, seed)
         if idx is None:
@@ -210,8 +200,8 @@ def reference_images(data, max_items: int = MAX_REFERENCE, seed: int = 0):
 
 def reference_sources(ctx, data, *, max_train: int = MAX_REFERENCE, max_val: int = MAX_REFERENCE,
                       seed: int = 0) -> tuple[DatasetSource, DatasetSource]:
-    """(train, val) read batch by batch (DataLoader workers for image folders and shards), each at most
-    max_* images (a seeded subset of larger sets); keyed by the data content hash for the statistics cache."""
+    """(train, val) read batch by batch, each at most max_* images (a seeded subset of larger sets), keyed by
+    the data content hash for the statistics cache."""
     content = str(data.info.get("content_hash") or "")
     if not content:
         raise MetricsError("the prepared data has no content hash: run `unite prepare` again")
@@ -229,7 +219,7 @@ def reference_sources(ctx, data, *, max_train: int = MAX_REFERENCE, max_val: int
 
 
 def grid_indices(n: int, num_classes: int, per_class: int = SAMPLES_PER_CLASS, max_classes: int = GRID_CLASSES):
-    """Sample indices kept for samples.png: the first ``per_class`` samples of up to ``max_classes`` classes."""
+    """Indices kept for samples.png: the first ``per_class`` samples of up to ``max_classes`` classes."""
     labels = balanced_labels(n, num_classes)
     classes = sorted(set(labels.tolist()))
     if len(classes) > max_classes:
@@ -290,11 +280,8 @@ def evaluate_checkpoint_images(ctx, model, data, *, num_samples: int | None = No
                                cfg_scales=None, device=None, tracker=None,
                                sanity: bool = True, features: FeatureSpec | None = None, references=None,
                                progress: bool = True, outputs: dict[str, Path] | None = None):
-    """Run the full image evaluation of ``model`` on ``data``; returns (flat metrics, full result).
-
-    ``references``: (train, val) as tensors or ImageSources (default: :func:`reference_sources`);
-    ``outputs``: the curve / samples / reconstructions files to write (`unite compare`: none, numbers only).
-    """
+    """(flat metrics, full result) of ``model`` on ``data``; ``references``: (train, val) tensors or sources
+    (default :func:`reference_sources`); ``outputs``: curve / samples / reconstructions files (None: numbers only)."""
     cfg = ctx.cfg
     device = device or resolve_device(cfg.train.device)
     tracker = tracker if tracker is not None else ctx.tracker
@@ -350,8 +337,7 @@ def evaluate_checkpoint_images(ctx, model, data, *, num_samples: int | None = No
 
 
 def warn_if_ema_is_young(state: dict, use_ema: bool, path) -> bool:
-    """EMA weights after fewer steps than the EMA horizon 1/(1 - decay) are still mostly the initialisation:
-    say so (evaluate the raw weights with sample.use_ema=false). Returns True when it warned."""
+    """Warn (True) when the EMA has averaged fewer steps than its horizon 1/(1 - decay)."""
     try:
         decay = float(state["config"]["train"]["ema_decay"])
         step = int(state.get("step", 0))

@@ -1,9 +1,8 @@
 """What the stages read: the prepared data (one set of checks) and the feature classifier / network.
 
-`open_data` is the one way to open data/<dataset>/: the manifest must exist and match the params'
-data settings (`check_prepared`); read-time settings (data.on_corrupt, ...) come from the params in
-force. Without a manifest, the embedded image sets (mnist5k, digits) are built in memory when the
-caller allows it (every stage but `train`); anything else asks for `unite prepare`.
+`open_data` opens data/<dataset>/ (manifest checked against the params' data settings by `check_prepared`,
+read-time settings from the params in force); without a manifest the embedded image sets (mnist5k, digits)
+are built in memory, anything else asks for `unite prepare`.
 """
 
 from __future__ import annotations
@@ -22,9 +21,7 @@ EMBEDDED = ("mnist5k", "digits")
 CLASSIFIER_FILE = "classifier.pt"
 
 
-# ----------------------------------------------------------------------------------------------
-# Prepared data
-# ----------------------------------------------------------------------------------------------
+# --- Prepared data ---
 def check_prepared(cfg, data_dir: Path) -> dict:
     """The prepared data's manifest; DataError when it is missing or was made from other data params."""
     data_dir = Path(data_dir)
@@ -74,9 +71,7 @@ def data_hash(data) -> str:
     return str(data.info.get("content_hash", ""))
 
 
-# ----------------------------------------------------------------------------------------------
-# The feature classifier (models/classifier.pt) and the feature network of the evaluation
-# ----------------------------------------------------------------------------------------------
+# --- The feature classifier (models/classifier.pt) and the feature network of the evaluation ---
 def classifier_path(ctx) -> Path:
     return ctx.paths.models / CLASSIFIER_FILE
 

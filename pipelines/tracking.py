@@ -1,15 +1,12 @@
 """MLflow tracking: the one place that knows the store, run naming and run nesting.
+Over 500 lines because the store, run nesting and MLflow model logging share the one retrying client.
 
-- Store: `sqlite:///<project home>/mlflow.db` (absolute; under DVC the home is DVC_ROOT, so queued
-  experiments log to the real project), artifacts beside it in mlartifacts/; MLFLOW_TRACKING_URI overrides.
-- One parent run per params hash (`pipeline-<DVC experiment or hash>`); every stage logs into a fresh
-  child run under it (`stage_run`; the previous one of that stage is soft-deleted once it succeeds);
-  sweep trials are child runs of the sweep's (`Tracker.children/child/retire`).
-- Only the driver writes; training records reach MLflow while training runs (`LiveMetrics`). Every
-  write retries a locked SQLite store; a store that fails costs one warning and the stage goes on
-  untracked (`StoreHealth`; tracking.strict=true stops with TrackingError instead).
-- Every run carries the git commit (+ branch, unite.git_dirty) and the params hash; the trained model
-  is logged as an MLflow model (`GeneratorModel`). MLflow's telemetry is off unless turned on.
+Store `sqlite:///<project home>/mlflow.db` (DVC_ROOT under DVC, so queued experiments log to the real
+project), artifacts in mlartifacts/ beside it; MLFLOW_TRACKING_URI overrides. One parent run per params
+hash (`pipeline-<DVC experiment or hash>`), a fresh child run per stage (`stage_run`; the previous one is
+soft-deleted once it succeeds), sweep trials as child runs of the sweep's. Only the driver writes; a locked
+store is retried, a failing one costs one warning and the stage goes on untracked (`StoreHealth`;
+tracking.strict=true raises TrackingError). Runs carry the git commit and the params hash.
 """
 
 from __future__ import annotations
@@ -48,12 +45,8 @@ class TrackingError(RuntimeError):
 
 
 def project_home(root: Path) -> Path:
-    """Where the project's long-lived state lives (the MLflow store, Ray run folders).
-
-    Under DVC that is DVC_ROOT, which DVC sets for every stage command; for `dvc exp run --queue/--temp`
-    it points at the real project while the command runs in a temporary copy (whose files are thrown
-    away), so queued experiments still land in the project's store. Elsewhere it is `root`.
-    """
+    """Where the long-lived state lives (MLflow store, Ray run folders): DVC_ROOT under DVC (for `dvc exp run
+    --queue/--temp` the real project, not the temporary copy the command runs in), else `root`."""
     return Path(os.environ.get("DVC_ROOT") or root).resolve()
 
 
@@ -71,9 +64,7 @@ def artifact_root(root: Path, uri: str) -> str | None:
         if not db.is_absolute():
             db = Path(root).resolve() / db
         return (db.parent / "mlartifacts").as_uri()
-    if uri.startswith("file:") or "://" not in uri:
-        return None  # file store: artifacts live inside it
-    return None  # a server (http, databricks, ...) decides
+    return None  # a file store keeps them inside; a server decides
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
@@ -124,11 +115,8 @@ def _retry(fn: Callable[[], T]) -> T:
 
 
 class StoreHealth:
-    """What the trackers of one stage share about the store: its URI, strictness, and whether it failed.
-
-    Not strict: the first failure logs one warning and every later call through a tracker sharing
-    this object does nothing (the stage runs on untracked). Strict: every failure raises TrackingError.
-    """
+    """The store state the trackers of one stage share: not strict, the first failure logs one warning and
+    later calls do nothing (untracked); strict, every failure raises TrackingError."""
 
     def __init__(self, uri: str, strict: bool = False, stage: str = ""):
         self.uri, self.strict, self.stage = uri, strict, stage
@@ -164,11 +152,7 @@ def _one_line(exc: BaseException) -> str:
 
 
 class Tracker:
-    """Logging API used by stages. `NullTracker` keeps the same API when tracking is off.
-
-    Every call retries a locked store; a store that fails anyway is handled by `health` (one
-    warning, then untracked; or TrackingError with tracking.strict).
-    """
+    """Logging API of the stages (`NullTracker` when tracking is off); failures go to `health`."""
 
     def __init__(self, run_id: str, client, health: StoreHealth | None = None):
         self.run_id = run_id
@@ -177,7 +161,6 @@ class Tracker:
 
     @property
     def active(self) -> bool:
-        """False once the store failed (the stage goes on untracked)."""
         return not self.health.failed
 
     def _call(self, fn: Callable[[], T], doing: str) -> T | None:
@@ -310,12 +293,8 @@ class NullTracker(Tracker):
 
 
 class LiveMetrics:
-    """Per-step training records logged to a run while training runs (each step once).
-
-    Fed from the thread that follows the run's metrics.jsonl; `flush` logs what arrived since the
-    last call in one batch. A record for a step already logged (the records file is rewritten from
-    a checkpoint when Ray restarts a worker group) is skipped.
-    """
+    """Per-step training records logged while training runs, each step once (the records file is rewritten
+    from a checkpoint on a restart); `flush` logs what arrived since the last call in one batch."""
 
     def __init__(self, tracker: Tracker):
         self.tracker = tracker
@@ -354,11 +333,8 @@ def _quiet_mlflow_logs() -> None:
 
 
 def client_for(root: Path):
-    """An MlflowClient on the project's store.
-
-    Deliberately not `mlflow.set_tracking_uri`: MLflow 3 exports that URI as MLFLOW_TRACKING_URI, which
-    would then override the store of every later project root in this process (and its children).
-    """
+    """An MlflowClient on the project's store (not `mlflow.set_tracking_uri`: MLflow 3 exports that as
+    MLFLOW_TRACKING_URI, overriding the store of every later project root in this process)."""
     _quiet_mlflow_logs()
     from mlflow.tracking import MlflowClient
 
@@ -454,16 +430,10 @@ def stage_run(
     root: Path, experiment: str, stage: str, params: dict, *, enabled: bool = True, extra_tags: dict | None = None,
     strict: bool = False,
 ) -> Iterator[Tracker]:
-    """A fresh child run `stage` under the pipeline parent run for these params (created on demand).
-
-    Earlier child runs with the same stage (and extra tags) under that parent are soft-deleted once
-    this one finishes, so the UI shows each stage once. The run is marked FINISHED on success, KILLED
-    when a signal stopped the command (KeyboardInterrupt) and FAILED on another exception (which
-    propagates); a failed or killed run does not replace the previous good one.
-
-    A store that cannot be opened (locked past the retries, corrupt, unreachable) gives one warning
-    and a NullTracker, or TrackingError when `strict`.
-    """
+    """A fresh child run `stage` under the pipeline parent run for these params. Earlier runs of the stage
+    (same extra tags) under that parent are soft-deleted once this one FINISHED; it ends KILLED on a
+    KeyboardInterrupt and FAILED on another exception (which propagates). A store that cannot be opened
+    gives one warning and a NullTracker, or TrackingError when `strict`."""
     if not enabled:
         yield NullTracker()
         return
@@ -504,16 +474,11 @@ def stage_run(
     health.call(lambda: client.set_terminated(parent, "FINISHED"), "ending the run")
 
 
-# ----------------------------------------------------------------------------------------------
-# The trained model as an MLflow model
-# ----------------------------------------------------------------------------------------------
+# --- The trained model as an MLflow model ---
 def log_generator_model(client, run_id: str, state: dict, step: int = 0) -> str | None:
     """Log the checkpoint's EMA model (images only) as MLflow model `model` of the run; its model id.
-
-    mlflow.pytorch's pickle format (its default, torch.export, cannot trace the sampler), so only load
-    models from a store you trust; int64 labels (-1,) in, float32 images (-1, C, H, W) out. Requirements
-    are given rather than inferred (inferring loads the model again in a subprocess).
-    """
+    Pickle format (torch.export cannot trace the sampler): load only from a store you trust. Requirements
+    are given, not inferred (inferring loads the model again in a subprocess)."""
     import mlflow.pytorch
     import numpy as np
     import torch

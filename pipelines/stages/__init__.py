@@ -1,13 +1,12 @@
 """One module per pipeline stage, each with `run(ctx: StageContext) -> dict`, and what they share.
 
-`execute(stage, cfg, root, ...)` is the one way to run a stage outside DVC's bookkeeping (the CLI and
-the tests use it): it opens the stage's MLflow child run, builds the StageContext, calls the
-module's `run`, writes metrics/<stage>.json atomically and logs it (and the summary numbers that the
-stage did not already log) to the run.
+`execute(stage, cfg, root, ...)` runs a stage (CLI, tests): in its MLflow child run, writing
+metrics/<stage>.json and logging it (and the summary numbers the stage did not log) to the run.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import json
 import math
@@ -42,19 +41,27 @@ def plain(value: Any) -> Any:
     return value
 
 
+def short_hash(obj: Any, n: int = 12) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:n]
+
+
+def stage_options(ctx, defaults: dict, error: type, stage: str, **kwargs) -> dict:
+    """Keyword arguments over ctx.options over `defaults` (None keeps the default); unknown names raise `error`."""
+    given = {**(ctx.options or {}), **kwargs}
+    unknown = set(given) - set(defaults)
+    if unknown:
+        raise error(f"unknown {stage} option(s) {sorted(unknown)}: known are {sorted(defaults)}")
+    return {**defaults, **{k: v for k, v in given.items() if v is not None}}
+
+
 def atomic_write_json(path: str | Path, data: dict) -> Path:
     return atomic_write_text(path, json.dumps(plain(data), indent=2, sort_keys=True) + "\n")
 
 
-# ----------------------------------------------------------------------------------------------
-# Pictures
-# ----------------------------------------------------------------------------------------------
+# --- Pictures ---
 def image_grid(images, nrow: int, padding: int = 2, min_tile: int = 64):
-    """PIL image of `images` ((N, C, H, W) in [0, 1], C in {1, 3}), `nrow` per row.
-
-    Small images are upscaled (nearest neighbour, an integer factor) so that a tile is at least
-    `min_tile` pixels wide: a 32x32 digit is unreadable at its native size in a browser.
-    """
+    """PIL image of `images` ((N, C, H, W) in [0, 1], C in {1, 3}), `nrow` per row; tiles narrower than
+    `min_tile` are upscaled (nearest neighbour, an integer factor): a 32x32 digit is unreadable as is."""
     import numpy as np
     from PIL import Image
 
@@ -75,9 +82,7 @@ def image_grid(images, nrow: int, padding: int = 2, min_tile: int = 64):
     return img
 
 
-# ----------------------------------------------------------------------------------------------
-# Running a stage
-# ----------------------------------------------------------------------------------------------
+# --- Running a stage ---
 def execute(
     stage: str,
     cfg,

@@ -1,15 +1,12 @@
 """Stage `analyze`: the paper's analyses of a trained model, as JSON/CSV/PNG and MLflow records.
 
-Inputs: models/unite.pt (EMA weights), the prepared data, and when present the ablation checkpoints of
-`unite compare` (models/compare/*.pt, recognised from their saved config) and reports/sweep.csv.
-Outs (always written, so DVC can declare them; an empty table has its header and its figure says why):
-metrics/analyze.json and plots/{alignment, alignment_variants, cosine, probe, compression,
-rate_distortion}.csv (+ .png).
-Choices: the denoising pass uses the null class (the tokenization pass's conditioning; class_mode="label"
-switches to the true labels); analysis images are a seeded subset of the val split (analysis.num_images),
-the linear probe trains on 4x as many train images; passes run at the training precision (activations
-compared in float64); compression compares the EMA weights with the model's initialisation (same config and
-seed) per component and parameter group. Options (ctx.options, `unite analyze --help`): see OPTIONS.
+Inputs: models/unite.pt (EMA weights), the prepared data, and when present `unite compare`'s ablation
+checkpoints (models/compare/*.pt) and reports/sweep.csv. Outs (always written, an empty table with its
+header and a figure saying why): metrics/analyze.json, plots/{alignment, alignment_variants, cosine,
+probe, compression, rate_distortion}.csv (+ .png). The denoising pass uses the null class (class_mode=
+"label": the true labels); images are a seeded val subset (analysis.num_images), the probe trains on 4x
+as many train images; passes run at the training precision; compression compares the EMA weights with
+the model's initialisation. Options: OPTIONS (`unite analyze --help`).
 """
 
 from __future__ import annotations
@@ -38,6 +35,7 @@ from unite_core.train import CheckpointError, fetch, load_checkpoint, model_from
 from ..context import StageContext
 from ..inputs import open_data
 from ..tracking import numeric_items
+from . import stage_options
 
 log = logging.getLogger(__name__)
 
@@ -54,13 +52,10 @@ CSV_FILES = {
 PNG_FILES = ("alignment.png", "cosine.png", "probe.png", "compression.png", "rate_distortion.png")
 
 
-# ----------------------------------------------------------------------------------------------
-# Inputs
-# ----------------------------------------------------------------------------------------------
+# --- Inputs ---
 def classify_variant(state: dict, stem: str = "") -> str | None:
-    """The paper's comparison a checkpoint stands for: 'separate' (separate encoder and denoiser),
-    'no_stop_grad', or 'shared' (the default method trained by `unite compare`, i.e. at the same
-    budget as the ablations: a file named unite-*.pt); None for anything else."""
+    """'separate', 'no_stop_grad', or 'shared' (the default method trained by `unite compare`: unite-*.pt);
+    None for anything else."""
     c = state.get("config", {})
     model, flow, loss = c.get("model", {}), c.get("flow", {}), c.get("loss", {})
     if loss.get("recon_only") or stem.startswith("two_stage"):
@@ -75,8 +70,8 @@ def classify_variant(state: dict, stem: str = "") -> str | None:
 
 
 def find_variants(ctx: StageContext, given: Mapping[str, str | Path] | None = None) -> dict[str, Path]:
-    """Ablation checkpoints: `given` (name -> path) plus models/compare/*.pt (written by `unite compare`)
-    that :func:`classify_variant` recognises, named by that kind (file stem when a kind repeats)."""
+    """`given` (name -> path) plus the models/compare/*.pt that :func:`classify_variant` recognises, named by
+    their kind (file stem when a kind repeats)."""
     found: dict[str, Path] = {k: Path(v) for k, v in (given or {}).items()}
     folder = ctx.paths.models / "compare"
     if folder.is_dir():
@@ -100,8 +95,7 @@ def _same_data(info_a: dict, info_b: dict) -> bool:
 
 
 def fresh_model(state: dict) -> UNITE:
-    """The untrained model of a checkpoint's config, initialised exactly as the Trainer does
-    (torch.manual_seed(train.seed) then UNITE(cfg, info)); the global RNG is left untouched."""
+    """The checkpoint config's untrained model, initialised as the Trainer does; the global RNG is untouched."""
     cfg = config_from_dict(state["config"])
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.train.seed)
@@ -116,13 +110,9 @@ def _placeholder(text: str):
 
 
 def _paper_comparisons(cfg, model, trained_res: dict, main_align: dict, variants: dict, variant_res: dict) -> dict:
-    """The paper's two ablation comparisons, when the checkpoints exist.
-
-    shared_vs_separate: description length of one shared GE vs a separate encoder + denoiser (per
-    parameter group), and alignment; stop_grad_vs_not: alignment per block. The reference is the
-    `unite compare` run of the default method ('shared', same budget as the ablations) when present,
-    else the main model when it is the default method.
-    """
+    """shared_vs_separate (description length and alignment) and stop_grad_vs_not (alignment per block),
+    when the checkpoints exist; the reference is the 'shared' variant, else the main model when it is the
+    default method."""
     out: dict[str, dict] = {}
     main_default = not model.separate and cfg.flow.stop_grad
     ref_name, ref_res, ref_align = None, None, None
@@ -155,14 +145,11 @@ def _paper_comparisons(cfg, model, trained_res: dict, main_align: dict, variants
     return out
 
 
-# ----------------------------------------------------------------------------------------------
-# Notebooks (analysis/*.py, jupytext percent format, executed with papermill)
-# ----------------------------------------------------------------------------------------------
+# --- Notebooks (analysis/*.py, jupytext percent format, executed with papermill) ---
 NOTEBOOKS = ("linear_probe", "rate_distortion", "alignment")
 
 
 def notebook_dir(root: Path) -> Path:
-    """analysis/ of the project root, else of the installed source tree."""
     here = Path(root) / "analysis"
     if (here / "alignment.py").is_file():
         return here
@@ -170,7 +157,6 @@ def notebook_dir(root: Path) -> Path:
 
 
 def notebook_parameters(name: str, root: Path, out_dir: Path) -> dict:
-    """Absolute input/output paths of one notebook for a project root."""
     root = Path(root)
     common = {"out_dir": str(out_dir)}
     if name == "linear_probe":
@@ -185,8 +171,7 @@ def notebook_parameters(name: str, root: Path, out_dir: Path) -> dict:
 
 
 def execute_notebook(source: Path, output: Path, parameters: dict, cwd: Path, timeout_s: int = 600) -> Path:
-    """Convert a jupytext percent-format .py to .ipynb and execute it with papermill (raises on a failing
-    cell); the executed notebook is written to `output`."""
+    """Execute a jupytext percent-format .py with papermill (raises on a failing cell) into `output`."""
     import jupytext
     import nbformat
     import papermill
@@ -208,9 +193,8 @@ def execute_notebook(source: Path, output: Path, parameters: dict, cwd: Path, ti
 
 
 def execute_notebooks(ctx: StageContext, names=NOTEBOOKS, out_dir: Path | None = None) -> list[Path]:
-    """Run the analysis notebooks on this project's tracked outputs; executed .ipynb files and their PNGs
-    go to reports/notebooks/ and are logged to the stage's MLflow run (the notebooks themselves do not
-    write to MLflow here: one writer). The rate-distortion notebook is skipped without reports/sweep.csv."""
+    """Run the notebooks on the project's outputs into reports/notebooks/ (logged to the stage's run; the
+    notebooks do not write to MLflow here); rate_distortion is skipped without reports/sweep.csv."""
     out_dir = Path(out_dir) if out_dir else ctx.paths.reports / "notebooks"
     src_dir = notebook_dir(ctx.root)
     done = []
@@ -227,9 +211,7 @@ def execute_notebooks(ctx: StageContext, names=NOTEBOOKS, out_dir: Path | None =
     return done
 
 
-# ----------------------------------------------------------------------------------------------
-# The stage
-# ----------------------------------------------------------------------------------------------
+# --- The stage ---
 #: options of run() / `unite analyze` (ctx.options) and their defaults
 OPTIONS = {"checkpoint": None, "variants": None, "sweep_csv": None, "class_mode": "null",
            "probe_train_images": None, "notebooks": False}
@@ -239,9 +221,7 @@ class AnalyzeError(RuntimeError):
     """A user-facing problem with the analyze options."""
 
 
-
 def parse_variants(items: list[str] | None) -> dict[str, Path] | None:
-    """`--variant NAME=PATH` options as {name: path}."""
     out = {}
     for item in items or []:
         name, sep, path = item.partition("=")
@@ -252,12 +232,7 @@ def parse_variants(items: list[str] | None) -> dict[str, Path] | None:
 
 
 def run(ctx: StageContext, **kwargs) -> dict:
-    """Run every analysis; write the outs listed in the module docstring; return the summary (also
-    written to metrics/analyze.json by the stage runner). Options (keyword arguments or ctx.options): see OPTIONS."""
-    opts = {**OPTIONS, **{k: v for k, v in {**(ctx.options or {}), **kwargs}.items() if v is not None}}
-    unknown = set(opts) - set(OPTIONS)
-    if unknown:
-        raise AnalyzeError(f"unknown analyze option(s) {sorted(unknown)}: known are {sorted(OPTIONS)}")
+    opts = stage_options(ctx, OPTIONS, AnalyzeError, "analyze", **kwargs)
     if opts["class_mode"] not in CLASS_MODES:
         raise AnalyzeError(f"class mode {opts['class_mode']!r} is invalid: use one of {list(CLASS_MODES)}")
     result = _analyze(ctx, checkpoint=opts["checkpoint"], variants=opts["variants"], sweep_csv=opts["sweep_csv"],
@@ -267,15 +242,8 @@ def run(ctx: StageContext, **kwargs) -> dict:
     return result
 
 
-def _analyze(
-    ctx: StageContext,
-    *,
-    checkpoint: str | Path | None,
-    variants: Mapping[str, str | Path] | None,
-    sweep_csv: str | Path | None,
-    class_mode: str,
-    probe_train_images: int | None,
-) -> dict:
+def _analyze(ctx: StageContext, *, checkpoint: str | Path | None, variants: Mapping[str, str | Path] | None,
+             sweep_csv: str | Path | None, class_mode: str, probe_train_images: int | None) -> dict:
     start = time.perf_counter()
     cfg, paths, tracker = ctx.cfg, ctx.paths, ctx.tracker
     a = cfg.analysis
@@ -298,9 +266,12 @@ def _analyze(
              ckpt_path, state.get("step"), len(val_idx), len(train_idx), device)
 
     # --- alignment and cosine ---------------------------------------------------------------
+    def activations(m):
+        return extract_activations(m, data.val, val_idx, a.timesteps, cosine_timesteps=COSINE_GRID,
+                                   class_mode=class_mode, seed=seed, device=device, autocast_dtype=amp)
+
     t0 = time.perf_counter()
-    record = extract_activations(model, data.val, val_idx, a.timesteps, cosine_timesteps=COSINE_GRID,
-                                 class_mode=class_mode, seed=seed, device=device, autocast_dtype=amp)
+    record = activations(model)
     align = alignment_rows(record, k=a.knn)
     cosine = cosine_rows(record)
     timings = {"alignment_s": time.perf_counter() - t0}
@@ -349,8 +320,7 @@ def _analyze(
                 log.warning("skipping variant %s: trained on other data (%s)", name, vstate["info"])
                 continue
             vmodel = model_from_checkpoint(vstate, use_ema=True, device=device)
-            vrec = extract_activations(vmodel, data.val, val_idx, a.timesteps, cosine_timesteps=COSINE_GRID,
-                                       class_mode=class_mode, seed=seed, device=device, autocast_dtype=amp)
+            vrec = activations(vmodel)
             valign = alignment_rows(vrec, k=a.knn)
             variant_rows += [{"model": name, **r} for r in valign]
             vcomp, vres = report.compression_rows(name, report.model_components(vmodel), a.entropy_bins)

@@ -1,21 +1,17 @@
 """Stage `compare` (`unite compare`): UNITE against its ablations and the two-stage baseline, at equal budget.
+Over 500 lines because the variants, the resumable results table and its report are one feature.
 
-Each variant is the params with a few overrides (VARIANTS), trained once per seed (train.seed, +1, ...)
-with unite_core.train.Trainer (two_stage: unite_core.two_stage) and evaluated like the `evaluate` stage.
-Results: reports/compare.csv (a row per variant and seed), reports/compare.md (mean +- std per variant and a
-verdict per paper direction: "reproduced"/"reversed" only when the gFID means differ by more than the seed
-spread, else "not resolved"; see `directions`), one MLflow child run per variant and seed.
-Budget: "time" (every variant trains `minutes`; two-stage splits them by `tokenizer_fraction`) or "steps"
-(train.steps per network). `unite_2x_steps` gets twice the budget, `unite_param_matched` twice the GE depth.
-`jobs` > 1 trains the missing runs in that many processes first, then evaluates here one by one.
-Resumable: a (variant, seed) row with the same params hash is kept; a finished training whose evaluation
-did not complete is evaluated from models/compare/<variant>-s<seed>-<hash>.pt.
+Each variant (VARIANTS: overrides of the params) is trained once per seed (train.seed, +1, ...) and
+evaluated like the `evaluate` stage; results in reports/compare.csv (a row per variant and seed),
+reports/compare.md (mean +- std and a verdict per paper direction, see `directions`) and one MLflow child
+run each. Budget "time" (`minutes` per variant; two-stage splits them by `tokenizer_fraction`) or "steps".
+`jobs` > 1 trains the missing runs in parallel processes first. Resumable: a row with the same params hash
+is kept; a finished training is evaluated from models/compare/<variant>-s<seed>-<hash>.pt.
 """
 
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
 import logging
@@ -42,13 +38,13 @@ from ..context import StageContext
 from ..evaluation import evaluate_checkpoint_images, reference_images, warn_if_ema_is_young
 from ..inputs import feature_spec, load_checked_classifier, open_data, train_classifier
 from ..tracking import stage_run
+from . import short_hash, stage_options
 
 log = logging.getLogger(__name__)
 
 
 def _double_budget(cfg: Config, steps: Optional[int], minutes: Optional[float]) -> dict[str, Any]:
-    n = 2 * int(steps or cfg.train.steps)
-    return {"train.steps": n, "_minutes_factor": 2.0}
+    return {"train.steps": 2 * int(steps or cfg.train.steps), "_minutes_factor": 2.0}
 
 
 def _double_depth(cfg: Config, steps: Optional[int], minutes: Optional[float]) -> dict[str, Any]:
@@ -99,9 +95,7 @@ class CompareError(ValueError):
     """A user-facing problem with the comparison's options."""
 
 
-# ----------------------------------------------------------------------------------------------
-# Variant configs and hashes
-# ----------------------------------------------------------------------------------------------
+# --- Variant configs and hashes ---
 def parse_variants(text: str | None) -> list[str]:
     if text is None or not str(text).strip():
         return list(DEFAULT_VARIANTS)
@@ -144,16 +138,12 @@ def variant_config(cfg: Config, name: str, *, budget: str, minutes: Optional[flo
     return config_from_dict(cfg.to_dict(), overrides)
 
 
-def _hash(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-
 def training_hash(vcfg: Config, name: str, *, budget: str, minutes: Optional[float], tokenizer_fraction: float,
                   data_hash: str = "") -> str:
     """What defines a variant's trained checkpoint (models/compare/<variant>-s<seed>-<this>.pt)."""
     d = vcfg.to_dict()
     relevant = {k: d[k] for k in ("modality", "data", "model", "flow", "loss", "train")}
-    return _hash({
+    return short_hash({
         "variant": name, "config": relevant, "budget": budget,
         "minutes": vcfg.train.time_limit_minutes if budget == "time" else None,
         "tokenizer_fraction": tokenizer_fraction if name == "two_stage" else None, "data": data_hash,
@@ -165,13 +155,11 @@ def variant_hash(train_hash: str, vcfg: Config, *, num_samples: int, scales: lis
     """What defines a row of the table: the training plus every evaluation setting."""
     d = vcfg.to_dict()
     evaluation = {k: d["eval"][k] for k in ("feature_extractor", "inception_weights", "kid_subset_size")}
-    return _hash({"train": train_hash, "sample": d["sample"], "eval": evaluation, "num_samples": num_samples,
+    return short_hash({"train": train_hash, "sample": d["sample"], "eval": evaluation, "num_samples": num_samples,
                   "scales": scales, "data": data_hash, "classifier": classifier_hash})
 
 
-# ----------------------------------------------------------------------------------------------
-# Files
-# ----------------------------------------------------------------------------------------------
+# --- Files ---
 Key = tuple  # (variant, seed)
 
 
@@ -252,9 +240,7 @@ def _pm(s: dict, metric: str, digits=2, scale=1.0, suffix="") -> str:
 
 
 def _minutes(seconds):
-    if seconds is None:
-        return "n/a"
-    return f"{seconds / 60:.1f} min"
+    return "n/a" if seconds is None else f"{seconds / 60:.1f} min"
 
 
 def collapsed(row: dict, num_classes: int | None) -> bool:
@@ -264,17 +250,10 @@ def collapsed(row: dict, num_classes: int | None) -> bool:
 
 
 def directions(summary: dict[str, dict], num_classes: int | None = None) -> list[dict]:
-    """For each of the paper's directions: mean gFIDs over seeds and whether the runs reproduce it.
-
-    ``summary`` is :func:`summarize`'s output (a plain {variant: {"gfid": ..}} counts as one seed each).
-    - "reproduced" / "reversed": the favoured variant's mean gFID is lower / higher by more than the spread
-      (std of one variant + std of the other, over seeds);
-    - "not resolved": the difference is within the spread, or either side has fewer than two seeds
-      (no spread to judge by);
-    - "inconclusive": the favoured variant's samples are class-independent (:func:`collapsed`, on its mean
-      conditional accuracy): the budget did not train it. An ablation that collapses where the favoured
-      variant learned has failed at the same budget: that is judged by the numbers as usual.
-    """
+    """For each paper direction, the mean gFIDs of :func:`summarize`'s output and a verdict: "reproduced" /
+    "reversed" when the favoured variant's mean is lower / higher by more than the spread (sum of the two stds
+    over seeds); "not resolved" within the spread or with fewer than two seeds a side; "inconclusive" when
+    the favoured variant's samples are class-independent (:func:`collapsed`: the budget did not train it)."""
     out = []
     for label, better, worse in DIRECTIONS:
         a, b = summary.get(better, {}), summary.get(worse, {})
@@ -360,9 +339,7 @@ def render_markdown(rows: dict[Key, dict], order: list[str], meta: dict) -> str:
     return "\n".join(lines)
 
 
-# ----------------------------------------------------------------------------------------------
-# One variant and seed
-# ----------------------------------------------------------------------------------------------
+# --- One variant and seed ---
 def _train_variant(name: str, vcfg: Config, data, device, ckpt: Path, *, budget: str, minutes: Optional[float],
                    tokenizer_fraction: float, on_log: Callable | None) -> dict:
     limit_min = vcfg.train.time_limit_minutes if budget == "time" else None
@@ -463,9 +440,7 @@ def run_variant(ctx: StageContext, name: str, seed: int, vcfg: Config, data, *, 
     return row
 
 
-# ----------------------------------------------------------------------------------------------
-# The stage
-# ----------------------------------------------------------------------------------------------
+# --- The stage ---
 def report_paths(ctx: StageContext) -> dict[str, Path]:
     return {"csv": ctx.paths.reports / "compare.csv", "md": ctx.paths.reports / "compare.md"}
 
@@ -476,16 +451,9 @@ OPTIONS = {"variants": None, "minutes": None, "samples": None, "scales": None, "
 
 
 def run(ctx: StageContext, **options) -> dict:
-    """Options (keyword arguments, else ctx.options, else :data:`OPTIONS`): variants (comma list or list),
-    minutes (per variant; default train.time_limit_minutes), samples (per guidance scale; default
-    eval.num_samples), scales (comma list or list; default eval.cfg_scales), budget ("time" | "steps"),
-    steps (override train.steps), tokenizer_fraction (two-stage: stage 1's share of the budget), seeds
-    (trainings per variant: train.seed, train.seed + 1, ...), jobs (trainings in parallel processes)."""
-    unknown = set(options) - set(OPTIONS)
-    if unknown:
-        raise CompareError(f"unknown compare option(s) {sorted(unknown)}: known are {sorted(OPTIONS)}")
-    opts = {k: options.get(k, ctx.options.get(k)) for k in OPTIONS}
-    opts = {k: (OPTIONS[k] if v is None else v) for k, v in opts.items()}
+    """Options (keyword arguments, else ctx.options, else :data:`OPTIONS`): those of `unite compare --help`;
+    variants and scales may also be lists."""
+    opts = stage_options(ctx, OPTIONS, CompareError, "compare", **options)
     variants, minutes, samples, scales = opts["variants"], opts["minutes"], opts["samples"], opts["scales"]
     budget, steps, tokenizer_fraction = opts["budget"], opts["steps"], float(opts["tokenizer_fraction"])
     seeds, jobs = int(opts["seeds"]), int(opts["jobs"])

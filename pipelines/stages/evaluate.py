@@ -1,10 +1,8 @@
 """Stage `evaluate`: the numbers a paper can quote, for the trained checkpoint (models/unite.pt).
 
-Images (pipelines.evaluation): a guidance sweep over eval.cfg_scales (gFID, KID, precision/recall, IS
-against the training set or eval.reference_stats; conditional accuracy; best scale and curve), rFID / PSNR /
-SSIM of the val set, the noise floor; outs plots/guidance_curve.csv, plots/samples.png,
-plots/reconstructions.png. Features: eval.feature_extractor=own (models/classifier.pt) or inception (the
-local file eval.inception_weights, loaded without pickle). Molecules: unite_core.molecules.evaluate_molecules.
+Images: pipelines.evaluation (guidance sweep, reconstruction, noise floor; plots/guidance_curve.csv,
+samples.png, reconstructions.png) with eval.feature_extractor=own (models/classifier.pt) or inception
+(eval.inception_weights). Molecules: unite_core.molecules.evaluate_molecules.
 """
 
 from __future__ import annotations
@@ -28,7 +26,6 @@ RECONSTRUCTIONS_FILE = "reconstructions.png"
 
 
 def outputs(ctx: StageContext) -> dict[str, Path]:
-    """Every file the stage writes (image modality)."""
     p = ctx.paths.plots
     return {"curve": p / CURVE_FILE, "samples": p / SAMPLES_FILE, "reconstructions": p / RECONSTRUCTIONS_FILE}
 

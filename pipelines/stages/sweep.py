@@ -1,39 +1,32 @@
 """Stage `sweep` (`unite sweep`): Ray Tune over params.yaml `sweep:`, each trial a `unite train` run.
+Over 500 lines because trial generation, the Tune driver and the result files share the trial specs.
 
-Trials: `sweep.space` maps dotted keys to value lists (`model.latent_tokens: [4, 16]`); `search: grid`
-takes every combination `num_samples` times (repeat r with train.seed + r), `search: random` draws
-`num_samples` (seeded by train.seed); `--trials N` keeps the first N. Every trial config is validated
-before anything starts. A trial trains `sweep.steps` steps (`--steps`) with EVAL_ROUNDS evaluations +
-checkpoints, and an EMA horizon of at most a tenth of its steps (the evaluated weights are the EMA's).
+Trials: `sweep.space` maps dotted keys to value lists; `search: grid` takes every combination `num_samples`
+times (repeat r with train.seed + r), `search: random` draws `num_samples` (seeded by train.seed); `--trials
+N` keeps the first N; every trial config is validated before anything starts. A trial trains `sweep.steps`
+steps with EVAL_ROUNDS evaluations + checkpoints and an EMA horizon of at most a tenth of its steps.
 
-A trial (`sweep_trial`) fits the same TorchTrainer as `unite train` (pipelines.distributed.ray_trainer:
-no Ray retries; refits after a dead worker only) with Tune's report callback: every checkpoint report
-carries the worker's validation numbers, on which the scheduler (`asha`: time attribute = training
-step, `grace_period` in evaluation rounds) may stop the trial. The train run of trial T lives in
-`ray_results/sweeps/<sweep>/runs/<T>/` (checkpoints + metrics.jsonl as in `unite train`); Tune's state
-in `ray_results/sweeps/<sweep>/tune/`.
+A trial (`sweep_trial`) fits the same TorchTrainer as `unite train` (distributed.ray_trainer) with Tune's
+report callback: each checkpoint report carries the worker's validation numbers, on which `asha` (time
+attribute = step, `grace_period` in evaluation rounds) may stop it. Train runs live in
+`ray_results/sweeps/<sweep>/runs/<trial>/`, Tune's state in `.../tune/`.
 
-The driver (only it writes to MLflow) keeps one child run per trial under the `sweep` stage run (tags
-unite.sweep, unite.trial: params, the curve from metrics.jsonl, each step once, final numbers). When a
-trial ends it takes the trial's val_psnr from its newest checkpoint (the Trainer's validation pass of
-the EMA weights at that step) and measures that checkpoint's latent rate (bits per image of the
-quantised latent over 1000 val images), rFID (with models/classifier.pt) and gFID + conditional
-accuracy (sweep.gfid_samples at sweep.gfid_scale, the evaluation's features). Results:
-reports/sweep.csv, reports/sweep_tradeoff.png and reports/best_params.yaml, rewritten as trials finish.
+The driver (the only MLflow writer) keeps one child run per trial under the `sweep` stage run (params,
+curve, final numbers). When a trial ends, its val_psnr is the newest checkpoint's stored validation record,
+made by Trainer.evaluate (unite_core/train.py), which reconstructs the first 500 val images with the EMA
+weights (`self.ema.module`, use_ema=True by default) at the training precision. The driver then
+measures that checkpoint's latent rate (bits per image over 1000 val images), rFID (models/classifier.pt)
+and gFID + conditional accuracy (sweep.gfid_samples at sweep.gfid_scale). Results: reports/sweep.csv,
+reports/sweep_tradeoff.png, reports/best_params.yaml, rewritten as trials finish.
 
-Interruption: Ctrl-C (or SIGUSR1) stops Tune; `unite sweep --resume` runs the trials that have no
-result yet (an unfinished one resumes its train run from its last checkpoint); a plain `unite sweep`
-refuses to overwrite an existing sweep (--resume, or --fresh to start over).
-
-Resources: a trial reserves almost no CPU (it waits on its trainer); its Ray Train workers reserve
-`distributed.cpus_per_worker` each (see `_ray_cpus` for the local cluster's size).
-Test-only: UNITE_TEST_SWEEP_INTERRUPT_AFTER=N interrupts the driver (SIGUSR1) after N finished trials.
+Ctrl-C (or SIGUSR1) stops Tune; `unite sweep --resume` runs the trials without a result (an unfinished
+one resumes its train run); a plain `unite sweep` refuses to overwrite an existing sweep (--resume, or
+--fresh to start over). Test-only: UNITE_TEST_SWEEP_INTERRUPT_AFTER=N interrupts after N finished trials.
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
 import itertools
 import json
 import logging
@@ -56,6 +49,7 @@ from .. import distributed
 from ..context import StageContext
 from ..inputs import feature_spec, load_checked_classifier, open_data
 from ..tracking import STAGE_TAG
+from . import short_hash, stage_options
 
 log = logging.getLogger(__name__)
 
@@ -79,13 +73,7 @@ class SweepError(RuntimeError):
     """A user-facing sweep problem (bad space, existing sweep, interrupted); the message says what to do."""
 
 
-# ----------------------------------------------------------------------------------------------
-# Trials
-# ----------------------------------------------------------------------------------------------
-def _short_hash(obj: Any, n: int = 8) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:n]
-
-
+# --- Trials ---
 def trial_overrides(cfg: Config, trials: int | None = None) -> list[dict[str, Any]]:
     """The sweep's trials as a list of {dotted key: value} (see the module docstring)."""
     s = cfg.sweep
@@ -140,7 +128,7 @@ def trial_config(cfg: Config, overrides: dict[str, Any], steps: int) -> Config:
 
 
 def trial_name(index: int, overrides: dict[str, Any]) -> str:
-    return f"t{index:03d}-{_short_hash(overrides, 6)}"
+    return f"t{index:03d}-{short_hash(overrides, 6)}"
 
 
 def describe(overrides: dict[str, Any]) -> str:
@@ -157,7 +145,7 @@ def sweep_name(cfg: Config, specs: list[dict], steps: int) -> str:
         "scheduler": {k: d["sweep"][k] for k in ("scheduler", "metric", "mode", "grace_period", "reduction_factor")},
     }
     exp = os.environ.get("DVC_EXP_NAME")
-    return (f"sweep-{exp}-" if exp else "sweep-") + _short_hash(key, 10)
+    return (f"sweep-{exp}-" if exp else "sweep-") + short_hash(key, 10)
 
 
 def sweep_trial(config: dict, setup: dict) -> None:
@@ -176,9 +164,7 @@ def sweep_trial(config: dict, setup: dict) -> None:
         callbacks=(TuneReportCallback(),)), resume=previous)
 
 
-# ----------------------------------------------------------------------------------------------
-# Driver: MLflow runs, evaluation of finished trials, result files
-# ----------------------------------------------------------------------------------------------
+# --- Driver: MLflow runs, evaluation of finished trials, result files ---
 class SweepCallback(tune.Callback):
     """Tune's trial events to the sweep's driver. Tune pickles its callbacks with its state: the driver
     (MLflow client, data, progress bar) is not pickled along."""
@@ -441,9 +427,7 @@ def _fmt(v) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
-# ----------------------------------------------------------------------------------------------
-# The stage
-# ----------------------------------------------------------------------------------------------
+# --- The stage ---
 def _params_doc(ctx: StageContext) -> dict:
     """The params file as the user wrote it (plus --set overrides), for best_params.yaml."""
     if ctx.params_path is not None and Path(ctx.params_path).is_file():
@@ -487,10 +471,7 @@ def _tune_config(cfg: Config, concurrency: int, steps: int):
 
 def run(ctx: StageContext) -> dict:
     """Run (or resume) the sweep; returns a summary (also in metrics/sweep.json via the stage runner)."""
-    opts = {**OPTIONS, **{k: v for k, v in (ctx.options or {}).items() if v is not None}}
-    unknown = set(opts) - set(OPTIONS)
-    if unknown:
-        raise SweepError(f"unknown sweep option(s) {sorted(unknown)}: known are {sorted(OPTIONS)}")
+    opts = stage_options(ctx, OPTIONS, SweepError, "sweep")
     cfg = ctx.cfg
     s = cfg.sweep
     t0 = time.perf_counter()

@@ -435,11 +435,8 @@ def bench(
 # --- Entry point: logging and error handling for every command ---
 def is_user_error(exc: BaseException) -> bool:
     """Errors whose message is meant for the user: *Error classes defined in unite_core or pipelines."""
-    for cls in type(exc).__mro__:
-        mod = getattr(cls, "__module__", "") or ""
-        if cls.__name__.endswith("Error") and (mod.startswith("unite_core") or mod.startswith("pipelines")):
-            return True
-    return False
+    return any(cls.__name__.endswith("Error") and (getattr(cls, "__module__", "") or "").startswith(
+        ("unite_core", "pipelines")) for cls in type(exc).__mro__)
 
 
 def setup_logging(debug: bool) -> None:

@@ -326,16 +326,11 @@ class LiveMetrics:
             return [r for r in history if int(r.get("step", 0)) not in self.logged]
 
 
-def _quiet_mlflow_logs() -> None:
-    # first use of a new SQLite store runs schema migrations that log at INFO
-    for name in ("alembic", "alembic.runtime.migration", "mlflow.store.db.utils"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-
-
 def client_for(root: Path):
     """An MlflowClient on the project's store (not `mlflow.set_tracking_uri`: MLflow 3 exports that as
     MLFLOW_TRACKING_URI, overriding the store of every later project root in this process)."""
-    _quiet_mlflow_logs()
+    for name in ("alembic", "alembic.runtime.migration", "mlflow.store.db.utils"):  # a new store's migrations
+        logging.getLogger(name).setLevel(logging.WARNING)
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(tracking_uri=tracking_uri(root))

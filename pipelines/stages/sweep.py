@@ -438,14 +438,9 @@ def _params_doc(ctx: StageContext) -> dict:
 
 
 def _ray_cpus(cfg: Config, concurrency: int, trials: int = 0) -> int:
-    """Logical CPUs of the local Ray cluster a sweep starts (distributed.num_cpus wins when set).
-
-    Room for `concurrency` trials at a time plus 2 spare. With ASHA, also a reserve for the trials
-    it stops: Ray Train V2 keeps a stopped trial's worker placement group until the Tune driver
-    exits (ray-project/ray#54305), and on a cluster sized for the running trials alone the next
-    trial then waits for CPUs that never come back. The reserve is logical only: Tune still runs at
-    most `concurrency` trials, and each worker uses cpus_per_worker threads.
-    """
+    """Logical CPUs of the local cluster a sweep starts (distributed.num_cpus wins): `concurrency` trials plus
+    2 spare and, with ASHA, a logical reserve for the trials it stops (Ray Train V2 keeps a stopped trial's
+    placement group until the Tune driver exits, ray-project/ray#54305: the next trial would wait forever)."""
     d = cfg.distributed
     if d.num_cpus:
         return d.num_cpus

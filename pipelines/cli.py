@@ -1,23 +1,22 @@
 """`unite`: the command line of the UNITE pipeline (Typer).
+Over 500 lines because every command's options and help live here (Typer reads them from the signatures).
 
     unite prepare | classifier | train | evaluate | analyze     the DVC stages, one at a time
     unite sample --classes 0,1,2 --cfg-scale 3                   a grid of samples from a checkpoint
     unite import-checkpoint FILE                                 the authors' released weights, as a project checkpoint
     unite preset NAME                                            params.yaml := presets/NAME.yaml over the default
     unite ui [--port 5000]                                       the MLflow UI on this project's runs
-    unite sweep | compare                                        when this build has them
+    unite sweep | compare                                        a Ray Tune sweep; UNITE vs its ablations
     unite bench [NAME [OPTIONS]]                                 run a benchmark of benchmarks/ (JSON lines)
 
-Every command reads params.yaml (or --params FILE), takes `--set section.key=value` overrides
-(repeatable, validated like the file) and `--debug`. A user error (bad params, missing data or
-checkpoint, failed training, ...) prints one `error: ...` line on stderr and exits 1; --debug shows
-the traceback. Outputs go below the current directory (the project root).
+Commands read params.yaml (--params), take `--set section.key=value` and `--debug`; a user error prints one
+`error: ...` line and exits 1 (--debug: the traceback). Outputs go below the current directory.
 """
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
+import ast
+import json
 import logging
 import os
 import signal
@@ -30,10 +29,19 @@ from typing import List, Optional
 import typer
 from typing_extensions import Annotated
 
-from .commands import (DEFAULT_PARAMS, DebugOption, ParamsOption, QuietOption, SetOption, err_console, load_cfg,
-                       project_root, run_stage)
+from .console import RichReporter, console, err_console, print_result
 
 log = logging.getLogger(__name__)
+
+DEFAULT_PARAMS = Path("params.yaml")
+ParamsOption = Annotated[Path, typer.Option("--params", "-p", help="params file (every key is validated)")]
+SetOption = Annotated[
+    Optional[List[str]],
+    typer.Option("--set", "-s", help="override a parameter: section.key=value (repeatable)", show_default=False),
+]
+DebugOption = Annotated[bool, typer.Option("--debug", help="debug logging and full tracebacks on errors")]
+QuietOption = Annotated[bool, typer.Option(
+    "--quiet", "-q", help="no progress bars: a progress line (with ETA) every 30 s instead, as when stderr is no terminal")]
 
 app = typer.Typer(
     name="unite",
@@ -44,20 +52,34 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-#: optional commands: name -> (stage module to fall back on, or None; help text)
-OPTIONAL_COMMANDS = {
-    "classifier": ("classifier", "Train the dataset's own feature classifier (embedded FID features)."),
-    "evaluate": ("evaluate", "Evaluate the trained model (metrics/evaluate.json)."),
-    "analyze": ("analyze", "Analyses of the trained model (alignment, probe, compression)."),
-    "sweep": (None, "Ray Tune sweep over the `sweep:` section of the params."),
-    "compare": (None, "UNITE vs its ablations and the two-stage baseline at equal budget."),
-    "bench": (None, "Run a benchmark (benchmarks/NAME.py) and print its JSON lines; no NAME lists them."),
-}
+def project_root() -> Path:
+    return Path.cwd().resolve()
 
 
-# ----------------------------------------------------------------------------------------------
-# Core commands
-# ----------------------------------------------------------------------------------------------
+def load_cfg(params: Path, overrides: list[str] | None):
+    from unite_core.config import load_config
+
+    return load_config(params, list(overrides or []))
+
+
+def run_stage(stage: str, params: Path, overrides: list[str] | None, debug: bool = False, *, quiet: bool = False,
+              options: dict | None = None, write_metrics: bool = True) -> dict:
+    from .stages import execute
+
+    cfg = load_cfg(params, overrides)
+    if cfg.train.threads:
+        import torch
+
+        torch.set_num_threads(cfg.train.threads)
+    root = project_root()
+    t0 = time.perf_counter()
+    result = execute(stage, cfg, root, params_path=Path(params), overrides=list(overrides or []), debug=debug,
+                     reporter=RichReporter(quiet=quiet), options=options, write_metrics=write_metrics)
+    print_result(stage, result, time.perf_counter() - t0, root, write_metrics)
+    return result
+
+
+# --- Commands: each runs its stage (pipelines/stages/<name>.py) through run_stage ---
 @app.command()
 def prepare(params: ParamsOption = DEFAULT_PARAMS, set_: SetOption = None, debug: DebugOption = False,
             quiet: QuietOption = False) -> None:
@@ -249,81 +271,213 @@ class UIError(RuntimeError):
     """`mlflow ui` failed (port in use, broken store)."""
 
 
-# ----------------------------------------------------------------------------------------------
-# Optional commands: pipelines.commands.<name>.register(app), or a stage fallback, or a stub
-# ----------------------------------------------------------------------------------------------
-def _stage_command(name: str, help_text: str) -> None:
-    def command(params: ParamsOption = DEFAULT_PARAMS, set_: SetOption = None, debug: DebugOption = False,
-                quiet: QuietOption = False) -> None:
-        run_stage(name, params, set_, debug, quiet=quiet)
-
-    command.__name__ = name
-    command.__doc__ = help_text
-    app.command(name)(command)
+@app.command()
+def classifier(params: ParamsOption = DEFAULT_PARAMS, set_: SetOption = None, debug: DebugOption = False,
+               quiet: QuietOption = False) -> None:
+    """Train the own feature classifier for eval.classifier_steps steps; report its val accuracy
+    (models/classifier.pt, metrics/classifier.json)."""
+    run_stage("classifier", params, set_, debug, quiet=quiet)
 
 
-def _stub_command(name: str, message: str, code: int, help_text: str) -> None:
-    def command(args: Annotated[Optional[List[str]], typer.Argument(hidden=True)] = None) -> None:
-        sys.stderr.write(f"error: {message}\n")
+@app.command()
+def evaluate(
+    params: ParamsOption = DEFAULT_PARAMS,
+    set_: SetOption = None,
+    debug: DebugOption = False,
+    quiet: QuietOption = False,
+    checkpoint: Annotated[Optional[Path], typer.Option(
+        "--checkpoint", "-c",
+        help="evaluate this checkpoint (rebuilt from its own saved config) instead of models/unite.pt",
+        show_default=False)] = None,
+) -> None:
+    """gFID/KID/precision-recall/IS and conditional accuracy over eval.cfg_scales (best scale + curve),
+    rFID/PSNR/SSIM on the val set, noise floor FID(val vs train); writes plots/guidance_curve.csv,
+    plots/samples.png and plots/reconstructions.png."""
+    run_stage("evaluate", params, set_, debug, quiet=quiet, options={"checkpoint": checkpoint})
+
+
+@app.command()
+def analyze(
+    params: ParamsOption = DEFAULT_PARAMS,
+    set_: SetOption = None,
+    debug: DebugOption = False,
+    quiet: QuietOption = False,
+    checkpoint: Annotated[Optional[Path], typer.Option(
+        "--checkpoint", "-c", help="analyse this checkpoint instead of models/unite.pt", show_default=False)] = None,
+    variant: Annotated[Optional[List[str]], typer.Option(
+        "--variant", help="an ablation checkpoint NAME=PATH to compare (repeatable; models/compare/*.pt from "
+        "`unite compare` are found without it)", show_default=False)] = None,
+    sweep_csv: Annotated[Optional[Path], typer.Option(
+        "--sweep-csv", help="sweep results for the rate-distortion table (default: reports/sweep.csv)",
+        show_default=False)] = None,
+    class_mode: Annotated[str, typer.Option(
+        "--class-mode", help="class of the denoising pass: null (as the tokenization pass) or label")] = "null",
+    notebooks: Annotated[bool, typer.Option(
+        "--notebooks", help="also execute the notebooks in notebooks/ (papermill) into reports/notebooks/")] = False,
+) -> None:
+    """Alignment (CKA/CKNNA per GE block, cosine vs t), linear probes, weight description length, and the
+    rate-distortion table of a sweep: metrics/analyze.json, plots/*.csv and plots/*.png."""
+    from .stages.analyze import parse_variants
+
+    run_stage("analyze", params, set_, debug, quiet=quiet, options={
+        "checkpoint": checkpoint, "variants": parse_variants(variant), "sweep_csv": sweep_csv,
+        "class_mode": class_mode, "notebooks": notebooks,
+    })
+
+
+@app.command()
+def sweep(
+    params: ParamsOption = DEFAULT_PARAMS,
+    set_: SetOption = None,
+    debug: DebugOption = False,
+    quiet: QuietOption = False,
+    trials: Annotated[Optional[int], typer.Option(
+        "--trials", min=1, help="run only the first N trials (random search: draw N; default: sweep.num_samples "
+        "or the whole grid)", show_default=False)] = None,
+    concurrency: Annotated[Optional[int], typer.Option(
+        "--concurrency", min=1, help="trials at a time (default: sweep.max_concurrent)", show_default=False)] = None,
+    steps: Annotated[Optional[int], typer.Option(
+        "--steps", min=1, help="training steps per trial (default: sweep.steps, else train.steps)",
+        show_default=False)] = None,
+    resume: Annotated[bool, typer.Option(
+        "--resume", help="continue the interrupted sweep with these settings (finished trials are kept)")] = False,
+    fresh: Annotated[bool, typer.Option(
+        "--fresh", help="delete an existing sweep with these settings and start over")] = False,
+) -> None:
+    """Ray Tune sweep: each trial trains through Ray Train (like `unite train`) and is one MLflow child run;
+    writes reports/sweep.csv (a row per trial: params, val PSNR, rFID, latent rate, time) and
+    reports/best_params.yaml (your params with the best trial's values, for `dvc exp run`)."""
+    run_stage("sweep", params, set_, debug, quiet=quiet, options={
+        "trials": trials, "concurrency": concurrency, "steps": steps, "resume": resume, "fresh": fresh,
+    })
+
+
+COMPARE_VARIANTS = ("unite,two_stage,separate_weights,unite_param_matched,unite_2x_steps,no_stop_grad,no_noise_aug,"
+                    "flow_minibatches_1,no_shift")  # pipelines.stages.compare.DEFAULT_VARIANTS (tested)
+
+
+@app.command()
+def compare(
+    params: ParamsOption = DEFAULT_PARAMS,
+    set_: SetOption = None,
+    debug: DebugOption = False,
+    quiet: QuietOption = False,
+    variants: Annotated[str, typer.Option("--variants", help="comma-separated variants")] = COMPARE_VARIANTS,
+    minutes: Annotated[Optional[float], typer.Option(
+        "--minutes", min=0.0, help="training wall-clock per variant (default: train.time_limit_minutes)",
+        show_default=False)] = None,
+    samples: Annotated[Optional[int], typer.Option(
+        "--samples", min=2, help="samples per guidance scale (default: eval.num_samples)", show_default=False)] = None,
+    scales: Annotated[Optional[str], typer.Option(
+        "--scales", help="guidance scales, e.g. 1,2,3 (default: eval.cfg_scales)", show_default=False)] = None,
+    budget: Annotated[str, typer.Option(
+        "--budget", help="time: equal wall-clock per variant; steps: train.steps optimizer steps per network")] = "time",
+    steps: Annotated[Optional[int], typer.Option(
+        "--steps", min=1, help="override train.steps (step cap and schedule length)", show_default=False)] = None,
+    tokenizer_fraction: Annotated[float, typer.Option(
+        "--tokenizer-fraction", help="two-stage baseline: share of its budget for stage 1 (the tokenizer)")] = 0.5,
+    seeds: Annotated[int, typer.Option(
+        "--seeds", min=1, help="trainings per variant (train.seed, train.seed+1, ...); the verdicts use their "
+        "spread")] = 3,
+    jobs: Annotated[int, typer.Option(
+        "--jobs", min=1, help="trainings run in parallel processes (several share one GPU; CPU threads are "
+        "split)")] = 1,
+) -> None:
+    """Train and evaluate each variant with N seeds at equal budget (reports/compare.md: mean +- std and a
+    verdict per paper direction; .csv: one row per variant and seed; one MLflow run each); resumable:
+    (variant, seed) rows already in reports/compare.csv with the same settings are skipped."""
+    run_stage("compare", params, set_, debug, quiet=quiet, options={
+        "variants": variants, "minutes": minutes, "samples": samples, "scales": scales, "budget": budget,
+        "steps": steps, "tokenizer_fraction": tokenizer_fraction, "seeds": seeds, "jobs": jobs,
+    })
+
+
+# --- unite bench: `python benchmarks/<name>.py [options]` from the project folder (the current directory, else
+# this package's checkout); its JSON lines to stdout, other lines to stderr; its exit code ---
+class BenchError(RuntimeError):
+    """No benchmarks folder, or no benchmark of that name; the message lists what there is."""
+
+
+def benchmarks_dir() -> Path | None:
+    for root in (project_root(), Path(__file__).resolve().parents[1]):
+        folder = root / "benchmarks"
+        if folder.is_dir() and any(folder.glob("*.py")):
+            return folder
+    return None
+
+
+def _benchmarks(folder: Path) -> dict[str, str]:
+    """name -> first line of the module docstring, for every benchmarks/<name>.py (read, not imported)."""
+    found = {}
+    for path in sorted(folder.glob("*.py")):
+        if not path.name.startswith("_"):
+            try:
+                doc = ast.get_docstring(ast.parse(path.read_text())) or ""
+            except (OSError, SyntaxError, ValueError):
+                doc = ""
+            found[path.stem] = (doc.strip().splitlines() or [""])[0]
+    return found
+
+
+def _is_json(line: str) -> bool:
+    try:
+        return line.strip().startswith(("{", "[")) and json.loads(line) is not None
+    except ValueError:
+        return False
+
+
+def _run_benchmark(script: Path, args: list[str]) -> int:
+    proc = subprocess.Popen([sys.executable, str(script), *args], cwd=script.parent.parent, stdout=subprocess.PIPE,
+                            stderr=None, text=True, bufsize=1)
+    try:
+        for line in proc.stdout:
+            stream = sys.stdout if _is_json(line) else sys.stderr
+            stream.write(line)
+            stream.flush()
+        return proc.wait()
+    except BaseException:  # Ctrl-C / SIGTERM: stop the benchmark too
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        raise
+
+
+@app.command("bench", add_help_option=False,
+             context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+def bench(
+    name: Annotated[Optional[str], typer.Argument(help="benchmark to run (none: list them)", show_default=False)] = None,
+    args: Annotated[Optional[List[str]], typer.Argument(help="options passed to the benchmark",
+                                                        show_default=False)] = None,
+) -> None:
+    """Run a benchmark (benchmarks/NAME.py) and print its JSON lines; no NAME lists them."""
+    folder = benchmarks_dir()
+    if folder is None:
+        raise BenchError("no benchmarks/ folder here or in this package's checkout: run `unite bench` from "
+                         "the project folder")
+    found = _benchmarks(folder)
+    if name in (None, "-h", "--help"):
+        out = console()
+        out.print(f"benchmarks in {folder} (run one with `unite bench NAME [OPTIONS]`, its options with "
+                  "`unite bench NAME --help`):", markup=False)
+        width = max(len(n) for n in found)
+        for bench_name, doc in found.items():
+            out.print(f"  {bench_name:<{width}}  {doc}", markup=False)
+        return
+    if name not in found:
+        raise BenchError(f"no benchmark '{name}': choose one of {', '.join(found)} (`unite bench` lists them)")
+    code = _run_benchmark(folder / f"{name}.py", [a for a in (args or []) if a != "--debug"])  # --debug: unite's
+    if code != 0:
+        err_console().print(f"error: benchmark {name} exited with code {code} (its messages are above)", markup=False)
         raise typer.Exit(code)
 
-    command.__name__ = name
-    command.__doc__ = f"{help_text} (not available in this build)"
-    app.command(name, context_settings={"ignore_unknown_options": True, "allow_extra_args": True})(command)
 
-
-_registered: set[str] = set()
-
-
-def register_optional(only: str | None = None) -> None:
-    """Add the optional commands to `app` (just `only` when given: importing every command module
-    costs seconds, and dispatching one command needs only that one)."""
-    for name, (stage, help_text) in OPTIONAL_COMMANDS.items():
-        if (only is not None and name != only) or name in _registered:
-            continue
-        _registered.add(name)
-        module_name = f"{__package__}.commands.{name}"
-        try:
-            found = importlib.util.find_spec(module_name) is not None
-        except ImportError:
-            found = False
-        if found:
-            try:
-                module = importlib.import_module(module_name)
-                register = getattr(module, "register")
-                register(app)
-                continue
-            except Exception as exc:  # noqa: BLE001 - one broken module must not break the CLI
-                log.debug("command module %s failed to load", module_name, exc_info=True)
-                _stub_command(name, f"`unite {name}` failed to load ({type(exc).__name__}: {exc}); "
-                                    "rerun with --debug for details", 1, help_text)
-                continue
-        if stage is not None and importlib.util.find_spec(f"{__package__}.stages.{stage}") is not None:
-            _stage_command(name, help_text)
-        else:
-            _stub_command(name, f"`unite {name}` is not available in this build", 2, help_text)
-
-
-def get_app() -> typer.Typer:
-    """The app with every command registered (for `typer.testing.CliRunner` and documentation)."""
-    register_optional()
-    return app
-
-
-# ----------------------------------------------------------------------------------------------
-# Entry point: logging and error handling for every command (ours and the registered ones)
-# ----------------------------------------------------------------------------------------------
-def _core_commands() -> set[str]:
-    return {c.name or c.callback.__name__ for c in app.registered_commands}
-
-
+# --- Entry point: logging and error handling for every command ---
 def is_user_error(exc: BaseException) -> bool:
     """Errors whose message is meant for the user: *Error classes defined in unite_core or pipelines."""
-    for cls in type(exc).__mro__:
-        mod = getattr(cls, "__module__", "") or ""
-        if cls.__name__.endswith("Error") and (mod.startswith("unite_core") or mod.startswith("pipelines")):
-            return True
-    return False
+    return any(cls.__name__.endswith("Error") and (getattr(cls, "__module__", "") or "").startswith(
+        ("unite_core", "pipelines")) for cls in type(exc).__mro__)
 
 
 def setup_logging(debug: bool) -> None:
@@ -390,12 +544,6 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # a user turns it on with =false
     install_default_handlers()
     setup_logging(debug)
-    words = [a for a in argv if not a.startswith("-")]
-    first = words[0] if words else None
-    if first in OPTIONAL_COMMANDS:
-        register_optional(first)
-    elif first is None or first not in _core_commands():
-        register_optional()  # top-level help or an unknown command: list everything
     command = typer.main.get_command(app)
     try:
         # click's make_context + invoke rather than command.main: Typer's main turns a KeyboardInterrupt

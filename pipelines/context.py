@@ -1,11 +1,6 @@
-"""What every stage receives: the validated config, absolute paths, a tracker and a progress reporter.
-
-A stage module (pipelines/stages/<name>.py) exposes `run(ctx: StageContext) -> dict`: it reads its
-inputs from ctx.paths, writes its outs there, returns the metrics that go to metrics/<name>.json,
-and logs through ctx.tracker (an MLflow child run, or a no-op when tracking is off). Long loops
-report progress through `ctx.reporter.progress(...)` (the CLI shows a rich progress bar with an
-ETA; elsewhere it is a no-op). Command-specific options (e.g. `unite sample --classes`) arrive in
-`ctx.options`.
+"""What every stage's `run(ctx)` receives: the validated config, absolute paths (ctx.paths), a tracker (an
+MLflow child run or a no-op), a progress reporter (a rich bar in the CLI, else a no-op) and the command's
+options (ctx.options).
 """
 
 from __future__ import annotations
@@ -20,44 +15,19 @@ from unite_core.config import Config
 from .tracking import NullTracker, Tracker
 
 
-@dataclass
 class Paths:
-    root: Path
+    """Absolute folders of a project root: data, models, metrics, plots, reports, .unite_cache."""
 
-    def __post_init__(self):
-        self.root = Path(self.root).resolve()
-
-    @property
-    def data(self) -> Path:
-        return self.root / "data"
-
-    @property
-    def models(self) -> Path:
-        return self.root / "models"
-
-    @property
-    def metrics(self) -> Path:
-        return self.root / "metrics"
-
-    @property
-    def plots(self) -> Path:
-        return self.root / "plots"
-
-    @property
-    def reports(self) -> Path:
-        return self.root / "reports"
-
-    @property
-    def cache(self) -> Path:
-        return self.root / ".unite_cache"
+    def __init__(self, root: Path):
+        self.root = Path(root).resolve()
+        self.data, self.models, self.metrics = self.root / "data", self.root / "models", self.root / "metrics"
+        self.plots, self.reports, self.cache = self.root / "plots", self.root / "reports", self.root / ".unite_cache"
+        self.checkpoint = self.models / "unite.pt"  # the final trained model (DVC out of `train`)
 
     @property
     def ray_storage(self) -> Path:
-        """Ray Train storage (and the in-process runs' checkpoints): one folder per run name.
-
-        Kept in the project home (DVC_ROOT under DVC): a queued `dvc exp run` works in a temporary
-        copy, and its run folder must outlive that copy to be resumed or reused.
-        """
+        """Run folders of training (Ray or in-process), in the project home (DVC_ROOT under DVC): a queued
+        `dvc exp run` works in a temporary copy, and its run folder must outlive that copy."""
         from .tracking import project_home
 
         return project_home(self.root) / "ray_results"
@@ -65,18 +35,12 @@ class Paths:
     def dataset_dir(self, cfg: Config) -> Path:
         return self.data / cfg.data.dataset
 
-    @property
-    def checkpoint(self) -> Path:
-        """The final trained model (DVC out of `train`)."""
-        return self.models / "unite.pt"
-
     def stage_metrics(self, stage: str) -> Path:
         return self.metrics / f"{stage}.json"
 
 
 class ProgressTask:
-    """Handle of one progress bar: `update(completed, total=None, **fields)`; fields are shown beside
-    the bar; `total` sets (or corrects) the total once it is known."""
+    """One progress bar: `update(completed, total=None, **fields)` (fields shown beside the bar)."""
 
     def update(self, completed: float, total: float | None = None, **fields: Any) -> None:  # noqa: D401
         return None

@@ -1,58 +1,20 @@
 """Training runs: Ray Train (a TorchTrainer with N data-parallel workers) or in-process, one loop.
+Over 500 lines because the loop, the Ray worker, the driver and the failure policy share one run-folder format.
 
-Both paths run unite_core's `Trainer` through `run_session`, keep the same files in the run folder
-`<root>/ray_results/<run name>/`, and resume the same way, so a run started under Ray can finish
-in-process and vice versa:
+Both paths run unite_core's `Trainer` through `run_session` in the same run folder
+`<root>/ray_results/<run name>/` (checkpoint_<step>/{state.pt, meta.json}, metrics.jsonl from rank 0,
+stop_requested written by the driver on SIGINT/SIGTERM), so either path resumes the other's run. Run
+name `unite-[<DVC experiment>-]<key>`, the key hashing Config.fingerprint() and the data's content hash.
+A run whose newest checkpoint needs no more training is exported, not trained.
 
-    checkpoint_00000250/state.pt   full training state (weights, EMA, optimisers, history)
-    checkpoint_00000250/meta.json  {"step": 250, "final": false, ...}
-    metrics.jsonl                  one line per log step (rank 0), rewritten from the checkpoint's
-                                   history on resume, so it never holds a step twice
-    stop_requested                 written by the driver on SIGINT/SIGTERM: training stops before
-                                   its next step with a checkpoint (removed when the next run starts)
-
-Run names: `unite-<key>`, or `unite-<DVC experiment>-<key>` inside `dvc exp run`, where the key
-hashes the settings that define the trained model (Config.fingerprint: modality, data, model, flow,
-loss and train, less the operational keys such as train.log_every, train.device or data.root) and
-the prepared data's content hash. Changing an operational key resumes the same run; changing
-anything else starts another one. A run whose newest checkpoint has all train.steps, or was
-stopped by train.time_limit_minutes with that budget used up, is not trained again: the driver
-exports it and says so (raise the time limit and the run continues).
-
-The driver follows metrics.jsonl while training runs: each new record moves the progress bar and is
-logged to the stage's MLflow run (a live curve, pipelines.tracking.LiveMetrics). On the first
-SIGINT/SIGTERM the driver asks the workers to stop (in-process: a flag; Ray: the stop_requested
-file); they stop before the next step, every rank together, and write a checkpoint; the command
-ends with pipelines.interrupt.Interrupted, whose one line says how to resume. Ray's fit runs in a
-helper thread, so that the main thread keeps the signal handlers (Ray Train installs its own
-abort-everything SIGINT handler when fit is called from the main thread).
-
-Ray Train: `ScalingConfig(num_workers, use_gpu, resources_per_worker={"CPU": cpus_per_worker})`,
-`CheckpointConfig(num_to_keep=2)`, gloo on CPU and NCCL on GPU. GPUs: distributed.use_gpu, or
-train.device=auto on a cluster with a GPU per worker (ray_use_gpu). Failures: Ray retries nothing
-(`FailureConfig(max_failures=0)`); the driver refits from the newest checkpoint up to
-distributed.max_failures times when a worker died or failed outside the project's code, and stops at
-once on the project's own errors (bad data, a non-finite loss, a checkpoint that does not fit), which
-a retry would only repeat.
-Each worker loads the prepared data from the absolute data folder (read-time settings such as
-data.on_corrupt from the params it was given; an image folder or shards are then decoded / read by
-data.num_workers DataLoader processes of its own, which Ray's CPU accounting does not see: size
-distributed.cpus_per_worker to include them), builds a Trainer with its world
-rank (gradients are averaged with one all-reduce per step), resumes from the newest checkpoint, and
-calls `ray.train.report` at every checkpoint (a barrier on all ranks; only rank 0 hands over a
-checkpoint folder). When a worker dies, Ray replaces the worker group and training resumes from the
-last checkpoint. Rank 0 appends per-step records to metrics.jsonl; only the driver writes to MLflow.
-
-Cluster: with RAY_ADDRESS set, `ray.init(address=RAY_ADDRESS)` joins that cluster (multi-node: `ray
-start --head` on one node, `ray start --address=<head>:6379` on the others, every node with this
-package installed and the project folder on shared storage at the same path, then `RAY_ADDRESS=auto
-dvc repro` or `unite train` on the head). Otherwise a local cluster is started for the command with
-`distributed.num_cpus` logical CPUs (default: enough for the workers plus two) and stopped after.
-
-Test-only: UNITE_TEST_CRASH_AT_STEP=N (read by the driver, passed to the Ray workers) makes rank 0
-exit with os._exit(1) right after step N, once per run folder (a marker file records that it
-happened), to exercise recovery from a dead worker. Ignored in-process (it would end the command
-itself). Not a params key on purpose: nobody sets it by accident.
+The driver follows metrics.jsonl (progress, live MLflow curve) and runs Ray's fit in a helper thread
+(from the main thread Ray Train installs its own abort-everything SIGINT handler). Ray retries nothing;
+`fit` refits from the newest checkpoint up to distributed.max_failures times after a dead worker, never
+after the project's own errors. Workers load the prepared data themselves (DataLoader processes that
+Ray's CPU accounting does not see: size distributed.cpus_per_worker for them) and report each checkpoint
+with that step's validation numbers. RAY_ADDRESS joins a running cluster (project on shared storage at
+the same path), else a local one of `distributed.num_cpus` logical CPUs is started. Test-only:
+UNITE_TEST_CRASH_AT_STEP=N makes rank 0 exit after step N, once per run folder.
 """
 
 from __future__ import annotations
@@ -67,12 +29,14 @@ import shutil
 import tempfile
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 from unite_core.io import atomic_dir, atomic_torch_save, atomic_write_text, fsync_tree
 
+from .inputs import check_prepared, load_prepared_data
 from .interrupt import GracefulStop, Interrupted, signal_name
 
 log = logging.getLogger(__name__)
@@ -91,9 +55,7 @@ RAY_TEMP_DIR = os.environ.get("UNITE_RAY_TMPDIR") or f"/tmp/unite-ray-{os.getuid
 _NOT_AVERAGED = {"step", "time_s", "lr", "grad_norm", "samples_per_s"}
 
 
-# ----------------------------------------------------------------------------------------------
-# Run folders and checkpoints
-# ----------------------------------------------------------------------------------------------
+# --- Run folders and checkpoints ---
 def run_key(cfg, data_hash: str = "") -> str:
     """12 hex digits: the model-defining settings (Config.fingerprint) and the data's content hash."""
     fp = cfg.fingerprint()
@@ -103,12 +65,9 @@ def run_key(cfg, data_hash: str = "") -> str:
 
 
 def run_name(cfg, data_hash: str = "") -> str:
-    fp = run_key(cfg, data_hash)
     exp = os.environ.get("DVC_EXP_NAME")
-    if exp:
-        safe = re.sub(r"[^A-Za-z0-9_.-]+", "-", exp).strip("-")[:60] or "exp"
-        return f"unite-{safe}-{fp}"
-    return f"unite-{fp}"
+    safe = (re.sub(r"[^A-Za-z0-9_.-]+", "-", exp).strip("-")[:60] or "exp") + "-" if exp else ""
+    return f"unite-{safe}{run_key(cfg, data_hash)}"
 
 
 @dataclass
@@ -120,7 +79,6 @@ class CheckpointInfo:
 
 
 def _read_meta(folder: Path) -> dict | None:
-    """A checkpoint folder's meta.json, or None when it is missing or unreadable."""
     try:
         return json.loads((Path(folder) / META_FILE).read_text())
     except (OSError, ValueError):
@@ -163,15 +121,10 @@ def is_finished(ckpt: CheckpointInfo | None, cfg) -> bool:
 
 def checkpoint_meta(trainer, cfg, final: bool, world_size: int) -> dict:
     history = trainer.history
-    return {
-        "step": int(trainer.step),
-        "final": bool(final),
-        "steps_requested": int(cfg.train.steps),
-        "stopped_early": bool(final and trainer.step < cfg.train.steps),
-        "train_seconds": float(history[-1]["time_s"]) if history else 0.0,
-        "world_size": int(world_size),
-        "fingerprint": cfg.fingerprint(),
-    }
+    return {"step": int(trainer.step), "final": bool(final), "steps_requested": int(cfg.train.steps),
+            "stopped_early": bool(final and trainer.step < cfg.train.steps),
+            "train_seconds": float(history[-1]["time_s"]) if history else 0.0, "world_size": int(world_size),
+            "fingerprint": cfg.fingerprint()}
 
 
 def write_checkpoint_dir(folder: Path, trainer, meta: dict) -> Path:
@@ -198,63 +151,13 @@ def read_state(ckpt_dir: Path) -> dict:
 
 
 def export_checkpoint(ckpt_dir: Path, dest: Path) -> dict:
-    """Write the run's checkpoint as the model file: weights, EMA weights, config, info, history.
-
-    The optimiser state stays in the run folder (it doubles the file and only matters for resuming).
-    """
+    """The checkpoint as the model file, without the optimiser state (it stays in the run folder)."""
     from unite_core.train import save_checkpoint
 
     state = read_state(ckpt_dir)
     slim = {k: v for k, v in state.items() if k != "optimizers"}
     save_checkpoint(dest, slim)
     return slim
-
-
-# ----------------------------------------------------------------------------------------------
-# Data
-# ----------------------------------------------------------------------------------------------
-_IMAGE_DATA_KEYS = ("dataset", "image_size", "val_fraction", "split_seed", "max_items", "flip", "format")
-
-
-def check_prepared(cfg, data_dir: Path) -> dict:
-    """The prepared data's manifest; DataError when it is missing or was made from other data params."""
-    from unite_core.data import DataError
-
-    data_dir = Path(data_dir)
-    path = data_dir / "manifest.json"
-    if not path.is_file():
-        raise DataError(f"no prepared data in '{data_dir}': run `unite prepare` (or `dvc repro prepare`) first")
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise DataError(f"'{path}' is unreadable ({exc}): run `unite prepare` again") from None
-    if cfg.modality == "images":
-        made = manifest.get("settings", {})
-        want = cfg.data.model_dump()
-        diff = [k for k in _IMAGE_DATA_KEYS if k in made and made.get(k) != want.get(k)]
-        if diff:
-            detail = ", ".join(f"data.{k}={made.get(k)!r} (params: {want.get(k)!r})" for k in diff)
-            raise DataError(f"the data in '{data_dir}' was prepared with {detail}: run `unite prepare` again")
-    return manifest
-
-
-def num_train_items(manifest: dict) -> int:
-    info = manifest.get("info", manifest)
-    return int(info.get("num_train", 0))
-
-
-def load_training_data(cfg, data_dir: Path):
-    """(train_set, val_set, info) from the prepared folder; read-time settings (data.on_corrupt) come
-    from the params in force, not from the prepare that made the folder."""
-    if cfg.modality == "molecules":
-        from unite_core.data.molecule_sets import load_prepared_molecules
-
-        data = load_prepared_molecules(Path(data_dir), cfg.data)
-    else:
-        from unite_core.data import load_prepared
-
-        data = load_prepared(Path(data_dir), cfg.data)
-    return data.train, data.val, data.info
 
 
 def preflight(cfg, manifest: dict, workers: int) -> None:
@@ -268,17 +171,14 @@ def preflight(cfg, manifest: dict, workers: int) -> None:
             f"train.batch_size={t.batch_size} must be divisible by distributed.num_workers x train.grad_accum = "
             f"{world} x {t.grad_accum}: change one of them"
         )
-    n = num_train_items(manifest)
+    n = int(manifest.get("info", manifest).get("num_train", 0))
     if n and t.batch_size > n:
         raise TrainingError(f"train.batch_size={t.batch_size} exceeds the {n} training samples: lower train.batch_size")
 
 
-# ----------------------------------------------------------------------------------------------
-# The loop (shared by the in-process path and every Ray worker)
-# ----------------------------------------------------------------------------------------------
+# --- The loop (shared by the in-process path and every Ray worker) ---
 def _average_over_ranks(record: dict, world_size: int, device) -> None:
-    """Average the rank-local training metrics of a log record in place (one all-reduce, on the
-    training device: NCCL reduces CUDA tensors only)."""
+    """Average a record's rank-local training metrics in place (one all-reduce on the training device)."""
     import torch
     import torch.distributed as dist
 
@@ -306,18 +206,10 @@ def run_session(
     on_record: Callable[[dict], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
 ) -> str:
-    """Train a (resumed) Trainer to train.steps within the time budget.
-
-    Returns "finished" (all steps), "stopped_early" (time budget used up) or "interrupted"
-    (`should_stop` said so: checked before every step, on rank 0, and agreed by all ranks with one
-    tiny all-reduce; the steps done are checkpointed with save(False) on every rank).
-
-    `save(final)` writes or reports a checkpoint and is called on every rank at the same steps: every
-    train.checkpoint_every steps and once at the end. The time budget (train.time_limit_minutes)
-    counts training time across resumes; Trainer.run checks it after every step, logs the step that
-    uses it up (with a validation pass) and checkpoints it as final. Log records get cumulative time_s
-    and, with several ranks, training metrics averaged over the global batch.
-    """
+    """Train a (resumed) Trainer to train.steps; "finished", "stopped_early" (train.time_limit_minutes,
+    counted across resumes, used up) or "interrupted" (`should_stop`, read on rank 0 before every step and
+    agreed by all ranks; the steps done are checkpointed). `save(final)` runs on every rank at the same
+    steps. Records get cumulative time_s and, with several ranks, metrics averaged over the global batch."""
     t = cfg.train
     until = t.steps
     history = trainer.history
@@ -445,9 +337,7 @@ def _resume_newest(trainer, ray_checkpoint, resume_dir: str | None) -> dict | No
     return _resume(trainer, local) if local_meta is not None else None
 
 
-# ----------------------------------------------------------------------------------------------
-# Ray worker (must live in the installed package: workers import it by name)
-# ----------------------------------------------------------------------------------------------
+# --- Ray worker (must live in the installed package: workers import it by name) ---
 def ray_worker(config: dict) -> None:
     import ray.train
     import torch
@@ -466,8 +356,8 @@ def ray_worker(config: dict) -> None:
     else:
         device = torch.device("cpu")
     run_dir = Path(config["run_dir"])
-    train_set, val_set, info = load_training_data(cfg, Path(config["data_dir"]))
-    trainer = Trainer(cfg, info, train_set, device, val_set=val_set if rank == 0 else None,
+    data = load_prepared_data(cfg, Path(config["data_dir"]))
+    trainer = Trainer(cfg, data.info, data.train, device, val_set=data.val if rank == 0 else None,
                       rank=rank, world_size=world)
 
     # resume: the newer of Ray's own latest checkpoint (a restart inside this fit) and the newest one
@@ -488,11 +378,11 @@ def ray_worker(config: dict) -> None:
                 write_checkpoint_dir(Path(tmp), trainer, checkpoint_meta(trainer, cfg, final, world))
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
             last = trainer.history[-1] if trainer.history else {}
-            ray.train.report(
-                {"step": trainer.step, "final": final, "loss": last.get("loss")},
-                checkpoint=checkpoint,
-                checkpoint_dir_name=name,
-            )
+            # the validation numbers of this step (eval_every divides checkpoint_every in a sweep: its
+            # scheduler reads them from the report)
+            vals = {k: v for k, v in last.items() if k.startswith("val_")} if last.get("step") == trainer.step else {}
+            ray.train.report({"step": trainer.step, "final": final, "loss": last.get("loss"), **vals},
+                             checkpoint=checkpoint, checkpoint_dir_name=name)
         if rank == 0 and (run_dir / name).is_dir():  # Ray copied it to local storage: make the copy durable
             fsync_tree(run_dir / name)
 
@@ -501,15 +391,10 @@ def ray_worker(config: dict) -> None:
                 should_stop=stop_file.exists)
 
 
-# ----------------------------------------------------------------------------------------------
-# Driver side
-# ----------------------------------------------------------------------------------------------
+# --- Driver side ---
 class _RecordFollower(threading.Thread):
-    """Tails metrics.jsonl (rewritten on resume) and feeds each new record to a callback.
-
-    `after_poll` runs after every poll that found new records (the live MLflow logging: one batch
-    per poll, so the curve in the UI is at most `interval` seconds behind the records file).
-    """
+    """Tails metrics.jsonl (rewritten on resume) into a callback; `after_poll` runs after each poll that
+    found records (the live MLflow logging, one batch per poll)."""
 
     def __init__(self, path: Path, callback: Callable[[dict], None], interval: float = 1.0,
                  after_poll: Callable[[], None] | None = None):
@@ -557,9 +442,10 @@ class _RecordFollower(threading.Thread):
         self.poll()
 
 
-def _follow(rdir: Path, task, live, after_step: int = 0) -> _RecordFollower:
-    """Start following the run's records: progress from every new record (those up to `after_step`
-    are a resumed run's history, rewritten at its start), live MLflow logging once per poll."""
+@contextmanager
+def _following(rdir: Path, task, live, after_step: int = 0):
+    """Follow the run's records while the block runs: progress from every new record (those up to
+    `after_step` are a resumed run's history, rewritten at its start), live MLflow logging once per poll."""
     shown = after_step
 
     def on_record(record: dict) -> None:
@@ -572,7 +458,12 @@ def _follow(rdir: Path, task, live, after_step: int = 0) -> _RecordFollower:
 
     follower = _RecordFollower(rdir / RECORDS_FILE, on_record, after_poll=live.flush if live is not None else None)
     follower.start()
-    return follower
+    try:
+        yield
+    finally:
+        follower.stop()
+        if live is not None:
+            live.flush()
 
 
 def _interrupted(stop: GracefulStop, name: str, rdir: Path, cfg) -> Interrupted:
@@ -594,11 +485,7 @@ def _interrupted(stop: GracefulStop, name: str, rdir: Path, cfg) -> Interrupted:
 
 
 def _progress_fields(record: dict) -> dict:
-    out = {}
-    for k in ("loss", "val_psnr"):
-        if isinstance(record.get(k), (int, float)):
-            out[k] = record[k]
-    return out
+    return {k: record[k] for k in ("loss", "val_psnr") if isinstance(record.get(k), (int, float))}
 
 
 def local_num_cpus(cfg) -> int:
@@ -606,8 +493,9 @@ def local_num_cpus(cfg) -> int:
     return d.num_cpus or max(4, math.ceil(d.num_workers * d.cpus_per_worker) + 2)
 
 
-def ensure_ray(cfg, *, debug: bool = False) -> bool:
-    """Connect to RAY_ADDRESS or start a local cluster; True if this call started Ray."""
+def ensure_ray(cfg, *, debug: bool = False, num_cpus: int | None = None) -> bool:
+    """Connect to RAY_ADDRESS or start a local cluster (`num_cpus` logical CPUs, default
+    `local_num_cpus`); True if this call started Ray."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     # a loaded 2-core machine can take over a minute to start a worker group (Ray's default: 60 s)
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
@@ -625,7 +513,7 @@ def ensure_ray(cfg, *, debug: bool = False) -> bool:
         log.info("joining the Ray cluster at %s", address)
         ray.init(address=address, **kwargs)
     else:
-        n = local_num_cpus(cfg)
+        n = num_cpus or local_num_cpus(cfg)
         log.info("starting a local Ray cluster (%d logical CPUs, temp dir %s)", n, RAY_TEMP_DIR)
         ray.init(address="local", num_cpus=n, _temp_dir=RAY_TEMP_DIR, **kwargs)
     return True
@@ -674,15 +562,15 @@ def _check_resources(cfg, use_gpu: bool) -> None:
         )
 
 
+def _worker_errors(exc: BaseException) -> list:
+    return [getattr(e, "_base_exc", e) for _, e in sorted((getattr(exc, "worker_failures", None) or {}).items())]
+
+
 def _unite_error_in(exc: BaseException) -> Exception | None:
-    """The project's own error raised in a worker (bad data, non-finite loss, a checkpoint that does
-    not fit, ...): deterministic, so never retried. None for anything else (a worker that died)."""
-    failures = getattr(exc, "worker_failures", None) or {}
-    for _, err in sorted(failures.items()):
-        base = getattr(err, "_base_exc", err)
-        if type(base).__module__.startswith("unite_core") and type(base).__name__.endswith("Error"):
-            return base
-    return None
+    """The project's own error raised in a worker (bad data, non-finite loss, ...): deterministic, so never
+    retried. None for anything else (a worker that died)."""
+    return next((e for e in _worker_errors(exc)
+                 if type(e).__module__.startswith("unite_core") and type(e).__name__.endswith("Error")), None)
 
 
 def _user_error_from(exc: BaseException, cfg) -> Exception:
@@ -692,12 +580,7 @@ def _user_error_from(exc: BaseException, cfg) -> Exception:
     own = _unite_error_in(exc)
     if own is not None:
         return own
-    failures = getattr(exc, "worker_failures", None) or {}
-    if failures:
-        first_failure = next(iter(failures.values()))
-        cause = getattr(first_failure, "_base_exc", first_failure)
-    else:
-        cause = getattr(exc, "controller_failure", None) or exc
+    cause = (_worker_errors(exc) or [getattr(exc, "controller_failure", None) or exc])[0]
     first = (str(cause).strip().splitlines() or [type(cause).__name__])[-1][:300]
     return TrainingError(
         f"Ray Train failed (distributed.max_failures={cfg.distributed.max_failures} retries used): "
@@ -705,41 +588,35 @@ def _user_error_from(exc: BaseException, cfg) -> Exception:
     )
 
 
-def _summary(cfg, name: str, run_dir: Path, ckpt: CheckpointInfo, *, trained_now: bool, workers: int,
-             wall_s: float, startup_s: float = 0.0, resumed_from: int | None = None) -> dict:
-    return {
-        "run_name": name,
-        "run_dir": str(run_dir),
-        "checkpoint_dir": str(ckpt.path),
-        "final_step": ckpt.step,
-        "steps_requested": cfg.train.steps,
-        "stopped_early": bool(ckpt.meta.get("stopped_early", ckpt.step < cfg.train.steps)),
-        "train_seconds": float(ckpt.meta.get("train_seconds", 0.0)),
-        "trained_now": trained_now,
-        "resumed_from": resumed_from,
-        "workers": workers,
-        "wall_seconds": wall_s,
-        "startup_seconds": startup_s,
-    }
+def _summary(cfg, name: str, run_dir: Path, ckpt: CheckpointInfo, *, workers: int, t0: float,
+             previous: CheckpointInfo | None = None, startup_s: float = 0.0, trained_now: bool = True) -> dict:
+    return {"run_name": name, "run_dir": str(run_dir), "checkpoint_dir": str(ckpt.path), "final_step": ckpt.step,
+            "steps_requested": cfg.train.steps,
+            "stopped_early": bool(ckpt.meta.get("stopped_early", ckpt.step < cfg.train.steps)),
+            "train_seconds": float(ckpt.meta.get("train_seconds", 0.0)), "trained_now": trained_now,
+            "resumed_from": previous.step if previous else None, "workers": workers,
+            "wall_seconds": time.perf_counter() - t0, "startup_seconds": startup_s}
 
 
-def _already_finished(cfg, name: str, run_dir: Path, workers: int, t0: float) -> dict | None:
-    ckpt = latest_checkpoint(run_dir)
+def _open_run(ctx, data_dir: Path, workers: int, t0: float):
+    """(run name, run folder, newest checkpoint, the summary when that one needs no more training)."""
+    cfg = ctx.cfg
+    manifest = check_prepared(cfg, data_dir)
+    preflight(cfg, manifest, workers)
+    name = run_name(cfg, manifest.get("content_hash", ""))
+    rdir = ctx.paths.ray_storage / name
+    ckpt = latest_checkpoint(rdir)
     if not is_finished(ckpt, cfg):
-        return None
+        return name, rdir, ckpt, None
     log.info("run %s already finished at step %d (%s): exporting its final checkpoint, nothing is trained",
              name, ckpt.step, ckpt.path.name)
-    return _summary(cfg, name, run_dir, ckpt, trained_now=False, workers=workers,
-                    wall_s=time.perf_counter() - t0)
+    return name, rdir, ckpt, _summary(cfg, name, rdir, ckpt, workers=workers, t0=t0, trained_now=False)
 
 
 def _run_fit_in_thread(fit: Callable[[], Any]):
-    """Run Ray's blocking fit in a helper thread and wait for it in the main thread.
-
-    From the main thread, Ray Train V2's fit() installs a SIGINT handler that aborts the run at once
-    (no checkpoint) and never restores the previous one; from another thread it does not, so the
-    main thread keeps the GracefulStop handlers and joins in short waits (signals are handled in between).
-    """
+    """Run Ray's blocking fit in a helper thread: called from the main thread, Ray Train V2's fit() installs a
+    SIGINT handler that aborts at once (no checkpoint) and never restores ours. The main thread keeps the
+    GracefulStop handlers and joins in short waits (signals are handled in between)."""
     box: dict[str, Any] = {}
 
     def target() -> None:
@@ -758,28 +635,72 @@ def _run_fit_in_thread(fit: Callable[[], Any]):
 
 
 def _keep_newest_checkpoints(rdir: Path) -> None:
-    """Delete all but the KEEP_CHECKPOINTS newest checkpoint folders of a run."""
     for old in list_checkpoints(rdir)[:-KEEP_CHECKPOINTS]:
         shutil.rmtree(old.path, ignore_errors=True)
 
 
-def train_with_ray(ctx, data_dir: Path, live=None) -> dict:
-    """Train through Ray Train; returns a summary (run name, final checkpoint folder, timings).
+def ray_trainer(cfg, *, data_dir: Path, run_dir: Path, resume: CheckpointInfo | None, use_gpu: bool,
+                crash_at: int | None = None, callbacks: tuple = ()):
+    """The TorchTrainer of one run (`unite train`, a sweep trial), stored in the run folder's parent. Ray
+    retries nothing (it would retry a data error or a NaN loss as readily as a dead worker); `fit` does."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
 
-    `live` (pipelines.tracking.LiveMetrics) receives every record while training runs.
-    """
-    cfg = ctx.cfg
     d = cfg.distributed
-    t0 = time.perf_counter()
-    manifest = check_prepared(cfg, data_dir)
-    preflight(cfg, manifest, d.num_workers)
-    name = run_name(cfg, manifest.get("content_hash", ""))
-    storage = ctx.paths.ray_storage
-    rdir = storage / name
-    done = _already_finished(cfg, name, rdir, d.num_workers, t0)
+    return TorchTrainer(
+        ray_worker,
+        train_loop_config={"cfg": cfg.to_dict(), "data_dir": str(Path(data_dir).resolve()), "run_dir": str(run_dir),
+                           "resume_dir": str(resume.path) if resume else None, "cpus_per_worker": d.cpus_per_worker,
+                           "use_gpu": use_gpu, "crash_at": crash_at},
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=d.num_workers, use_gpu=use_gpu,
+                                     resources_per_worker={"CPU": d.cpus_per_worker}),
+        run_config=RunConfig(storage_path=str(Path(run_dir).parent), name=Path(run_dir).name,
+                             failure_config=FailureConfig(max_failures=0), callbacks=list(callbacks),
+                             checkpoint_config=CheckpointConfig(num_to_keep=KEEP_CHECKPOINTS)),
+    )
+
+
+def fit(cfg, run_dir: Path, make_trainer: Callable[[CheckpointInfo | None], Any], *,
+        resume: CheckpointInfo | None = None, stopped: Callable[[], bool] = lambda: False,
+        run_fit: Callable[[Callable[[], Any]], Any] = lambda f: f()) -> None:
+    """Fit `make_trainer(resume)`; after a worker that died or failed outside the project's code, refit from
+    the newest checkpoint, up to distributed.max_failures times. The project's own errors are raised at once
+    (a retry would repeat them); a failure after `stopped()` ends quietly (the stop request made it)."""
+    from ray.train import TrainingFailedError
+
+    max_failures, retries = cfg.distributed.max_failures, 0
+    while True:
+        try:
+            run_fit(make_trainer(resume).fit)
+            break
+        except Exception as exc:
+            if stopped():
+                log.debug("Ray Train ended with %s after the stop request", type(exc).__name__, exc_info=True)
+                break
+            if not isinstance(exc, TrainingFailedError):
+                raise
+            own = _unite_error_in(exc)
+            if own is not None:  # deterministic: the same params would fail the same way
+                raise own from None
+            if 0 <= max_failures <= retries:
+                raise _user_error_from(exc, cfg) from None
+            retries += 1
+            resume = latest_checkpoint(run_dir)
+            log.warning("a Ray worker failed (%s); retry %d of %s from %s", type(exc).__name__, retries,
+                        max_failures if max_failures >= 0 else "unlimited",
+                        f"the checkpoint at step {resume.step}" if resume else "the start")
+    if retries:  # each refit's checkpoint manager knew only its own checkpoints: keep the newest overall
+        _keep_newest_checkpoints(run_dir)
+
+
+def train_with_ray(ctx, data_dir: Path, live=None) -> dict:
+    """Train through Ray Train; a summary (run name, final checkpoint folder, timings). `live`
+    (pipelines.tracking.LiveMetrics) receives every record while training runs."""
+    cfg, d, t0 = ctx.cfg, ctx.cfg.distributed, time.perf_counter()
+    name, rdir, previous, done = _open_run(ctx, data_dir, d.num_workers, t0)
     if done is not None:
         return done
-    previous = latest_checkpoint(rdir)
     if previous is not None:
         log.info("run %s: resuming from its checkpoint at step %d", name, previous.step)
     crash_at = crash_step_from_env()
@@ -793,78 +714,24 @@ def train_with_ray(ctx, data_dir: Path, live=None) -> dict:
 
         use_gpu = ray_use_gpu(cfg, ray.cluster_resources().get("GPU", 0))
         _check_resources(cfg, use_gpu)
-        from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
-        from ray.train.torch import TorchConfig, TorchTrainer
-
         startup_s = time.perf_counter() - t0
-
-        def make_trainer(resume: CheckpointInfo | None):
-            # Ray itself retries nothing (max_failures=0): it would retry a data error or a NaN loss as
-            # readily as a dead worker. The loop below retries only failures that are not the project's.
-            return TorchTrainer(
-                ray_worker,
-                train_loop_config={
-                    "cfg": cfg.to_dict(),
-                    "data_dir": str(Path(data_dir).resolve()),
-                    "run_dir": str(rdir),
-                    "resume_dir": str(resume.path) if resume else None,
-                    "cpus_per_worker": d.cpus_per_worker,
-                    "use_gpu": use_gpu,
-                    "crash_at": crash_at,
-                },
-                torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-                scaling_config=ScalingConfig(num_workers=d.num_workers, use_gpu=use_gpu,
-                                             resources_per_worker={"CPU": d.cpus_per_worker}),
-                run_config=RunConfig(
-                    storage_path=str(storage),
-                    name=name,
-                    failure_config=FailureConfig(max_failures=0),
-                    checkpoint_config=CheckpointConfig(num_to_keep=KEEP_CHECKPOINTS),
-                ),
-            )
-
         with GracefulStop() as stop, \
                 ctx.reporter.progress(f"train ({d.num_workers} Ray worker{'s' if d.num_workers > 1 else ''})",
-                                      cfg.train.steps) as task:
+                                      cfg.train.steps) as task, \
+                _following(rdir, task, live, after_step=previous.step if previous else 0):
             stop.on_request(lambda: atomic_write_text(stop_file, f"stop requested by {signal_name(stop.requested)}\n",
                                                       fsync=False))
-            follower = _follow(rdir, task, live, after_step=previous.step if previous else 0)
-            retries = 0
             try:
-                resume = previous
-                while True:
-                    try:
-                        _run_fit_in_thread(make_trainer(resume).fit)
-                        break
-                    except Exception as exc:
-                        if stop.requested is not None:
-                            log.debug("Ray Train ended with %s after the stop request", type(exc).__name__,
-                                      exc_info=True)
-                            break
-                        if not isinstance(exc, TrainingFailedError):
-                            raise
-                        own = _unite_error_in(exc)
-                        if own is not None:  # deterministic: the same params would fail the same way
-                            raise own from None
-                        if 0 <= d.max_failures <= retries:
-                            raise _user_error_from(exc, cfg) from None
-                        retries += 1
-                        resume = latest_checkpoint(rdir)
-                        log.warning("a Ray worker failed (%s); retry %d of %s from %s", type(exc).__name__,
-                                    retries, d.max_failures if d.max_failures >= 0 else "unlimited",
-                                    f"the checkpoint at step {resume.step}" if resume else "the start")
+                fit(cfg, rdir, lambda resume: ray_trainer(cfg, data_dir=data_dir, run_dir=rdir, resume=resume,
+                                                          use_gpu=use_gpu, crash_at=crash_at),
+                    resume=previous, stopped=lambda: stop.requested is not None, run_fit=_run_fit_in_thread)
             finally:
-                follower.stop()
-                if live is not None:
-                    live.flush()
                 stop_file.unlink(missing_ok=True)
     finally:
         if started:
             import ray
 
             ray.shutdown()
-    if retries:  # each refit's checkpoint manager knew only its own checkpoints: keep the newest overall
-        _keep_newest_checkpoints(rdir)
     ckpt = latest_checkpoint(rdir)
     if stop.requested is not None and not is_finished(ckpt, cfg):
         raise _interrupted(stop, name, rdir, cfg)
@@ -872,9 +739,7 @@ def train_with_ray(ctx, data_dir: Path, live=None) -> dict:
         from unite_core.train import TrainingError
 
         raise TrainingError(f"Ray Train returned without a final checkpoint in '{rdir}'; rerun to resume")
-    return _summary(cfg, name, rdir, ckpt, trained_now=True, workers=d.num_workers,
-                    wall_s=time.perf_counter() - t0, startup_s=startup_s,
-                    resumed_from=previous.step if previous else None)
+    return _summary(cfg, name, rdir, ckpt, workers=d.num_workers, t0=t0, previous=previous, startup_s=startup_s)
 
 
 def train_in_process(ctx, data_dir: Path, live=None) -> dict:
@@ -884,20 +749,14 @@ def train_in_process(ctx, data_dir: Path, live=None) -> dict:
     from unite_core.devices import resolve_device
     from unite_core.train import Trainer
 
-    cfg = ctx.cfg
-    t0 = time.perf_counter()
-    manifest = check_prepared(cfg, data_dir)
-    preflight(cfg, manifest, 1)
-    name = run_name(cfg, manifest.get("content_hash", ""))
-    rdir = ctx.paths.ray_storage / name
-    done = _already_finished(cfg, name, rdir, 0, t0)
+    cfg, t0 = ctx.cfg, time.perf_counter()
+    name, rdir, previous, done = _open_run(ctx, data_dir, 0, t0)
     if done is not None:
         return done
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    train_set, val_set, info = load_training_data(cfg, data_dir)
-    trainer = Trainer(cfg, info, train_set, resolve_device(cfg.train.device), val_set=val_set)
-    previous = latest_checkpoint(rdir)
+    data = load_prepared_data(cfg, data_dir)
+    trainer = Trainer(cfg, data.info, data.train, resolve_device(cfg.train.device), val_set=data.val)
     if previous is not None:
         _resume(trainer, previous.path)
         log.info("run %s: resuming from its checkpoint at step %d", name, previous.step)
@@ -911,17 +770,11 @@ def train_in_process(ctx, data_dir: Path, live=None) -> dict:
         _keep_newest_checkpoints(rdir)
 
     startup_s = time.perf_counter() - t0
-    with GracefulStop() as stop, ctx.reporter.progress("train (in-process)", cfg.train.steps) as task:
-        follower = _follow(rdir, None, live)
-        try:
-            outcome = run_session(trainer, cfg, rdir, save=save, should_stop=stop,
-                                  on_record=lambda r: task.update(r["step"], **_progress_fields(r)))
-        finally:
-            follower.stop()
-            if live is not None:
-                live.flush()
+    with GracefulStop() as stop, ctx.reporter.progress("train (in-process)", cfg.train.steps) as task, \
+            _following(rdir, None, live):
+        outcome = run_session(trainer, cfg, rdir, save=save, should_stop=stop,
+                              on_record=lambda r: task.update(r["step"], **_progress_fields(r)))
     if outcome == "interrupted":
         raise _interrupted(stop, name, rdir, cfg)
-    ckpt = latest_checkpoint(rdir)
-    return _summary(cfg, name, rdir, ckpt, trained_now=True, workers=0, wall_s=time.perf_counter() - t0,
-                    startup_s=startup_s, resumed_from=previous.step if previous else None)
+    return _summary(cfg, name, rdir, latest_checkpoint(rdir), workers=0, t0=t0, previous=previous,
+                    startup_s=startup_s)

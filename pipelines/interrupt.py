@@ -1,12 +1,9 @@
 """Ctrl-C (SIGINT) and SIGTERM: stop cleanly, keep what was done, say how to go on.
 
-Outside training, either signal raises `Interrupted` (a KeyboardInterrupt) in the main thread: the
-stage's MLflow run ends KILLED and the CLI prints one line and exits 128 + the signal number.
-
-While `unite train` trains, `GracefulStop` turns the first signal into a request: training stops
-before its next step, writes a checkpoint of the steps done, and the command ends with one line
-naming the checkpoint and how to resume (run the same command again). A second signal stops at
-once (the last periodic checkpoint is what remains).
+Outside training, either signal raises `Interrupted` (a KeyboardInterrupt): the stage's run ends KILLED and
+the CLI prints one line and exits 128 + the signal number. While training, `GracefulStop` turns the first
+signal into a request (stop before the next step with a checkpoint, then one line on how to resume); a
+second one stops at once.
 """
 
 from __future__ import annotations
@@ -48,12 +45,8 @@ def install_default_handlers() -> None:
 
 
 class GracefulStop:
-    """Context manager: the first SIGINT/SIGTERM requests a stop, a second one raises Interrupted.
-
-    `requested` holds the first signal's number (None until one arrives); `on_request` callbacks run
-    in the handler (e.g. writing the stop file that Ray workers watch). Outside the main thread (where
-    Python delivers signals) it changes nothing.
-    """
+    """The first SIGINT/SIGTERM sets `requested` (its number) and runs the `on_request` callbacks, a second one
+    raises Interrupted; outside the main thread (where Python delivers signals) it changes nothing."""
 
     def __init__(self, what: str = "training"):
         self.what = what

@@ -1,28 +1,12 @@
-"""MLflow tracking: one place that knows the tracking URI, run naming and nesting.
+"""MLflow tracking: the one place that knows the store, run naming and run nesting.
+Over 500 lines because the store, run nesting and MLflow model logging share the one retrying client.
 
-- The store defaults to `sqlite:///<project root>/mlflow.db` (an absolute URI, so Ray workers that
-  change directory never create stray databases; under DVC the project root is DVC_ROOT, so queued
-  experiments running in a temporary copy log to the real project); MLFLOW_TRACKING_URI overrides it (a remote
-  `mlflow server`, or another database). Artifacts of a local store go to `<root>/mlartifacts`
-  (absolute, set when the experiment is created), never to a `./mlruns` of whatever folder the
-  process happens to run in.
-- One pipeline run per parameter set: a parent run tagged `unite.pipeline=<params hash>` (named
-  `pipeline-<DVC experiment name or hash>`); every stage (and every sweep trial) logs into a child
-  run under it. Re-running a stage for the same parent creates a fresh child run and soft-deletes
-  the previous one(s) (restorable in the UI), so each stage of a pipeline run is shown once and no
-  metric is ever logged twice into one run.
-- Only one process writes: the stage driver. Under Ray (and in-process), rank 0 appends its per-step
-  records to a file; the driver follows that file and logs each new record while training runs, so
-  the UI shows a growing curve (`LiveMetrics`). SQLite allows one writer at a time; every write is
-  retried with backoff on "database is locked" (two `unite` commands overlapping).
-- A store that stays locked, is corrupt or cannot be reached costs one warning line: the stage
-  runs untracked (its metrics/<stage>.json is written as always). `tracking.strict: true` makes
-  that an error instead (`TrackingError`).
-- Every run carries the git commit of the project (`mlflow.source.git.commit`, with the branch and
-  `unite.git_dirty`) and the params hash (`unite.params_hash`).
-- The trained model is logged as an MLflow model (mlflow.pytorch: the EMA weights wrapped in
-  `pipelines.generator_model.GeneratorModel`, class labels in, images out, with a signature and an input example).
-- MLflow's telemetry is off unless the user turns it on (MLFLOW_DISABLE_TELEMETRY=false).
+Store `sqlite:///<project home>/mlflow.db` (DVC_ROOT under DVC, so queued experiments log to the real
+project), artifacts in mlartifacts/ beside it; MLFLOW_TRACKING_URI overrides. One parent run per params
+hash (`pipeline-<DVC experiment or hash>`), a fresh child run per stage (`stage_run`; the previous one is
+soft-deleted once it succeeds), sweep trials as child runs of the sweep's. Only the driver writes; a locked
+store is retried, a failing one costs one warning and the stage goes on untracked (`StoreHealth`;
+tracking.strict=true raises TrackingError). Runs carry the git commit and the params hash.
 """
 
 from __future__ import annotations
@@ -62,12 +46,8 @@ class TrackingError(RuntimeError):
 
 
 def project_home(root: Path) -> Path:
-    """Where the project's long-lived state lives (the MLflow store, Ray run folders).
-
-    Under DVC that is DVC_ROOT, which DVC sets for every stage command; for `dvc exp run --queue/--temp`
-    it points at the real project while the command runs in a temporary copy (whose files are thrown
-    away), so queued experiments still land in the project's store. Elsewhere it is `root`.
-    """
+    """Where the long-lived state lives (MLflow store, Ray run folders): DVC_ROOT under DVC (for `dvc exp run
+    --queue/--temp` the real project, not the temporary copy the command runs in), else `root`."""
     return Path(os.environ.get("DVC_ROOT") or root).resolve()
 
 
@@ -85,9 +65,7 @@ def artifact_root(root: Path, uri: str) -> str | None:
         if not db.is_absolute():
             db = Path(root).resolve() / db
         return (db.parent / "mlartifacts").as_uri()
-    if uri.startswith("file:") or "://" not in uri:
-        return None  # file store: artifacts live inside it
-    return None  # a server (http, databricks, ...) decides
+    return None  # a file store keeps them inside; a server decides
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
@@ -138,11 +116,8 @@ def _retry(fn: Callable[[], T]) -> T:
 
 
 class StoreHealth:
-    """What the trackers of one stage share about the store: its URI, strictness, and whether it failed.
-
-    Not strict: the first failure logs one warning and every later call through a tracker sharing
-    this object does nothing (the stage runs on untracked). Strict: every failure raises TrackingError.
-    """
+    """The store state the trackers of one stage share: not strict, the first failure logs one warning and
+    later calls do nothing (untracked); strict, every failure raises TrackingError."""
 
     def __init__(self, uri: str, strict: bool = False, stage: str = ""):
         self.uri, self.strict, self.stage = uri, strict, stage
@@ -178,11 +153,7 @@ def _one_line(exc: BaseException) -> str:
 
 
 class Tracker:
-    """Logging API used by stages. `NullTracker` keeps the same API when tracking is off.
-
-    Every call retries a locked store; a store that fails anyway is handled by `health` (one
-    warning, then untracked; or TrackingError with tracking.strict).
-    """
+    """Logging API of the stages (`NullTracker` when tracking is off); failures go to `health`."""
 
     def __init__(self, run_id: str, client, health: StoreHealth | None = None):
         self.run_id = run_id
@@ -191,7 +162,6 @@ class Tracker:
 
     @property
     def active(self) -> bool:
-        """False once the store failed (the stage goes on untracked)."""
         return not self.health.failed
 
     def _call(self, fn: Callable[[], T], doing: str) -> T | None:
@@ -264,6 +234,39 @@ class Tracker:
         return self.health.call(lambda: log_generator_model(self.client, self.run_id, state, step=step),
                                 "logging the MLflow model", retry=False)
 
+    # --- child runs of this run (sweep trials; stage runs are nested by `stage_run`) -------------
+    def children(self, tags: dict[str, str]) -> list:
+        """Active runs of this run's experiment with `tags`, newest first, whatever their parent."""
+        run = self._call(lambda: self.client.get_run(self.run_id), "reading the run")
+        found = run and self._call(lambda: _find(self.client, run.info.experiment_id, tags, 1000), "searching runs")
+        return list(found or [])
+
+    def child(self, run=None, *, name: str = "", tags: dict[str, str] | None = None) -> "Tracker":
+        """A tracker on `run` (one of `children`, re-parented under this run if needed), or on a new
+        child run `name` with `tags`."""
+        if run is None:
+            parent = self._call(lambda: self.client.get_run(self.run_id), "reading the run")
+            run = parent and self._call(lambda: self.client.create_run(
+                parent.info.experiment_id, run_name=name, tags={**(tags or {}), "mlflow.parentRunId": self.run_id}),
+                "creating a run")
+            if not run:
+                return NullTracker()
+        elif run.data.tags.get("mlflow.parentRunId") != self.run_id:
+            self._call(lambda: self.client.set_tag(run.info.run_id, "mlflow.parentRunId", self.run_id),
+                       "re-parenting a run")
+        return Tracker(run.info.run_id, self.client, self.health)
+
+    def retire(self, run_id: str) -> None:
+        """Soft-delete another run (restorable in the UI)."""
+        self._call(lambda: self.client.delete_run(run_id), "retiring a run")
+
+    def set_status(self, status: str) -> None:
+        """RUNNING, or the end state: FINISHED, FAILED, KILLED."""
+        if status == "RUNNING":
+            self._call(lambda: self.client.update_run(self.run_id, status=status), "updating the run")
+        else:
+            self._call(lambda: self.client.set_terminated(self.run_id, status), "ending the run")
+
 
 class NullTracker(Tracker):
     def __init__(self):
@@ -284,15 +287,15 @@ class NullTracker(Tracker):
     def log_dict(self, data, name): ...
     def set_tags(self, tags): ...
     def log_generator_model(self, state, step=0): ...
+    def children(self, tags): return []
+    def child(self, run=None, *, name="", tags=None): return NullTracker()
+    def retire(self, run_id): ...
+    def set_status(self, status): ...
 
 
 class LiveMetrics:
-    """Per-step training records logged to a run while training runs (each step once).
-
-    Fed from the thread that follows the run's metrics.jsonl; `flush` logs what arrived since the
-    last call in one batch. A record for a step already logged (the records file is rewritten from
-    a checkpoint when Ray restarts a worker group) is skipped.
-    """
+    """Per-step training records logged while training runs, each step once (the records file is rewritten
+    from a checkpoint on a restart); `flush` logs what arrived since the last call in one batch."""
 
     def __init__(self, tracker: Tracker):
         self.tracker = tracker
@@ -324,19 +327,11 @@ class LiveMetrics:
             return [r for r in history if int(r.get("step", 0)) not in self.logged]
 
 
-def _quiet_mlflow_logs() -> None:
-    # first use of a new SQLite store runs schema migrations that log at INFO
-    for name in ("alembic", "alembic.runtime.migration", "mlflow.store.db.utils"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-
-
 def client_for(root: Path):
-    """An MlflowClient on the project's store.
-
-    Deliberately not `mlflow.set_tracking_uri`: MLflow 3 exports that URI as MLFLOW_TRACKING_URI, which
-    would then override the store of every later project root in this process (and its children).
-    """
-    _quiet_mlflow_logs()
+    """An MlflowClient on the project's store (not `mlflow.set_tracking_uri`: MLflow 3 exports that as
+    MLFLOW_TRACKING_URI, overriding the store of every later project root in this process)."""
+    for name in ("alembic", "alembic.runtime.migration", "mlflow.store.db.utils"):  # a new store's migrations
+        logging.getLogger(name).setLevel(logging.WARNING)
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(tracking_uri=tracking_uri(root))
@@ -362,12 +357,12 @@ def _query(tags: dict[str, str]) -> str:
     return " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
 
 
-def _find(client, exp_id: str, tags: dict[str, str]) -> list:
+def _find(client, exp_id: str, tags: dict[str, str], max_results: int = 100) -> list:
     from mlflow.entities import ViewType
 
     return list(_retry(lambda: client.search_runs(
         [exp_id], filter_string=_query(tags), run_view_type=ViewType.ACTIVE_ONLY,
-        max_results=100, order_by=["attributes.start_time DESC"],
+        max_results=max_results, order_by=["attributes.start_time DESC"],
     )))
 
 
@@ -383,11 +378,6 @@ def _parent_run(client, exp_id: str, key: str, params: dict, tags: dict[str, str
     run = _retry(lambda: client.create_run(exp_id, run_name=f"pipeline-{dvc_exp or key}", tags=tags))
     Tracker(run.info.run_id, client).log_params(params)
     return run.info.run_id
-
-
-def pipeline_run_name(params: dict) -> str:
-    """Name of the parent run that stage_run(params=...) logs under."""
-    return f"pipeline-{os.environ.get('DVC_EXP_NAME') or params_hash(params)}"
 
 
 @functools.lru_cache(maxsize=8)
@@ -436,16 +426,10 @@ def stage_run(
     root: Path, experiment: str, stage: str, params: dict, *, enabled: bool = True, extra_tags: dict | None = None,
     strict: bool = False,
 ) -> Iterator[Tracker]:
-    """A fresh child run `stage` under the pipeline parent run for these params (created on demand).
-
-    Earlier child runs with the same stage (and extra tags) under that parent are soft-deleted once
-    this one finishes, so the UI shows each stage once. The run is marked FINISHED on success, KILLED
-    when a signal stopped the command (KeyboardInterrupt) and FAILED on another exception (which
-    propagates); a failed or killed run does not replace the previous good one.
-
-    A store that cannot be opened (locked past the retries, corrupt, unreachable) gives one warning
-    and a NullTracker, or TrackingError when `strict`.
-    """
+    """A fresh child run `stage` under the pipeline parent run for these params. Earlier runs of the stage
+    (same extra tags) under that parent are soft-deleted once this one FINISHED; it ends KILLED on a
+    KeyboardInterrupt and FAILED on another exception (which propagates). A store that cannot be opened
+    gives one warning and a NullTracker, or TrackingError when `strict`."""
     if not enabled:
         yield NullTracker()
         return
@@ -486,20 +470,11 @@ def stage_run(
     health.call(lambda: client.set_terminated(parent, "FINISHED"), "ending the run")
 
 
-# ----------------------------------------------------------------------------------------------
-# The trained model as an MLflow model
-# ----------------------------------------------------------------------------------------------
+# --- The trained model as an MLflow model ---
 def log_generator_model(client, run_id: str, state: dict, step: int = 0) -> str | None:
-    """Log the checkpoint's EMA model (images modality) as MLflow model `model` of the run; its model id.
-
-    Saved in mlflow.pytorch's pickle format: its default, pt2 (torch.export), cannot trace the
-    sampler (noise drawn for a symbolic batch size, an ODE loop of tens of steps), so a logged model
-    is loaded with pickle (only load models from a store you trust). The signature says int64 labels (-1,) in, float32
-    images (-1, C, H, W) out; the input example is labels 0 and 1. Requirements
-    are given (torch, mlflow, numpy) rather than inferred, which would load the model again in a
-    subprocess; loading also needs this project's package installed (the pickle names its classes).
-    Molecule models are not logged (their output is not one tensor).
-    """
+    """Log the checkpoint's EMA model (images only) as MLflow model `model` of the run; its model id.
+    Pickle format (torch.export cannot trace the sampler): load only from a store you trust. Requirements
+    are given, not inferred (inferring loads the model again in a subprocess)."""
     import mlflow.pytorch
     import numpy as np
     import torch
@@ -551,7 +526,3 @@ def log_generator_model(client, run_id: str, state: dict, step: int = 0) -> str 
             os.environ["MLFLOW_TRACKING_URI"] = env_uri
     return logged.model_id
 
-
-# names used before this module grew a public API
-_client = client_for
-_experiment_id = experiment_id

@@ -190,7 +190,7 @@ def test_bad_options_are_user_errors(project, tmp_path):
         analyze.run(StageContext(cfg, root), class_mode="true_label")
     with pytest.raises(analyze.AnalyzeError, match="unknown analyze option"):
         analyze.run(StageContext(cfg, root, options={"layers": 3}))
-    from pipelines.commands.analyze import AnalyzeOptionError, parse_variants
+    from pipelines.stages.analyze import AnalyzeError as AnalyzeOptionError, parse_variants
 
     assert parse_variants(["separate=models/x.pt"]) == {"separate": Path("models/x.pt")}
     with pytest.raises(AnalyzeOptionError, match="NAME=PATH"):

@@ -3,13 +3,11 @@
 
 from __future__ import annotations
 
-import importlib.util
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 
-from pipelines.cli import OPTIONAL_COMMANDS
 from pipelines.stages import execute
 from tests.ray_fixtures import run_unite, tiny_params, write_params
 from unite_core.config import config_from_dict
@@ -41,7 +39,8 @@ def project(tmp_path_factory):
 def test_help_lists_every_command_and_shows_defaults(tmp_path):
     top = run_unite(["--help"], cwd=tmp_path)
     assert top.returncode == 0
-    for name in ("prepare", "train", "sample", "ui", *OPTIONAL_COMMANDS):
+    for name in ("prepare", "train", "sample", "import-checkpoint", "ui", "classifier", "evaluate", "analyze", "sweep",
+                 "compare", "bench"):
         assert name in top.stdout, name
     sample = run_unite(["sample", "--help"], cwd=tmp_path)
     assert sample.returncode == 0
@@ -71,28 +70,12 @@ def test_debug_shows_the_traceback(project):
     assert "Traceback" in proc.stderr and "CheckpointError" in proc.stderr
 
 
-def test_a_command_missing_from_this_build_exits_2(monkeypatch, capsys):
-    """Every optional command ships today, so an optional command without a module is simulated
-    (in-process: the CLI's own dispatch, as a subprocess would run it)."""
-    import logging
-    import signal
+def test_compare_help_default_lists_every_variant():
+    """The CLI spells the default --variants without importing the stage (torch): the two must agree."""
+    from pipelines.cli import COMPARE_VARIANTS
+    from pipelines.stages.compare import DEFAULT_VARIANTS
 
-    import pipelines.cli as cli
-
-    root = logging.getLogger()
-    monkeypatch.setattr(root, "handlers", list(root.handlers))  # main() sets up logging and SIGTERM:
-    monkeypatch.setattr(root, "level", root.level)              # undone after the test
-    previous = signal.getsignal(signal.SIGTERM)
-    monkeypatch.setattr(signal, "signal", lambda sig, handler, _real=signal.signal: _real(sig, handler)
-                        if sig != signal.SIGTERM else previous)
-    assert not [n for n in OPTIONAL_COMMANDS if importlib.util.find_spec(f"pipelines.commands.{n}") is None
-                and importlib.util.find_spec(f"pipelines.stages.{n}") is None]
-    monkeypatch.setitem(cli.OPTIONAL_COMMANDS, "phantom", (None, "A command this build lacks."))
-    with pytest.raises(SystemExit) as info:
-        cli.main(["phantom", "--some-option"])
-    err = capsys.readouterr().err
-    assert info.value.code == 2
-    assert err.strip() == "error: `unite phantom` is not available in this build"
+    assert COMPARE_VARIANTS == ",".join(DEFAULT_VARIANTS)
 
 
 def test_sample_writes_a_grid_of_the_requested_classes(project):

@@ -636,7 +636,7 @@ def test_damaged_shard_or_format_mismatch_is_a_clear_error(tmp_path):
 
 def test_on_corrupt_is_read_at_train_time(folder, tmp_path):
     """Prepared with on_corrupt=stop; a file breaks afterwards; the params in force decide."""
-    from pipelines.distributed import load_training_data
+    from pipelines.inputs import load_prepared_data
     from unite_core.config import config_from_dict
 
     out = tmp_path / "prepared"
@@ -645,7 +645,8 @@ def test_on_corrupt_is_read_at_train_time(folder, tmp_path):
     _truncated_jpeg(victim)
     params = {"data": {"dataset": "imagefolder", "root": str(folder), "image_size": 16, "val_fraction": 0.25,
                        "on_corrupt": "skip"}, "model": {"patch_size": 4}}
-    train, val, _ = load_training_data(config_from_dict(params), out)
+    data = load_prepared_data(config_from_dict(params), out)
+    train, val = data.train, data.val
     assert train.on_corrupt == val.on_corrupt == "skip"
     for ds in (train, val):
         _all_items(ds)

@@ -189,7 +189,7 @@ def test_sharded_guidance_sweep_equals_single_process(trained_model, images, cla
 @pytest.mark.slow
 def test_ray_workers_generate_what_one_process_generates(ray_cluster, trained_model, images, classifier):
     """Two Ray actors (one shard each) against this process: same kept images, same metrics."""
-    from pipelines.eval_workers import RayGenerationRunner, use_ray
+    from pipelines.evaluation import RayGenerationRunner, use_ray
 
     model, cfg = trained_model
     run_cfg = tiny_config(distributed={"num_workers": 2, "cpus_per_worker": 1.0}, eval={"parallel": "auto"})
@@ -548,7 +548,7 @@ def test_evaluate_stage_dispatches_molecules_to_evaluate_molecules(tmp_path, mon
 
 
 def test_young_ema_is_reported(caplog):
-    from pipelines.stages.evaluate import warn_if_ema_is_young
+    from pipelines.evaluation import warn_if_ema_is_young
 
     state = {"step": 38, "ema": {}, "config": {"train": {"ema_decay": 0.999}}}
     with caplog.at_level("WARNING"):

@@ -46,8 +46,7 @@ def dvc(root: Path, *args: str, timeout: float = 900) -> tuple[subprocess.Comple
 
 
 def available(stage: str) -> bool:
-    return (importlib.util.find_spec(f"pipelines.stages.{stage}") is not None
-            or importlib.util.find_spec(f"pipelines.commands.{stage}") is not None)
+    return importlib.util.find_spec(f"pipelines.stages.{stage}") is not None
 
 
 def declared_outputs(root: Path) -> dict[str, list[Path]]:

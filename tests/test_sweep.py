@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipelines import sweep as sweep_module
+from pipelines.stages import sweep as sweep_module
 from pipelines.stages import execute
 from tests.ray_fixtures import ray_cluster, tiny_params, write_params  # noqa: F401 (fixture)
 from unite_core.analysis import report
@@ -38,7 +38,7 @@ def project(tmp_path, monkeypatch):
 
 def run_sweep(root: Path, params: Path, **options):
     cfg = load_config(params)
-    return execute("sweep", cfg, root, module=sweep_module, params_path=params, options=options)
+    return execute("sweep", cfg, root, params_path=params, options=options)
 
 
 def mlflow_runs(root: Path):
@@ -142,11 +142,11 @@ def test_trial_list_and_configs(tmp_path):
     draws = sweep_module.trial_overrides(rnd)
     assert len(draws) == 5 and draws == sweep_module.trial_overrides(rnd)  # seeded
     tc = sweep_module.trial_config(cfg, {"model.latent_tokens": 4}, steps=30)
-    assert tc["model"]["latent_tokens"] == 4 and tc["train"]["steps"] == 30
-    assert tc["train"]["eval_every"] == tc["train"]["checkpoint_every"] == 10  # 4 rounds, multiple of log_every
-    assert tc["distributed"]["num_workers"] == 1  # the sweep always trains through Ray Train
-    assert tc["train"]["ema_decay"] == pytest.approx(1 - 10 / 30)  # EMA horizon <= steps / 10
-    assert sweep_module.trial_config(cfg, {}, steps=10_000)["train"]["ema_decay"] == cfg.train.ema_decay
+    assert tc.model.latent_tokens == 4 and tc.train.steps == 30
+    assert tc.train.eval_every == tc.train.checkpoint_every == 10  # 4 rounds, multiple of log_every
+    assert tc.distributed.num_workers == 1  # the sweep always trains through Ray Train
+    assert tc.train.ema_decay == pytest.approx(1 - 10 / 30)  # EMA horizon <= steps / 10
+    assert sweep_module.trial_config(cfg, {}, steps=10_000).train.ema_decay == cfg.train.ema_decay
     with pytest.raises(sweep_module.SweepError, match="not a params key"):
         sweep_module.trial_config(cfg, {"model.latent_tokenz": 4}, steps=30)
     with pytest.raises(sweep_module.SweepError, match="latent_tokens"):

@@ -547,9 +547,13 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    for text in overrides or []:
-        path, value = parse_override(text)
+def apply_overrides(data: dict[str, Any], overrides: list[str] | dict[str, Any]) -> dict[str, Any]:
+    """Set `section.key=value` texts, or {dotted key: value} items, in a params dict (in place)."""
+    if isinstance(overrides, dict):
+        items = [(k.split("."), v, f"{k}={v}") for k, v in overrides.items()]
+    else:
+        items = [(*parse_override(t), t) for t in overrides or []]
+    for path, value, text in items:
         node = data
         for p in path[:-1]:
             if p not in node or node[p] is None:
@@ -596,7 +600,7 @@ def _check_plain(data: Any, where: str) -> None:
                       "text, true/false or a list")
 
 
-def config_from_dict(data: dict[str, Any] | None, overrides: list[str] | None = None) -> Config:
+def config_from_dict(data: dict[str, Any] | None, overrides: list[str] | dict[str, Any] | None = None) -> Config:
     _check_plain(data or {}, "")
     data = json.loads(json.dumps(data or {}))  # deep copy of plain data
     data = apply_overrides(data, overrides or [])

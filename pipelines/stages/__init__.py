@@ -1,20 +1,18 @@
 """One module per pipeline stage, each with `run(ctx: StageContext) -> dict`, and what they share.
 
-`execute(stage, cfg, root, ...)` is the one way to run a stage outside DVC's bookkeeping (the CLI and
-the tests use it): it opens the stage's MLflow child run, builds the StageContext, calls the
-module's `run`, writes metrics/<stage>.json atomically and logs it (and the summary numbers that the
-stage did not already log) to the run.
+`execute(stage, cfg, root, ...)` runs a stage (CLI, tests): in its MLflow child run, writing
+metrics/<stage>.json and logging it (and the summary numbers the stage did not log) to the run.
 """
 
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import json
 import math
 from pathlib import Path
-from types import ModuleType
 from typing import Any
+
+from unite_core.io import atomic_write_text, stable_hash
 
 #: the stages of dvc.yaml, in pipeline order
 PIPELINE_STAGES = ("prepare", "classifier", "train", "evaluate", "analyze")
@@ -22,13 +20,6 @@ PIPELINE_STAGES = ("prepare", "classifier", "train", "evaluate", "analyze")
 
 class StageError(RuntimeError):
     """A user-facing stage problem (missing input, impossible option); the message says what to do."""
-
-
-# ----------------------------------------------------------------------------------------------
-# Files
-# ----------------------------------------------------------------------------------------------
-# one helper for every atomic write (temp file, fsync, umask-respecting mode, rename): unite_core.io
-from unite_core.io import atomic_write, atomic_write_text  # noqa: E402,F401 - re-exported for the stages
 
 
 def plain(value: Any) -> Any:
@@ -49,27 +40,29 @@ def plain(value: Any) -> Any:
     return value
 
 
+def short_hash(obj: Any, n: int = 12) -> str:
+    return stable_hash(obj, n)
+
+
+def stage_options(ctx, defaults: dict, error: type, stage: str, **kwargs) -> dict:
+    """Keyword arguments over ctx.options over `defaults` (None keeps the default); unknown names raise `error`."""
+    given = {**(ctx.options or {}), **kwargs}
+    unknown = set(given) - set(defaults)
+    if unknown:
+        raise error(f"unknown {stage} option(s) {sorted(unknown)}: known are {sorted(defaults)}")
+    return {**defaults, **{k: v for k, v in given.items() if v is not None}}
+
+
 def atomic_write_json(path: str | Path, data: dict) -> Path:
     return atomic_write_text(path, json.dumps(plain(data), indent=2, sort_keys=True) + "\n")
 
 
-# ----------------------------------------------------------------------------------------------
-# Running a stage
-# ----------------------------------------------------------------------------------------------
-def stage_module(stage: str) -> ModuleType | None:
-    """pipelines.stages.<stage>, or None when this build has no such stage."""
-    name = f"{__name__}.{stage}"
-    if importlib.util.find_spec(name) is None:
-        return None
-    return importlib.import_module(name)
-
-
+# --- Running a stage ---
 def execute(
     stage: str,
     cfg,
     root: str | Path,
     *,
-    module: ModuleType | None = None,
     params_path: Path | None = None,
     overrides: list[str] | None = None,
     debug: bool = False,
@@ -81,10 +74,7 @@ def execute(
     from ..context import Reporter, StageContext
     from ..tracking import stage_run
 
-    if module is None:
-        module = stage_module(stage)
-        if module is None:
-            raise StageError(f"stage '{stage}' is not available in this build (no pipelines/stages/{stage}.py)")
+    module = importlib.import_module(f"{__name__}.{stage}")
     with stage_run(Path(root), cfg.tracking.experiment, stage, cfg.to_dict(), enabled=cfg.tracking.enabled,
                    strict=cfg.tracking.strict) as tracker:
         ctx = StageContext(cfg, Path(root), tracker, params_path=params_path, overrides=list(overrides or []),

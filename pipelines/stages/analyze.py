@@ -1,40 +1,17 @@
 """Stage `analyze`: the paper's analyses of a trained model, as JSON/CSV/PNG and MLflow records.
 
-Inputs: the trained checkpoint (models/unite.pt, EMA weights), the prepared data, and when they
-exist the ablation checkpoints written by `unite compare` (models/compare/*.pt; the separate-
-weights and no-stop-gradient variants are recognised from their saved config) and the sweep table
-(reports/sweep.csv).
-
-Outs (all always written, so DVC can declare them; a table without data has only its header and
-its figure says why):
-    metrics/analyze.json         summary numbers (dvc metrics; written by the stage runner)
-    plots/alignment.csv          t, layer, cka, cknna          (main model)
-    plots/alignment_variants.csv model, t, layer, cka, cknna   (ablation checkpoints)
-    plots/cosine.csv             t, cosine_mean, cosine_std, input_cosine_mean
-    plots/probe.csv              feature, layer, val_accuracy, train_accuracy, chance, ...
-    plots/compression.csv        model, component, group, numel, total_bits, bits_per_value
-    plots/rate_distortion.csv    trial, latent_tokens, latent_dim, flow_minibatches, rate_floats,
-                                 rate_bits, psnr, rfid      (from reports/sweep.csv)
-    plots/{alignment,cosine,probe,compression,rate_distortion}.png
-
-Choices: the denoising pass is conditioned on the null class (the tokenization pass's own
-conditioning), so the passes differ only in their input; `class_mode="label"` switches to the
-true labels. Analysis images are a seeded random subset of the validation split
-(`analysis.num_images`); the linear probe trains on a seeded subset of the training split
-(4 x num_images by default) and is scored on those validation images. The passes run at the
-model's training precision (bf16 autocast when train.precision=bf16; activations are compared in
-float64). Compression compares the trained (EMA) weights with the model's initialisation (same
-config, same seed, as the Trainer builds it), per component (ge = the tokenizer GE, shared with
-denoising unless weights are separate; denoiser; decoder) and parameter group.
-
-Options (`unite analyze --help`; ctx.options): checkpoint, variants (name -> path), sweep_csv,
-class_mode, probe_train_images, notebooks (also execute notebooks/*.py into reports/notebooks/).
+Inputs: models/unite.pt (EMA weights), the prepared data, and when present `unite compare`'s ablation
+checkpoints (models/compare/*.pt) and reports/sweep.csv. Outs (always written, an empty table with its
+header and a figure saying why): metrics/analyze.json, plots/{alignment, alignment_variants, cosine,
+probe, compression, rate_distortion}.csv (+ .png). The denoising pass uses the null class (class_mode=
+"label": the true labels); images are a seeded val subset (analysis.num_images), the probe trains on 4x
+as many train images; passes run at the training precision; compression compares the EMA weights with
+the model's initialisation. Options: OPTIONS (`unite analyze --help`).
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import time
 from pathlib import Path
 from typing import Mapping
@@ -52,11 +29,14 @@ from unite_core.analysis.activations import (
 )
 from unite_core.analysis import report
 from unite_core.config import config_from_dict
-from unite_core.devices import autocast_dtype_for, resolve_device
 from unite_core.model import UNITE
+from unite_core.devices import autocast_dtype_for, resolve_device
 from unite_core.train import CheckpointError, fetch, load_checkpoint, model_from_checkpoint
 
 from ..context import StageContext
+from ..inputs import open_data
+from ..tracking import numeric_items
+from . import stage_options
 
 log = logging.getLogger(__name__)
 
@@ -73,30 +53,10 @@ CSV_FILES = {
 PNG_FILES = ("alignment.png", "cosine.png", "probe.png", "compression.png", "rate_distortion.png")
 
 
-# ----------------------------------------------------------------------------------------------
-# Inputs
-# ----------------------------------------------------------------------------------------------
-def load_data(ctx: StageContext):
-    """The prepared dataset of this config (falls back to building the embedded set in memory)."""
-    cfg = ctx.cfg
-    folder = ctx.paths.dataset_dir(cfg)
-    if cfg.modality == "molecules":
-        from unite_core.data.molecule_sets import load_prepared_molecules
-
-        return load_prepared_molecules(folder, cfg.data)
-    from unite_core.data import load_image_data, load_prepared
-
-    if (folder / "manifest.json").is_file():
-        return load_prepared(folder)
-    log.warning("no prepared data in %s; building %s in memory (run `unite prepare` to cache it)",
-                folder, cfg.data.dataset)
-    return load_image_data(cfg.data, cache_dir=ctx.paths.cache)
-
-
+# --- Inputs ---
 def classify_variant(state: dict, stem: str = "") -> str | None:
-    """The paper's comparison a checkpoint stands for: 'separate' (separate encoder and denoiser),
-    'no_stop_grad', or 'shared' (the default method trained by `unite compare`, i.e. at the same
-    budget as the ablations: a file named unite-*.pt); None for anything else."""
+    """'separate', 'no_stop_grad', or 'shared' (the default method trained by `unite compare`: unite-*.pt);
+    None for anything else."""
     c = state.get("config", {})
     model, flow, loss = c.get("model", {}), c.get("flow", {}), c.get("loss", {})
     if loss.get("recon_only") or stem.startswith("two_stage"):
@@ -111,8 +71,8 @@ def classify_variant(state: dict, stem: str = "") -> str | None:
 
 
 def find_variants(ctx: StageContext, given: Mapping[str, str | Path] | None = None) -> dict[str, Path]:
-    """Ablation checkpoints: `given` (name -> path) plus models/compare/*.pt (written by `unite compare`)
-    that :func:`classify_variant` recognises, named by that kind (file stem when a kind repeats)."""
+    """`given` (name -> path) plus the models/compare/*.pt that :func:`classify_variant` recognises, named by
+    their kind (file stem when a kind repeats)."""
     found: dict[str, Path] = {k: Path(v) for k, v in (given or {}).items()}
     folder = ctx.paths.models / "compare"
     if folder.is_dir():
@@ -136,23 +96,11 @@ def _same_data(info_a: dict, info_b: dict) -> bool:
 
 
 def fresh_model(state: dict) -> UNITE:
-    """The untrained model of a checkpoint's config, initialised exactly as the Trainer does
-    (torch.manual_seed(train.seed) then UNITE(cfg, info)); the global RNG is left untouched."""
+    """The checkpoint config's untrained model, initialised as the Trainer does; the global RNG is untouched."""
     cfg = config_from_dict(state["config"])
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.train.seed)
         return UNITE(cfg, state["info"]).eval()
-
-
-def _flat_numbers(d: Mapping, prefix: str = "") -> dict[str, float]:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, Mapping):
-            out.update(_flat_numbers(v, key + "."))
-        elif isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v)):
-            out[key] = float(v)
-    return out
 
 
 def _placeholder(text: str):
@@ -163,13 +111,9 @@ def _placeholder(text: str):
 
 
 def _paper_comparisons(cfg, model, trained_res: dict, main_align: dict, variants: dict, variant_res: dict) -> dict:
-    """The paper's two ablation comparisons, when the checkpoints exist.
-
-    shared_vs_separate: description length of one shared GE vs a separate encoder + denoiser (per
-    parameter group), and alignment; stop_grad_vs_not: alignment per block. The reference is the
-    `unite compare` run of the default method ('shared', same budget as the ablations) when present,
-    else the main model when it is the default method.
-    """
+    """shared_vs_separate (description length and alignment) and stop_grad_vs_not (alignment per block),
+    when the checkpoints exist; the reference is the 'shared' variant, else the main model when it is the
+    default method."""
     out: dict[str, dict] = {}
     main_default = not model.separate and cfg.flow.stop_grad
     ref_name, ref_res, ref_align = None, None, None
@@ -202,14 +146,11 @@ def _paper_comparisons(cfg, model, trained_res: dict, main_align: dict, variants
     return out
 
 
-# ----------------------------------------------------------------------------------------------
-# Notebooks (notebooks/*.py, jupytext percent format, executed with papermill)
-# ----------------------------------------------------------------------------------------------
+# --- Notebooks (notebooks/*.py, jupytext percent format, executed with papermill) ---
 NOTEBOOKS = ("linear_probe", "rate_distortion", "alignment")
 
 
 def notebook_dir(root: Path) -> Path:
-    """notebooks/ of the project root, else of the installed source tree."""
     here = Path(root) / "notebooks"
     if (here / "alignment.py").is_file():
         return here
@@ -217,7 +158,6 @@ def notebook_dir(root: Path) -> Path:
 
 
 def notebook_parameters(name: str, root: Path, out_dir: Path) -> dict:
-    """Absolute input/output paths of one notebook for a project root."""
     root = Path(root)
     common = {"out_dir": str(out_dir)}
     if name == "linear_probe":
@@ -232,8 +172,7 @@ def notebook_parameters(name: str, root: Path, out_dir: Path) -> dict:
 
 
 def execute_notebook(source: Path, output: Path, parameters: dict, cwd: Path, timeout_s: int = 600) -> Path:
-    """Convert a jupytext percent-format .py to .ipynb and execute it with papermill (raises on a failing
-    cell); the executed notebook is written to `output`."""
+    """Execute a jupytext percent-format .py with papermill (raises on a failing cell) into `output`."""
     import jupytext
     import nbformat
     import papermill
@@ -255,9 +194,8 @@ def execute_notebook(source: Path, output: Path, parameters: dict, cwd: Path, ti
 
 
 def execute_notebooks(ctx: StageContext, names=NOTEBOOKS, out_dir: Path | None = None) -> list[Path]:
-    """Run the analysis notebooks on this project's tracked outputs; executed .ipynb files and their PNGs
-    go to reports/notebooks/ and are logged to the stage's MLflow run (the notebooks themselves do not
-    write to MLflow here: one writer). The rate-distortion notebook is skipped without reports/sweep.csv."""
+    """Run the notebooks on the project's outputs into reports/notebooks/ (logged to the stage's run; the
+    notebooks do not write to MLflow here); rate_distortion is skipped without reports/sweep.csv."""
     out_dir = Path(out_dir) if out_dir else ctx.paths.reports / "notebooks"
     src_dir = notebook_dir(ctx.root)
     done = []
@@ -274,9 +212,7 @@ def execute_notebooks(ctx: StageContext, names=NOTEBOOKS, out_dir: Path | None =
     return done
 
 
-# ----------------------------------------------------------------------------------------------
-# The stage
-# ----------------------------------------------------------------------------------------------
+# --- The stage ---
 #: options of run() / `unite analyze` (ctx.options) and their defaults
 OPTIONS = {"checkpoint": None, "variants": None, "sweep_csv": None, "class_mode": "null",
            "probe_train_images": None, "notebooks": False}
@@ -286,13 +222,18 @@ class AnalyzeError(RuntimeError):
     """A user-facing problem with the analyze options."""
 
 
+def parse_variants(items: list[str] | None) -> dict[str, Path] | None:
+    out = {}
+    for item in items or []:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise AnalyzeError(f"--variant {item!r} must look like NAME=PATH, e.g. separate=models/sep.pt")
+        out[name.strip()] = Path(path.strip())
+    return out or None
+
+
 def run(ctx: StageContext, **kwargs) -> dict:
-    """Run every analysis; write the outs listed in the module docstring; return the summary (also
-    written to metrics/analyze.json by the stage runner). Options (keyword arguments or ctx.options): see OPTIONS."""
-    opts = {**OPTIONS, **{k: v for k, v in {**(ctx.options or {}), **kwargs}.items() if v is not None}}
-    unknown = set(opts) - set(OPTIONS)
-    if unknown:
-        raise AnalyzeError(f"unknown analyze option(s) {sorted(unknown)}: known are {sorted(OPTIONS)}")
+    opts = stage_options(ctx, OPTIONS, AnalyzeError, "analyze", **kwargs)
     if opts["class_mode"] not in CLASS_MODES:
         raise AnalyzeError(f"class mode {opts['class_mode']!r} is invalid: use one of {list(CLASS_MODES)}")
     result = _analyze(ctx, checkpoint=opts["checkpoint"], variants=opts["variants"], sweep_csv=opts["sweep_csv"],
@@ -302,15 +243,8 @@ def run(ctx: StageContext, **kwargs) -> dict:
     return result
 
 
-def _analyze(
-    ctx: StageContext,
-    *,
-    checkpoint: str | Path | None,
-    variants: Mapping[str, str | Path] | None,
-    sweep_csv: str | Path | None,
-    class_mode: str,
-    probe_train_images: int | None,
-) -> dict:
+def _analyze(ctx: StageContext, *, checkpoint: str | Path | None, variants: Mapping[str, str | Path] | None,
+             sweep_csv: str | Path | None, class_mode: str, probe_train_images: int | None) -> dict:
     start = time.perf_counter()
     cfg, paths, tracker = ctx.cfg, ctx.paths, ctx.tracker
     a = cfg.analysis
@@ -320,7 +254,7 @@ def _analyze(
     ckpt_path = Path(checkpoint) if checkpoint else paths.checkpoint
     state = load_checkpoint(ckpt_path, cfg)
     model = model_from_checkpoint(state, use_ema=True, device=device)
-    data = load_data(ctx)
+    data = open_data(ctx)
     if not _same_data(state["info"], data.info):
         raise CheckpointError(
             f"checkpoint '{ckpt_path}' was trained on data described as {state['info']} but the prepared "
@@ -333,9 +267,12 @@ def _analyze(
              ckpt_path, state.get("step"), len(val_idx), len(train_idx), device)
 
     # --- alignment and cosine ---------------------------------------------------------------
+    def activations(m):
+        return extract_activations(m, data.val, val_idx, a.timesteps, cosine_timesteps=COSINE_GRID,
+                                   class_mode=class_mode, seed=seed, device=device, autocast_dtype=amp)
+
     t0 = time.perf_counter()
-    record = extract_activations(model, data.val, val_idx, a.timesteps, cosine_timesteps=COSINE_GRID,
-                                 class_mode=class_mode, seed=seed, device=device, autocast_dtype=amp)
+    record = activations(model)
     align = alignment_rows(record, k=a.knn)
     cosine = cosine_rows(record)
     timings = {"alignment_s": time.perf_counter() - t0}
@@ -384,8 +321,7 @@ def _analyze(
                 log.warning("skipping variant %s: trained on other data (%s)", name, vstate["info"])
                 continue
             vmodel = model_from_checkpoint(vstate, use_ema=True, device=device)
-            vrec = extract_activations(vmodel, data.val, val_idx, a.timesteps, cosine_timesteps=COSINE_GRID,
-                                       class_mode=class_mode, seed=seed, device=device, autocast_dtype=amp)
+            vrec = activations(vmodel)
             valign = alignment_rows(vrec, k=a.knn)
             variant_rows += [{"model": name, **r} for r in valign]
             vcomp, vres = report.compression_rows(name, report.model_components(vmodel), a.entropy_bins)
@@ -474,7 +410,7 @@ def _analyze(
 
     # --- MLflow (driver only) -------------------------------------------------------------------
     tracker.log_params({"analysis_class_mode": class_mode, "analysis_checkpoint": str(ckpt_path)})
-    flat = {k: v for k, v in _flat_numbers(result).items() if not k.startswith("checkpoint")}
+    flat = {k: v for k, v in numeric_items(result).items() if not k.startswith("checkpoint")}
     tracker.log_metrics(flat)
     for t in sorted({r["t"] for r in align}):  # per-layer curves: step = GE block index
         for r in (r for r in align if r["t"] == t):

@@ -1,41 +1,17 @@
-"""`unite compare`: UNITE against its ablations and the two-stage baseline, at equal budget, over seeds.
+"""Stage `compare` (`unite compare`): UNITE against its ablations and the two-stage baseline, at equal budget.
+Over 500 lines because the variants, the resumable results table and its report are one feature.
 
-Each variant is the params (the embedded default unless you pass others) with a few overrides
-(:data:`VARIANTS`), trained with unite_core.train.Trainer (the two-stage baseline with
-unite_core.two_stage) once per seed (train.seed, train.seed + 1, ...) and evaluated with the same
-evaluation as the `evaluate` stage (guidance sweep, best gFID, rFID/PSNR/SSIM, conditional accuracy, IS).
-
-Results: reports/compare.csv (one row per variant and seed), reports/compare.md (mean +- std per
-variant, the rows, and a verdict per paper direction that takes the seed spread into account), one
-MLflow child run per variant and seed (tags unite.variant, unite.seed), flat metrics to the caller.
-
-Verdicts (:func:`directions`): a direction is "reproduced" or "reversed" only when the difference of the
-mean gFIDs exceeds the spread (the sum of the two variants' standard deviations over seeds); with a
-smaller difference, or fewer than two seeds on either side, it is "not resolved".
-
-Budget (``budget``):
-- "time" (default): every variant trains for ``minutes`` of wall-clock (train.steps still caps the step
-  count and sets the cosine schedule); the two-stage baseline splits the same minutes between its stages
-  (``tokenizer_fraction`` to stage 1, the rest to stage 2).
-- "steps": every network trains train.steps optimizer steps, without a time limit (the two-stage baseline:
-  train.steps for the tokenizer and train.steps for the denoiser).
-`unite_2x_steps` gets twice the budget (steps or minutes): as many updates per objective as the
-two-stage baseline. `unite_param_matched` doubles the GE depth: the parameter count of the
-separate-weights model (the table lists every variant's parameters).
-
-Parallel (``jobs``): with jobs > 1 the missing trainings run first in that many processes (one
-(variant, seed) each, on the params' device: several share one GPU; on the CPU the threads are split),
-then this process evaluates them one after the other. The device column records where each row trained.
-
-Resumable: a (variant, seed) whose row in reports/compare.csv carries the same params hash (variant
-config, seed, budget, evaluation settings, data and classifier) is not redone; a finished training whose
-evaluation did not complete is evaluated from its checkpoint (models/compare/<variant>-s<seed>-<hash>.pt).
+Each variant (VARIANTS: overrides of the params) is trained once per seed (train.seed, +1, ...) and
+evaluated like the `evaluate` stage; results in reports/compare.csv (a row per variant and seed),
+reports/compare.md (mean +- std and a verdict per paper direction, see `directions`) and one MLflow child
+run each. Budget "time" (`minutes` per variant; two-stage splits them by `tokenizer_fraction`) or "steps".
+`jobs` > 1 trains the missing runs in parallel processes first. Resumable: a row with the same params hash
+is kept; a finished training is evaluated from models/compare/<variant>-s<seed>-<hash>.pt.
 """
 
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
 import logging
@@ -60,16 +36,16 @@ from unite_core.train import Trainer, load_checkpoint, model_from_checkpoint
 from unite_core.two_stage import TwoStageBudget, train_two_stage
 
 from ..context import StageContext
+from ..evaluation import evaluate_checkpoint_images, reference_images, warn_if_ema_is_young
+from ..inputs import feature_spec, load_checked_classifier, open_data, train_classifier
 from ..tracking import stage_run
-from .classifier import load_checked_classifier, load_stage_data, train_and_save
-from .evaluate import evaluate_checkpoint_images, feature_spec, reference_images, warn_if_ema_is_young
+from . import short_hash, stage_options
 
 log = logging.getLogger(__name__)
 
 
 def _double_budget(cfg: Config, steps: Optional[int], minutes: Optional[float]) -> dict[str, Any]:
-    n = 2 * int(steps or cfg.train.steps)
-    return {"train.steps": n, "_minutes_factor": 2.0}
+    return {"train.steps": 2 * int(steps or cfg.train.steps), "_minutes_factor": 2.0}
 
 
 def _double_depth(cfg: Config, steps: Optional[int], minutes: Optional[float]) -> dict[str, Any]:
@@ -120,9 +96,7 @@ class CompareError(ValueError):
     """A user-facing problem with the comparison's options."""
 
 
-# ----------------------------------------------------------------------------------------------
-# Variant configs and hashes
-# ----------------------------------------------------------------------------------------------
+# --- Variant configs and hashes ---
 def parse_variants(text: str | None) -> list[str]:
     if text is None or not str(text).strip():
         return list(DEFAULT_VARIANTS)
@@ -162,15 +136,7 @@ def variant_config(cfg: Config, name: str, *, budget: str, minutes: Optional[flo
     overrides["train.time_limit_minutes"] = float(minutes) * factor if budget == "time" else None
     if seed is not None:
         overrides["train.seed"] = int(seed)
-    data = cfg.to_dict()
-    for dotted, value in overrides.items():
-        section, key = dotted.split(".")
-        data[section][key] = value
-    return config_from_dict(data)
-
-
-def _hash(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return config_from_dict(cfg.to_dict(), overrides)
 
 
 def training_hash(vcfg: Config, name: str, *, budget: str, minutes: Optional[float], tokenizer_fraction: float,
@@ -178,7 +144,7 @@ def training_hash(vcfg: Config, name: str, *, budget: str, minutes: Optional[flo
     """What defines a variant's trained checkpoint (models/compare/<variant>-s<seed>-<this>.pt)."""
     d = vcfg.to_dict()
     relevant = {k: d[k] for k in ("modality", "data", "model", "flow", "loss", "train")}
-    return _hash({
+    return short_hash({
         "variant": name, "config": relevant, "budget": budget,
         "minutes": vcfg.train.time_limit_minutes if budget == "time" else None,
         "tokenizer_fraction": tokenizer_fraction if name == "two_stage" else None, "data": data_hash,
@@ -190,13 +156,11 @@ def variant_hash(train_hash: str, vcfg: Config, *, num_samples: int, scales: lis
     """What defines a row of the table: the training plus every evaluation setting."""
     d = vcfg.to_dict()
     evaluation = {k: d["eval"][k] for k in ("feature_extractor", "inception_weights", "kid_subset_size")}
-    return _hash({"train": train_hash, "sample": d["sample"], "eval": evaluation, "num_samples": num_samples,
+    return short_hash({"train": train_hash, "sample": d["sample"], "eval": evaluation, "num_samples": num_samples,
                   "scales": scales, "data": data_hash, "classifier": classifier_hash})
 
 
-# ----------------------------------------------------------------------------------------------
-# Files
-# ----------------------------------------------------------------------------------------------
+# --- Files ---
 Key = tuple  # (variant, seed)
 
 
@@ -277,9 +241,7 @@ def _pm(s: dict, metric: str, digits=2, scale=1.0, suffix="") -> str:
 
 
 def _minutes(seconds):
-    if seconds is None:
-        return "n/a"
-    return f"{seconds / 60:.1f} min"
+    return "n/a" if seconds is None else f"{seconds / 60:.1f} min"
 
 
 def collapsed(row: dict, num_classes: int | None) -> bool:
@@ -289,17 +251,10 @@ def collapsed(row: dict, num_classes: int | None) -> bool:
 
 
 def directions(summary: dict[str, dict], num_classes: int | None = None) -> list[dict]:
-    """For each of the paper's directions: mean gFIDs over seeds and whether the runs reproduce it.
-
-    ``summary`` is :func:`summarize`'s output (a plain {variant: {"gfid": ..}} counts as one seed each).
-    - "reproduced" / "reversed": the favoured variant's mean gFID is lower / higher by more than the spread
-      (std of one variant + std of the other, over seeds);
-    - "not resolved": the difference is within the spread, or either side has fewer than two seeds
-      (no spread to judge by);
-    - "inconclusive": the favoured variant's samples are class-independent (:func:`collapsed`, on its mean
-      conditional accuracy): the budget did not train it. An ablation that collapses where the favoured
-      variant learned has failed at the same budget: that is judged by the numbers as usual.
-    """
+    """For each paper direction, the mean gFIDs of :func:`summarize`'s output and a verdict: "reproduced" /
+    "reversed" when the favoured variant's mean is lower / higher by more than the spread (sum of the two stds
+    over seeds); "not resolved" within the spread or with fewer than two seeds a side; "inconclusive" when
+    the favoured variant's samples are class-independent (:func:`collapsed`: the budget did not train it)."""
     out = []
     for label, better, worse in DIRECTIONS:
         a, b = summary.get(better, {}), summary.get(worse, {})
@@ -385,9 +340,7 @@ def render_markdown(rows: dict[Key, dict], order: list[str], meta: dict) -> str:
     return "\n".join(lines)
 
 
-# ----------------------------------------------------------------------------------------------
-# One variant and seed
-# ----------------------------------------------------------------------------------------------
+# --- One variant and seed ---
 def _train_variant(name: str, vcfg: Config, data, device, ckpt: Path, *, budget: str, minutes: Optional[float],
                    tokenizer_fraction: float, on_log: Callable | None) -> dict:
     limit_min = vcfg.train.time_limit_minutes if budget == "time" else None
@@ -432,7 +385,7 @@ def _train_in_process(job: dict) -> str:
     """A worker process of ``jobs > 1``: loads the data itself and trains one (variant, seed)."""
     torch.set_num_threads(job["threads"])
     ctx = StageContext(cfg=job["cfg"], root=Path(job["root"]))
-    data = load_stage_data(ctx)
+    data = open_data(ctx)
     train_one(job["name"], job["seed"], job["vcfg"], data, resolve_device(job["cfg"].train.device), Path(job["ckpt"]),
               budget=job["budget"], minutes=job["minutes"], tokenizer_fraction=job["tokenizer_fraction"])
     return f"{job['name']} seed {job['seed']}"
@@ -467,9 +420,8 @@ def run_variant(ctx: StageContext, name: str, seed: int, vcfg: Config, data, *, 
     warn_if_ema_is_young(state, ctx.cfg.sample.use_ema, f"compare variant {name} seed {seed}")
     t0 = time.perf_counter()
     metrics, _ = evaluate_checkpoint_images(
-        ctx, model, data, num_samples=num_samples, cfg_scales=scales, device=device, write_outputs=False,
-        tracker=tracker, sanity=False, features=features, references=references, progress=False,
-    )
+        ctx, model, data, num_samples=num_samples, cfg_scales=scales, device=device, tracker=tracker, sanity=False,
+        features=features, references=references, progress=False)
     row = {
         "variant": name, "seed": seed,
         **{k: metrics.get(k) for k in ("gfid", "best_cfg_scale", "rfid", "psnr", "ssim", "conditional_accuracy",
@@ -489,9 +441,7 @@ def run_variant(ctx: StageContext, name: str, seed: int, vcfg: Config, data, *, 
     return row
 
 
-# ----------------------------------------------------------------------------------------------
-# The stage
-# ----------------------------------------------------------------------------------------------
+# --- The stage ---
 def report_paths(ctx: StageContext) -> dict[str, Path]:
     return {"csv": ctx.paths.reports / "compare.csv", "md": ctx.paths.reports / "compare.md"}
 
@@ -502,16 +452,9 @@ OPTIONS = {"variants": None, "minutes": None, "samples": None, "scales": None, "
 
 
 def run(ctx: StageContext, **options) -> dict:
-    """Options (keyword arguments, else ctx.options, else :data:`OPTIONS`): variants (comma list or list),
-    minutes (per variant; default train.time_limit_minutes), samples (per guidance scale; default
-    eval.num_samples), scales (comma list or list; default eval.cfg_scales), budget ("time" | "steps"),
-    steps (override train.steps), tokenizer_fraction (two-stage: stage 1's share of the budget), seeds
-    (trainings per variant: train.seed, train.seed + 1, ...), jobs (trainings in parallel processes)."""
-    unknown = set(options) - set(OPTIONS)
-    if unknown:
-        raise CompareError(f"unknown compare option(s) {sorted(unknown)}: known are {sorted(OPTIONS)}")
-    opts = {k: options.get(k, ctx.options.get(k)) for k in OPTIONS}
-    opts = {k: (OPTIONS[k] if v is None else v) for k, v in opts.items()}
+    """Options (keyword arguments, else ctx.options, else :data:`OPTIONS`): those of `unite compare --help`;
+    variants and scales may also be lists."""
+    opts = stage_options(ctx, OPTIONS, CompareError, "compare", **options)
     variants, minutes, samples, scales = opts["variants"], opts["minutes"], opts["samples"], opts["scales"]
     budget, steps, tokenizer_fraction = opts["budget"], opts["steps"], float(opts["tokenizer_fraction"])
     seeds, jobs = int(opts["seeds"]), int(opts["jobs"])
@@ -535,11 +478,11 @@ def run(ctx: StageContext, **options) -> dict:
         raise CompareError(f"--samples={num_samples} must be >= 2")
 
     device = resolve_device(cfg.train.device)
-    data = load_stage_data(ctx)
+    data = open_data(ctx)
     classifier, _ = load_checked_classifier(ctx, data, required=False)
     if classifier is None and cfg.eval.feature_extractor == "own":
         log.info("compare: no feature classifier yet; training it (the `classifier` stage)")
-        train_and_save(ctx, data)
+        train_classifier(ctx, data)
     features = feature_spec(ctx, data, device)
     references = reference_images(data)
     data_hash = str(data.info.get("content_hash", ""))

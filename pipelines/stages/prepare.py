@@ -1,10 +1,5 @@
-"""Stage `prepare`: the dataset the params describe, written once to data/<dataset>/.
-
-Images (mnist5k, digits, imagefolder) go through unite_core.data.prepare_image_data (an image folder:
-every image the split uses is decoded, in one process per CPU, with a progress bar; data.format=shards
-also writes the resized images into shard files), molecules (molecules_embedded, qm9, moses3d) through
-prepare_molecule_data (conformers are computed here, once, with a progress bar).
-Returns counts and the content hash (metrics/prepare.json).
+"""Stage `prepare`: the dataset the params describe, written once to data/<dataset>/ (unite_core.data's
+prepare_image_data / prepare_molecule_data, with progress bars); counts and content hash in metrics/prepare.json.
 """
 
 from __future__ import annotations

@@ -1,11 +1,8 @@
-"""`unite sample`: a grid of generated samples from a checkpoint (not a DVC stage).
+"""`unite sample`: a grid of generated samples from a checkpoint (not a DVC stage), one row per class.
 
-Options (ctx.options): checkpoint (default models/unite.pt), classes (list of ints; default every
-class), per_class (default sample.num_samples / number of classes), cfg_scale (default
-sample.cfg_scale), out (default reports/samples.png). The model is rebuilt from the checkpoint's own
-config with EMA weights (sample.use_ema); solver, steps, guidance interval and seed come from the
-params' `sample` section. Images: one row per class. Molecules: unite_core.eval_molecules.write_samples
-(an SDF and a PNG of 2-D depictions beside --out).
+Options: those of `unite sample --help`. The model comes from the checkpoint's own config (EMA weights with
+sample.use_ema); solver, steps, guidance interval and seed from the params' `sample` section. Molecules:
+unite_core.eval_molecules.write_samples (an SDF and a PNG of 2-D depictions beside --out).
 """
 
 from __future__ import annotations

@@ -1,15 +1,9 @@
-"""Stage `train`: train UNITE on the prepared data and export models/unite.pt.
+"""Stage `train`: train UNITE on the prepared data (pipelines.distributed: Ray Train with distributed.num_workers
+>= 1, else in-process; an interrupted run resumes, a finished one is exported without training).
 
-distributed.num_workers >= 1 trains through Ray Train (pipelines.distributed.train_with_ray),
-0 in this process; both resume an interrupted run with the same params, and a run that already
-finished is exported without training again.
-
-Outs: models/unite.pt (weights + EMA weights + config + history; the optimiser state stays in
-ray_results/<run>/), plots/train_curve.csv (one row per log step), plots/train_reconstructions.png
-(images: validation images on the top row, their reconstructions by the EMA model below).
-MLflow: per-step metrics (logged while training runs: a live curve), the curve CSV, the
-reconstruction grid, and the EMA model as an MLflow model (`model`: mlflow.pytorch, class labels in,
-images out; pipelines.tracking.log_generator_model). The checkpoint file itself stays a DVC out.
+Outs: models/unite.pt (no optimiser state: that stays in ray_results/<run>/), plots/train_curve.csv,
+plots/train_reconstructions.png (val images above their EMA reconstructions). MLflow: the live per-step
+curve, the CSV, the grid, and the EMA model as MLflow model `model` (class labels in, images out).
 """
 
 from __future__ import annotations
@@ -19,10 +13,9 @@ import io
 import logging
 from pathlib import Path
 
-from unite_core.io import atomic_write
+from unite_core.io import atomic_write, atomic_write_text
 
 from ..context import StageContext
-from . import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +43,8 @@ def reconstruction_grid(state: dict, data_dir: Path, n: int = RECON_IMAGES):
     import torch
 
     from unite_core.data import load_prepared
-    from unite_core.pictures import image_grid
     from unite_core.train import fetch, model_from_checkpoint
+    from unite_core.pictures import image_grid
 
     data = load_prepared(data_dir)
     labels = data.val.labels if hasattr(data.val, "labels") else None

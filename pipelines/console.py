@@ -1,52 +1,12 @@
-"""Optional `unite` commands, and what every command shares.
-
-The CLI (pipelines/cli.py) looks for `pipelines.commands.<name>` for each optional command
-(classifier, evaluate, analyze, sweep, compare, bench). A module that defines `register(app)` adds its
-command(s) to the Typer app. Without a module, `evaluate`, `analyze` and `classifier` fall back to
-running `pipelines.stages.<name>.run(ctx)` with the common options; any other missing command
-answers "not available in this build" and exits 2.
-
-A command module can reuse the common options and the stage runner:
-
-    from pipelines.commands import DEFAULT_PARAMS, DebugOption, ParamsOption, QuietOption, SetOption, run_stage
-
-    def register(app):
-        @app.command("report")
-        def report(params: ParamsOption = DEFAULT_PARAMS, set_: SetOption = None, debug: DebugOption = False,
-                   quiet: QuietOption = False):
-            '''Write a report.'''
-            run_stage("report", params, set_, debug, quiet=quiet, options={...})
-
-`run_stage` validates the params, runs the stage inside its MLflow child run with a rich progress
-reporter, writes metrics/<stage>.json atomically and prints a summary. Errors need no handling in
-commands: `pipelines.cli.main` turns any unite error into one `error: ...` line and exit code 1
-(a full traceback with --debug). The project root is the current directory (where `dvc repro` runs
-the commands); --params may point anywhere (e.g. presets/digits_tiny.yaml).
-"""
+"""What the `unite` commands print: the stdout / stderr consoles, progress (a rich bar with an ETA on a
+terminal, a line every 30 s elsewhere or with --quiet) and the summary line of a finished stage."""
 
 from __future__ import annotations
 
-import logging
-import math
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, List, Optional
-
-import typer
-from typing_extensions import Annotated
-
-log = logging.getLogger(__name__)
-
-DEFAULT_PARAMS = Path("params.yaml")
-ParamsOption = Annotated[Path, typer.Option("--params", "-p", help="params file (every key is validated)")]
-SetOption = Annotated[
-    Optional[List[str]],
-    typer.Option("--set", "-s", help="override a parameter: section.key=value (repeatable)", show_default=False),
-]
-DebugOption = Annotated[bool, typer.Option("--debug", help="debug logging and full tracebacks on errors")]
-QuietOption = Annotated[bool, typer.Option(
-    "--quiet", "-q", help="no progress bars: a progress line (with ETA) every 30 s instead, as when stderr is no terminal")]
+from typing import Any, Iterator
 
 _console = None
 _err_console = None
@@ -72,25 +32,9 @@ def err_console():
     return _err_console
 
 
-def project_root() -> Path:
-    return Path.cwd().resolve()
-
-
-def load_cfg(params: Path, overrides: list[str] | None):
-    from unite_core.config import load_config
-
-    return load_config(params, list(overrides or []))
-
-
 # ----------------------------------------------------------------------------------------------
 # Progress
 # ----------------------------------------------------------------------------------------------
-def _fmt_field(k: str, v: Any) -> str:
-    if isinstance(v, float):
-        return f"{k} {v:.4g}"
-    return f"{k} {v}"
-
-
 def _fmt_duration(s: float) -> str:
     s = int(max(0, s))
     h, rem = divmod(s, 3600)
@@ -105,7 +49,7 @@ class _RichTask:
         self.started = False
 
     def update(self, completed: float, total: float | None = None, **fields: Any) -> None:
-        info = "  ".join(_fmt_field(k, v) for k, v in fields.items())
+        info = "  ".join(f"{k} {_num(v)}" for k, v in fields.items())
         if total is not None and total != self.total:
             self.total = total
             self.progress.update(self.task_id, total=total)
@@ -152,7 +96,7 @@ class _LineTask:
             eta = (self.total - completed) * (now - t0) / (completed - c0)
             text += f" eta {_fmt_duration(eta)}"
         if fields:
-            text += "  " + "  ".join(_fmt_field(k, v) for k, v in fields.items())
+            text += "  " + "  ".join(f"{k} {_num(v)}" for k, v in fields.items())
         err_console().print(text, markup=False)
 
 
@@ -181,42 +125,8 @@ class RichReporter:
             yield _RichTask(progress, tid, description, total)
 
 
-# ----------------------------------------------------------------------------------------------
-# Running a stage from a command
-# ----------------------------------------------------------------------------------------------
-def run_stage(
-    stage: str,
-    params: Path,
-    overrides: list[str] | None,
-    debug: bool = False,
-    *,
-    quiet: bool = False,
-    options: dict | None = None,
-    write_metrics: bool = True,
-    module=None,
-) -> dict:
-    """Validate params, run the stage (tracked, with progress), write metrics/<stage>.json, print a summary."""
-    from ..stages import execute
-
-    cfg = load_cfg(params, overrides)
-    if cfg.train.threads:
-        import torch
-
-        torch.set_num_threads(cfg.train.threads)
-    root = project_root()
-    t0 = time.perf_counter()
-    result = execute(stage, cfg, root, module=module, params_path=Path(params), overrides=list(overrides or []),
-                     debug=debug, reporter=RichReporter(quiet=quiet), options=options, write_metrics=write_metrics)
-    print_result(stage, result, time.perf_counter() - t0, root, write_metrics)
-    return result
-
-
 def _num(v: Any, digits: int = 4) -> str:
-    if isinstance(v, float):
-        if not math.isfinite(v):
-            return str(v)
-        return f"{v:.{digits}g}"
-    return str(v)
+    return f"{v:.{digits}g}" if isinstance(v, float) else str(v)
 
 
 def print_result(stage: str, result: dict, seconds: float, root: Path, wrote_metrics: bool) -> None:

@@ -1,0 +1,352 @@
+"""The image evaluation the `evaluate` stage and `unite compare` share, and its generation on Ray workers.
+
+`evaluate_checkpoint_images`: guidance sweep (gFID, KID, precision/recall, IS, conditional accuracy per
+scale), reconstruction (rFID, PSNR, SSIM) and noise floor, against at most MAX_REFERENCE reference images.
+Generation runs here or (`eval.parallel`: `ray`, or `auto` with distributed.num_workers > 1 or use_gpu and
+no GPU here) on distributed.num_workers Ray actors that build the model and the feature network (the
+Inception file at the same absolute path: shared storage on a multi-node cluster). Actor r of W generates
+batches r, r + W, ... with per-sample noise, so the merged shards equal the single-process run.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from unite_core.devices import autocast_dtype_for, resolve_device
+from unite_core.eval_images import (CURVE_KEYS, DatasetSource, FeatureSpec, GenerationJob, LocalRunner, ShardResult,
+                                    dataset_images, evaluate_images, reference_with_stats_file, run_generation_shard)
+from unite_core.io import atomic_write, atomic_write_text
+from unite_core.metrics.images import FeatureClassifier, MetricsError
+from unite_core.model import balanced_labels
+from unite_core.pictures import class_grid, pairs_grid
+
+from .context import Reporter
+from .inputs import feature_spec
+
+log = logging.getLogger(__name__)
+
+
+SAMPLES_PER_CLASS = 10
+#: samples.png shows at most this many classes (evenly spaced over the label range: 1000 ImageNet classes)
+GRID_CLASSES = 10
+RECONSTRUCTION_PAIRS = 50
+#: at most this many reference images are read (a seeded random subset of larger sets)
+MAX_REFERENCE = 50_000
+#: tiles narrower than this are upscaled (nearest neighbour) in the PNGs: 32x32 digits are unreadable as is
+MIN_TILE = 64
+
+
+def use_ray(cfg) -> bool:
+    """Whether the evaluate stage generates on Ray workers (see the module docstring)."""
+    mode, d = cfg.eval.parallel, cfg.distributed
+    if mode == "local":
+        return False
+    if mode == "ray":
+        if d.num_workers < 1:
+            raise MetricsError("eval.parallel=ray needs distributed.num_workers >= 1 generation workers: raise it, "
+                               "or set eval.parallel=local")
+        return True
+    return d.num_workers > 1 or (d.use_gpu and d.num_workers >= 1 and not torch.cuda.is_available())
+
+
+def generation_runner(cfg, model, features, device, *, debug: bool = False):
+    if use_ray(cfg):
+        return RayGenerationRunner(cfg, model, features, debug=debug)
+    return LocalRunner(model, features.net(), classifier=features.classifier, device=device)
+
+
+def _model_payload(model) -> dict:
+    return {"config": model.cfg.to_dict(), "info": dict(model.info),
+            "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
+
+
+def _feature_payload(features) -> dict:
+    clf = features.classifier
+    payload: dict[str, Any] = {"extractor": features.extractor, "classifier": None,
+                               "inception_weights": (os.path.abspath(features.inception_weights)
+                                                     if features.inception_weights else None)}
+    if isinstance(clf, FeatureClassifier):
+        payload["classifier"] = {"config": clf.config,
+                                 "state_dict": {k: v.detach().cpu() for k, v in clf.state_dict().items()}}
+    elif clf is not None:
+        raise MetricsError(f"Ray generation workers need a FeatureClassifier, got {type(clf).__name__}")
+    return payload
+
+
+class GenerationWorker:
+    """A Ray actor: the model and the feature network on this worker's device, ready for GenerationJobs."""
+
+    def __init__(self, model_payload: dict, feature_payload: dict, threads: int):
+        from unite_core.config import config_from_dict
+        from unite_core.metrics.images import build_feature_net
+        from unite_core.model import UNITE
+
+        if threads:
+            torch.set_num_threads(int(threads))
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        model = UNITE(config_from_dict(model_payload["config"]), model_payload["info"])
+        model.load_state_dict(model_payload["state_dict"])
+        self.model = model.to(self.device).eval()
+        classifier = None
+        if feature_payload["classifier"] is not None:
+            classifier = FeatureClassifier(**feature_payload["classifier"]["config"])
+            classifier.load_state_dict(feature_payload["classifier"]["state_dict"])
+            classifier.eval()
+        self.net = build_feature_net(feature_payload["extractor"], classifier=classifier,
+                                     inception_weights=feature_payload["inception_weights"], device=self.device)
+        self.classifier = LocalRunner(self.model, self.net, classifier=classifier, device=self.device).classifier
+
+    def ready(self) -> str:
+        return str(self.device)
+
+    def run(self, job: GenerationJob, shard: int, num_shards: int) -> ShardResult:
+        return run_generation_shard(self.model, self.net, job, shard=shard, num_shards=num_shards,
+                                    classifier=self.classifier, device=self.device)
+
+
+def _first_line(text: str) -> str:
+    lines = [ln for ln in str(text).strip().splitlines() if ln.strip()]
+    return lines[-1][:300] if lines else ""
+
+
+class RayGenerationRunner:
+    """Runs each GenerationJob as `distributed.num_workers` shards on Ray actors and merges the results."""
+
+    def __init__(self, cfg, model, features, *, debug: bool = False):
+        from .distributed import ensure_ray
+
+        d = cfg.distributed
+        self.num_workers = int(d.num_workers)
+        self.started = ensure_ray(cfg, debug=debug)
+        import ray
+
+        self._ray = ray
+        try:
+            have = ray.cluster_resources()
+            if d.use_gpu and have.get("GPU", 0) < self.num_workers:
+                raise MetricsError(
+                    f"distributed.use_gpu=true with {self.num_workers} generation workers needs {self.num_workers} "
+                    f"GPUs but the Ray cluster has {have.get('GPU', 0):g}: lower distributed.num_workers, set "
+                    "distributed.use_gpu=false, or eval.parallel=local"
+                )
+            model_ref = ray.put(_model_payload(model))
+            feature_ref = ray.put(_feature_payload(features))
+            actor = ray.remote(num_cpus=float(d.cpus_per_worker), num_gpus=1 if d.use_gpu else 0)(GenerationWorker)
+            threads = max(1, int(d.cpus_per_worker))
+            self.workers = [actor.remote(model_ref, feature_ref, threads) for _ in range(self.num_workers)]
+            devices = self._get([w.ready.remote() for w in self.workers])
+            log.info("generation on %d Ray workers (%s)", self.num_workers, ", ".join(devices))
+        except BaseException:
+            self.close()
+            raise
+
+    def _get(self, refs):
+        ray = self._ray
+        try:
+            return ray.get(refs)
+        except ray.exceptions.RayTaskError as e:
+            cause = getattr(e, "cause", None)
+            if isinstance(cause, MetricsError):
+                raise MetricsError(str(cause)) from None
+            what = f"{type(cause).__name__}: {_first_line(str(cause))}" if cause is not None else _first_line(str(e))
+            raise MetricsError(f"a generation worker failed ({what}); rerun with --debug for its log") from None
+        except ray.exceptions.RayActorError as e:
+            raise MetricsError(
+                f"a generation worker died or could not start ({_first_line(str(e))}); rerun with --debug for its "
+                "log, or set eval.parallel=local"
+            ) from None
+
+    def __call__(self, job: GenerationJob) -> ShardResult:
+        refs = [w.run.remote(job, rank, self.num_workers) for rank, w in enumerate(self.workers)]
+        return ShardResult.merge(self._get(refs))
+
+    def close(self) -> None:
+        for w in getattr(self, "workers", []):
+            try:
+                self._ray.kill(w)
+            except Exception:  # noqa: BLE001 - already gone
+                pass
+        self.workers = []
+        if getattr(self, "started", False) and self._ray.is_initialized():
+            self._ray.shutdown()
+            self.started = False
+
+
+# --- The evaluation of one model ---
+def _subset_indices(n: int, max_items: int, seed: int = 0):
+    if n <= max_items:
+        return None
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:max_items].sort().values
+
+
+def reference_images(data, max_items: int = MAX_REFERENCE, seed: int = 0):
+    """(train, val) images in [0, 1] in memory (`unite compare`), a seeded subset of larger sets."""
+    def take(ds):
+        idx = _subset_indices(len(ds), max_items, seed)
+        if idx is None:
+            return dataset_images(ds)[0]
+        log.info("reference: a random subset of %d of %d images", max_items, len(ds))
+        return dataset_images(_Subset(ds, idx))[0]
+
+    return take(data.train), take(data.val)
+
+
+def reference_sources(ctx, data, *, max_train: int = MAX_REFERENCE, max_val: int = MAX_REFERENCE,
+                      seed: int = 0) -> tuple[DatasetSource, DatasetSource]:
+    """(train, val) read batch by batch, each at most max_* images (a seeded subset of larger sets), keyed by
+    the data content hash for the statistics cache."""
+    content = str(data.info.get("content_hash") or "")
+    if not content:
+        raise MetricsError("the prepared data has no content hash: run `unite prepare` again")
+
+    def source(ds, split, max_items):
+        idx = _subset_indices(len(ds), max_items, seed)
+        n = len(ds) if idx is None else len(idx)
+        if idx is not None:
+            log.info("%s reference: a random subset of %d of %d images", split, n, len(ds))
+        key = f"{content[:16]}-{split}-{n}-{seed}"
+        return DatasetSource(ds, None if idx is None else idx.numpy(), key=key,
+                             num_workers=ctx.cfg.data.num_workers)
+
+    return source(data.train, "train", max_train), source(data.val, "val", max_val)
+
+
+def grid_indices(n: int, num_classes: int, per_class: int = SAMPLES_PER_CLASS, max_classes: int = GRID_CLASSES):
+    """Indices kept for samples.png: the first ``per_class`` samples of up to ``max_classes`` classes."""
+    labels = balanced_labels(n, num_classes)
+    classes = sorted(set(labels.tolist()))
+    if len(classes) > max_classes:
+        pick = torch.linspace(0, len(classes) - 1, max_classes).round().long().tolist()
+        classes = [classes[i] for i in pick]
+    out = []
+    for c in classes:
+        out += (labels == c).nonzero().flatten()[:per_class].tolist()
+    return out
+
+
+class _Subset:
+    def __init__(self, ds, idx):
+        self.ds, self.idx = ds, idx
+
+    def __len__(self):
+        return len(self.idx)
+
+    def __getitem__(self, i):
+        return self.ds[int(self.idx[int(i)])]
+
+
+def flat_metrics(result: dict[str, Any], num_samples: int) -> dict[str, float]:
+    """The scalar metrics of an evaluate_images result (what metrics/evaluate.json holds)."""
+    best, rec = result["best"], result["reconstruction"]
+    out = {
+        "gfid": best["fid"],
+        "best_cfg_scale": best["cfg_scale"],
+        "kid_mean": best["kid_mean"],
+        "kid_std": best["kid_std"],
+        "precision": best["precision"],
+        "recall": best["recall"],
+        "isc_mean": best["isc_mean"],
+        "conditional_accuracy": best["conditional_accuracy"],
+        "rfid": rec["rfid"],
+        "psnr": rec["psnr"],
+        "ssim": rec["ssim"],
+        "noise_floor_fid": result.get("noise_floor_fid"),
+        "noise_fid": result.get("noise_fid"),
+        "num_samples": num_samples,
+    }
+    accs = [r["conditional_accuracy"] for r in result["curve"] if r["conditional_accuracy"] is not None]
+    if accs:
+        out["conditional_accuracy_max"] = max(accs)
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def write_curve(curve: list[dict], path: Path) -> Path:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(CURVE_KEYS))
+    w.writeheader()
+    for row in curve:
+        w.writerow({k: ("" if row.get(k) is None else row[k]) for k in CURVE_KEYS})
+    return atomic_write_text(path, buf.getvalue())
+
+
+def evaluate_checkpoint_images(ctx, model, data, *, num_samples: int | None = None,
+                               cfg_scales=None, device=None, tracker=None,
+                               sanity: bool = True, features: FeatureSpec | None = None, references=None,
+                               progress: bool = True, outputs: dict[str, Path] | None = None):
+    """(flat metrics, full result) of ``model`` on ``data``; ``references``: (train, val) tensors or sources
+    (default :func:`reference_sources`); ``outputs``: curve / samples / reconstructions files (None: numbers only)."""
+    cfg = ctx.cfg
+    device = device or resolve_device(cfg.train.device)
+    tracker = tracker if tracker is not None else ctx.tracker
+    features = features or feature_spec(ctx, data, device)
+    stats_file = cfg.eval.reference_stats
+    if references is not None:
+        train_x, val_x = references
+    else:  # with reference statistics the training images serve only KID and precision/recall
+        max_train = cfg.eval.feature_subset if stats_file else MAX_REFERENCE
+        train_x, val_x = reference_sources(ctx, data, max_train=max_train)
+    reference = reference_with_stats_file(stats_file, features, train_x) if stats_file else None
+    n = int(num_samples or cfg.eval.num_samples)
+    scales = list(cfg_scales or cfg.eval.cfg_scales)
+    write_outputs = outputs is not None
+    keep = grid_indices(n, int(getattr(model, "num_classes", 0))) if write_outputs else None
+
+    reporter = ctx.reporter if progress else Reporter()  # no nested progress bars (`unite compare` has its own)
+    runner = generation_runner(cfg, model, features, device, debug=bool(getattr(ctx, "debug", False)))
+    try:
+        with reporter.progress(f"guidance sweep ({n} samples per scale)", len(scales)) as task:
+            done = []
+
+            def on_scale(row):
+                done.append(row)
+                step = int(round(row["cfg_scale"] * 100))  # MLflow step axis: the guidance scale x 100
+                tracker.log_metrics({f"curve_{k}": v for k, v in row.items() if k != "cfg_scale" and v is not None},
+                                    step=step)
+                task.update(len(done), cfg=row["cfg_scale"], fid=row["fid"])
+
+            result = evaluate_images(
+                model, train_x, val_x, features, sample_cfg=cfg.sample, cfg_scales=scales, num_samples=n,
+                batch_size=cfg.eval.batch_size, device=device, seed=cfg.sample.seed,
+                autocast_dtype=autocast_dtype_for(cfg.train.precision), keep_indices=keep,
+                keep_reconstructions=RECONSTRUCTION_PAIRS if write_outputs else 0, on_scale=on_scale, sanity=sanity,
+                runner=runner, reference=reference,
+            )
+    finally:
+        runner.close()
+    metrics = flat_metrics(result, n)
+    if write_outputs:
+        write_curve(result["curve"], outputs["curve"])
+        rec = result["reconstruction"]
+        pictures = {"samples": class_grid(result["samples"], result["labels"], per_class=SAMPLES_PER_CLASS,
+                                          min_tile=MIN_TILE),
+                    "reconstructions": pairs_grid(rec["originals"], rec["reconstructions"], ncol=10, min_tile=MIN_TILE)}
+        for key, img in pictures.items():
+            atomic_write(outputs[key], lambda f, img=img: img.save(f, format="PNG"))
+        tracker.log_artifact(outputs["curve"], "plots")
+        for key, img in pictures.items():
+            tracker.log_image(img, outputs[key].name)
+        tracker.log_dict({"curve": result["curve"], "best": result["best"]}, "guidance_curve.json")
+    return metrics, result
+
+
+def warn_if_ema_is_young(state: dict, use_ema: bool, path) -> bool:
+    """Warn (True) when the EMA has averaged fewer steps than its horizon 1/(1 - decay)."""
+    try:
+        decay = float(state["config"]["train"]["ema_decay"])
+        step = int(state.get("step", 0))
+    except (KeyError, TypeError, ValueError):
+        return False
+    horizon = 1.0 / max(1e-12, 1.0 - decay)
+    if use_ema and state.get("ema") is not None and step < horizon:
+        log.warning("%s: the EMA (decay %g, horizon %.0f steps) has averaged only %d steps, so its weights are "
+                    "still close to the initialisation; evaluate the raw weights with sample.use_ema=false",
+                    path, decay, horizon, step)
+        return True
+    return False

@@ -1,0 +1,560 @@
+"""Stage `sweep` (`unite sweep`): Ray Tune over params.yaml `sweep:`, each trial a `unite train` run.
+Over 500 lines because trial generation, the Tune driver and the result files share the trial specs.
+
+Trials: `sweep.space` maps dotted keys to value lists; `search: grid` takes every combination `num_samples`
+times (repeat r with train.seed + r), `search: random` draws `num_samples` (seeded by train.seed); `--trials
+N` keeps the first N; every trial config is validated before anything starts. A trial trains `sweep.steps`
+steps with EVAL_ROUNDS evaluations + checkpoints and an EMA horizon of at most a tenth of its steps.
+
+A trial (`sweep_trial`) fits the same TorchTrainer as `unite train` (distributed.ray_trainer) with Tune's
+report callback: each checkpoint report carries the worker's validation numbers, on which `asha` (time
+attribute = step, `grace_period` in evaluation rounds) may stop it. Train runs live in
+`ray_results/sweeps/<sweep>/runs/<trial>/`, Tune's state in `.../tune/`.
+
+The driver (the only MLflow writer) keeps one child run per trial under the `sweep` stage run (params,
+curve, final numbers). When a trial ends, its val_psnr is the newest checkpoint's stored validation record,
+made by Trainer.evaluate (unite_core/train.py), which reconstructs the first 500 val images with the EMA
+weights (`self.ema.module`, use_ema=True by default) at the training precision. The driver then
+measures that checkpoint's latent rate (bits per image over 1000 val images), rFID (models/classifier.pt)
+and gFID + conditional accuracy (sweep.gfid_samples at sweep.gfid_scale). Results: reports/sweep.csv,
+reports/sweep_tradeoff.png, reports/best_params.yaml, rewritten as trials finish.
+
+Ctrl-C (or SIGUSR1) stops Tune; `unite sweep --resume` runs the trials without a result (an unfinished
+one resumes its train run); a plain `unite sweep` refuses to overwrite an existing sweep (--resume, or
+--fresh to start over). Test-only: UNITE_TEST_SWEEP_INTERRUPT_AFTER=N interrupts after N finished trials.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import json
+import logging
+import math
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+from ray import tune
+
+from unite_core.config import Config, ConfigError, apply_overrides, config_from_dict
+from unite_core.io import atomic_write_text
+
+from .. import distributed
+from ..context import StageContext
+from ..inputs import feature_spec, load_checked_classifier, open_data
+from ..tracking import STAGE_TAG
+from . import short_hash, stage_options
+
+log = logging.getLogger(__name__)
+
+INVOCATIONS_FILE = "invocations.log"  # one line per start of a trial's training (counts trainings)
+INTERRUPT_ENV = "UNITE_TEST_SWEEP_INTERRUPT_AFTER"
+TRIAL_CPU = 0.01
+EVAL_ROUNDS = 4
+CSV_NAME = "sweep.csv"
+TRADEOFF_NAME = "sweep_tradeoff.png"
+BEST_NAME = "best_params.yaml"
+FIXED_COLUMNS = (
+    "trial", "status", "steps", "val_psnr", "rfid", "rate_floats", "bits_per_image", "bits_per_dim_mean",
+    "gfid", "conditional_accuracy", "latent_tokens", "latent_dim", "flow_minibatches", "best_reported",
+    "train_seconds", "wall_seconds", "mlflow_run_id", "run_dir",
+)
+DONE = ("finished", "stopped")
+OPTIONS = {"trials": None, "concurrency": None, "steps": None, "resume": False, "fresh": False}
+
+
+class SweepError(RuntimeError):
+    """A user-facing sweep problem (bad space, existing sweep, interrupted); the message says what to do."""
+
+
+# --- Trials ---
+def trial_overrides(cfg: Config, trials: int | None = None) -> list[dict[str, Any]]:
+    """The sweep's trials as a list of {dotted key: value} (see the module docstring)."""
+    s = cfg.sweep
+    space = {k: list(v) for k, v in s.space.items()}
+    if not space:
+        raise SweepError("sweep.space is empty: give it dotted keys and value lists, e.g. "
+                         "sweep.space={model.latent_tokens: [4, 16]}")
+    for k, v in space.items():
+        if not v:
+            raise SweepError(f"sweep.space.{k} has no values: give it a list such as [4, 16]")
+    keys = list(space)
+    out: list[dict[str, Any]] = []
+    if s.search == "grid":
+        for r in range(s.num_samples):
+            for combo in itertools.product(*(space[k] for k in keys)):
+                o = dict(zip(keys, combo))
+                if s.num_samples > 1 and "train.seed" not in o:
+                    o["train.seed"] = cfg.train.seed + r
+                out.append(o)
+    else:
+        rng = np.random.default_rng(cfg.train.seed)
+        for _ in range(trials or s.num_samples):
+            out.append({k: space[k][int(rng.integers(len(space[k])))] for k in keys})
+    return out if trials is None else out[:trials]
+
+
+def trial_config(cfg: Config, overrides: dict[str, Any], steps: int) -> Config:
+    """One trial's config: the params, the overrides, `steps` training steps with EVAL_ROUNDS evaluations
+    + checkpoints (at multiples of train.log_every), and at least one Ray Train worker."""
+    for k in overrides:
+        try:
+            functools.reduce(getattr, k.split("."), cfg)
+        except AttributeError:
+            raise SweepError(f"sweep.space key '{k}' is not a params key (e.g. model.latent_tokens): fix "
+                             "sweep.space") from None
+    d = apply_overrides(cfg.to_dict(), overrides)
+    t = d["train"]
+    log_every = max(1, min(int(t["log_every"]), steps))
+    every = max(1, math.ceil(steps / EVAL_ROUNDS))
+    every = max(log_every, math.ceil(every / log_every) * log_every)
+    fixed = {"train.steps": steps, "train.log_every": log_every, "train.eval_every": every,
+             "train.checkpoint_every": every,
+             "distributed.num_workers": max(1, int(d["distributed"]["num_workers"]))}
+    if t["warmup_steps"] >= steps:
+        fixed["train.warmup_steps"] = steps // 10
+    if 1.0 / (1.0 - t["ema_decay"]) > steps / 10:  # else the evaluated (EMA) weights are mostly the initial ones
+        fixed["train.ema_decay"] = max(0.0, 1.0 - 10.0 / steps)
+    try:
+        return config_from_dict(d, fixed)
+    except ConfigError as exc:
+        raise SweepError(f"sweep trial {overrides}: {exc}") from None
+
+
+def trial_name(index: int, overrides: dict[str, Any]) -> str:
+    return f"t{index:03d}-{short_hash(overrides, 6)}"
+
+
+def describe(overrides: dict[str, Any]) -> str:
+    return ",".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in overrides.items())
+
+
+def sweep_name(cfg: Config, specs: list[dict], steps: int) -> str:
+    """Deterministic name of a sweep: what the trials train and how they are scheduled."""
+    d = cfg.to_dict()
+    key = {
+        "base": {k: d[k] for k in ("modality", "data", "model", "flow", "loss", "train")},
+        "trials": [s["overrides"] for s in specs],
+        "steps": steps,
+        "scheduler": {k: d["sweep"][k] for k in ("scheduler", "metric", "mode", "grace_period", "reduction_factor")},
+    }
+    exp = os.environ.get("DVC_EXP_NAME")
+    return (f"sweep-{exp}-" if exp else "sweep-") + short_hash(key, 10)
+
+
+def sweep_trial(config: dict, setup: dict) -> None:
+    """One Tune trial (in a Ray process): fit the trial's train run, reporting to Tune."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    name = config["trial"]["name"]
+    cfg = config_from_dict(setup["trial_cfgs"][name])
+    run_dir = Path(setup["runs_dir"]) / name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    previous = distributed.latest_checkpoint(run_dir)
+    with open(run_dir / INVOCATIONS_FILE, "a") as f:
+        f.write(json.dumps({"time": time.time(), "resume_step": previous.step if previous else 0}) + "\n")
+    distributed.fit(cfg, run_dir, lambda resume: distributed.ray_trainer(
+        cfg, data_dir=setup["data_dir"], run_dir=run_dir, resume=resume, use_gpu=cfg.distributed.use_gpu,
+        callbacks=(TuneReportCallback(),)), resume=previous)
+
+
+# --- Driver: MLflow runs, evaluation of finished trials, result files ---
+class SweepCallback(tune.Callback):
+    """Tune's trial events to the sweep's driver. Tune pickles its callbacks with its state: the driver
+    (MLflow client, data, progress bar) is not pickled along."""
+
+    def __init__(self, driver: "SweepDriver"):
+        self.driver = driver
+
+    def __getstate__(self):
+        return {"driver": None}
+
+    def _call(self, method: str, *args) -> None:
+        if self.driver is None:
+            return
+        try:
+            getattr(self.driver, method)(*args)
+        except Exception:  # noqa: BLE001 - a logging/evaluation problem must not stop the other trials
+            log.exception("sweep: %s failed (the sweep goes on; rerun with --resume to redo the results)", method)
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self._call("trial_started", trial.config["trial"]["name"])
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        self._call("trial_result", trial.config["trial"]["name"], result)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._call("finish", trial.config["trial"]["name"], "finished", trial)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._call("finish", trial.config["trial"]["name"], "error", trial)
+
+
+class SweepDriver:
+    """Everything the sweep does in the driver process: MLflow runs, evaluation, sweep.csv."""
+
+    def __init__(self, ctx: StageContext, name: str, specs: list[dict], trial_cfgs: dict[str, Config],
+                 runs_dir: Path, steps: int, params_doc: dict, task, fresh: bool = False):
+        self.ctx, self.cfg, self.name, self.specs, self.trial_cfgs = ctx, ctx.cfg, name, specs, trial_cfgs
+        self.by_name = {s["name"]: s for s in specs}
+        self.runs_dir, self.steps, self.params_doc, self.task = runs_dir, steps, params_doc, task
+        self.rows: dict[str, dict] = {}
+        self.best_reported: dict[str, float] = {}
+        self.finished_now = 0
+        self.interrupt_after = int(os.environ.get(INTERRUPT_ENV, "0") or 0)
+        self.trackers: dict[str, Any] = {}
+        self.logged_step: dict[str, int] = {}
+        self._data = self._classifier = self._features = self._reference = None
+        path = ctx.paths.reports / CSV_NAME
+        if path.is_file() and not fresh:  # rows of an earlier (interrupted) run of this sweep
+            from unite_core.analysis.report import read_csv
+
+            self.rows = {r["trial"]: r for r in read_csv(path) if r.get("trial") in self.by_name
+                         and r.get("sweep") == name}
+        for run in ctx.tracker.children({"unite.sweep": name, STAGE_TAG: "sweep_trial"}):
+            trial = run.data.tags.get("unite.trial")
+            if trial not in self.by_name:
+                continue
+            if fresh or trial in self.trackers:  # --fresh, or an older duplicate (newest first)
+                ctx.tracker.retire(run.info.run_id)
+                continue
+            self.trackers[trial] = ctx.tracker.child(run)  # under this (resumed) sweep run
+            self.logged_step[trial] = int(run.data.tags.get("unite.logged_step", "0"))
+
+    def done(self) -> list[str]:
+        return [n for n, r in self.rows.items() if r.get("status") in DONE]
+
+    def tracker(self, name: str):
+        if name not in self.trackers:
+            spec = self.by_name[name]
+            tags = {"unite.sweep": self.name, "unite.trial": name, STAGE_TAG: "sweep_trial"}
+            from ..tracking import source_tags
+
+            params = self.trial_cfgs[name].to_dict()
+            tr = self.ctx.tracker.child(name=f"{name} {describe(spec['overrides'])}",
+                                        tags={**source_tags(self.ctx.root, params), **tags})
+            tr.log_params({"sweep.trial": name, "sweep.name": self.name,
+                           **{f"sweep.override.{k}": v for k, v in spec["overrides"].items()}})
+            tr.log_params(params)
+            self.trackers[name] = tr
+        return self.trackers[name]
+
+    def _log_curve(self, name: str) -> None:
+        """Log the trial's metrics.jsonl records that MLflow does not have yet (each step once)."""
+        records = self.runs_dir / name / distributed.RECORDS_FILE
+        tr = self.tracker(name)
+        if not tr.active or not records.is_file():
+            return
+        done, new = self.logged_step.get(name, 0), []
+        for line in records.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if int(rec.get("step", 0)) > done:
+                new.append(rec)
+        if new:
+            tr.log_metric_history(new)
+            self.logged_step[name] = max(int(r["step"]) for r in new)
+            tr.set_tags({"unite.logged_step": str(self.logged_step[name])})
+
+    # --- Tune events -------------------------------------------------------------------------------
+    def trial_started(self, name: str) -> None:
+        self.tracker(name).set_status("RUNNING")
+        log.info("sweep: trial %s (%s) started", name, describe(self.by_name[name]["overrides"]))
+
+    def trial_result(self, name: str, result: dict) -> None:
+        v = result.get(self.cfg.sweep.metric)
+        if isinstance(v, (int, float)) and math.isfinite(v):
+            prev = self.best_reported.get(name)
+            better = prev is None or (v > prev if self.cfg.sweep.mode == "max" else v < prev)
+            self.best_reported[name] = v if better else prev
+        self._log_curve(name)
+
+    def finish(self, name: str, status: str, trial=None) -> None:
+        """Log the rest of the curve, evaluate the newest checkpoint, write the row and the files."""
+        self._log_curve(name)
+        row = self.rows[name] = self.evaluate(name, status, trial)
+        tr = self.tracker(name)
+        # final numbers under their own names (the curve already has val_psnr at the training steps)
+        tr.log_metrics({f"final_{k}": v for k, v in row.items() if k in (
+            "val_psnr", "rfid", "rate_floats", "bits_per_image", "bits_per_dim_mean", "train_seconds")},
+            step=int(row.get("steps") or 0))
+        tr.set_status("FINISHED" if status == "finished" else "FAILED")
+        self.write_results()
+        self.finished_now += 1
+        best = self.best_row()
+        metric = self.cfg.sweep.metric
+        self.task.update(len(self.done()), **({"best": f"{best['trial']} {metric} {_fmt(best.get(metric))}"}
+                                              if best else {}))
+        log.info("sweep: trial %s %s: val PSNR %s dB, rate %s floats / %s bits per image", name, row["status"],
+                 _fmt(row.get("val_psnr")), row.get("rate_floats"), _fmt(row.get("bits_per_image")))
+        if self.interrupt_after and self.finished_now >= self.interrupt_after:
+            log.warning("%s=%d: interrupting the sweep (test-only)", INTERRUPT_ENV, self.interrupt_after)
+            self.interrupt_after = 0
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+    # --- evaluation of a finished trial ----------------------------------------------------------
+    def _load_data(self):
+        if self._data is None:
+            self._data = open_data(self.ctx)
+            if self.cfg.modality == "images":
+                try:
+                    self._classifier, _ = load_checked_classifier(self.ctx, self._data, required=False)
+                except Exception as exc:  # noqa: BLE001 - rFID is optional
+                    log.warning("sweep: no rFID (%s)", exc)
+        return self._data
+
+    def evaluate(self, name: str, status: str, trial=None) -> dict:
+        """Row of sweep.csv for a trial: its settings and the evaluation of its newest checkpoint."""
+        import torch
+
+        from unite_core.analysis import latent_rate
+        from unite_core.analysis.activations import tokenization_features
+        from unite_core.train import model_from_checkpoint
+
+        spec, cfg = self.by_name[name], self.trial_cfgs[name]
+        run_dir = self.runs_dir / name
+        m = cfg.model
+        row: dict[str, Any] = {
+            "sweep": self.name, "trial": name, "status": status, "run_dir": str(run_dir),
+            "mlflow_run_id": self.tracker(name).run_id, **spec["overrides"], "latent_tokens": m.latent_tokens,
+            "latent_dim": m.latent_dim, "flow_minibatches": cfg.flow.minibatches,
+            "rate_floats": m.latent_tokens * m.latent_dim, "best_reported": self.best_reported.get(name)}
+        if trial is not None:
+            row["wall_seconds"] = round(float(trial.last_result.get("time_total_s", 0.0) or 0.0), 2)
+        ckpt = distributed.latest_checkpoint(run_dir)
+        if ckpt is None:
+            row["status"] = "error" if status == "error" else "no_checkpoint"
+            return row
+        row["steps"] = ckpt.step
+        row["train_seconds"] = round(float(ckpt.meta.get("train_seconds", 0.0)), 2)
+        if status == "finished" and ckpt.step < cfg.train.steps and not ckpt.meta.get("stopped_early"):
+            row["status"] = "stopped"  # by the scheduler
+        state = distributed.read_state(ckpt.path)
+        evaluated = [r for r in state.get("history", []) if isinstance(r.get("val_psnr"), (int, float))]
+        row["val_psnr"] = evaluated[-1]["val_psnr"] if evaluated else None
+        data = self._load_data()
+        model = model_from_checkpoint(state, use_ema=True, device="cpu")
+        n = min(len(data.val), 1000)
+        _, z0, _ = tokenization_features(model, data.val, torch.arange(n), seed=0)
+        rate = latent_rate(z0, step=0.1)
+        row.update(bits_per_image=rate["bits_per_image"], bits_per_dim_mean=rate["bits_per_dim_mean"])
+        if self._classifier is not None:
+            try:
+                from unite_core.eval_images import dataset_images, evaluate_reconstruction
+
+                images, _ = dataset_images(data.val, max_items=n)
+                row["rfid"] = evaluate_reconstruction(model, images, self._classifier, kid_subset_size=min(
+                    n, self.cfg.eval.kid_subset_size))["rfid"]
+            except Exception as exc:  # noqa: BLE001 - rFID is a bonus column
+                log.warning("sweep: rFID of %s failed (%s)", name, exc)
+        if self.cfg.sweep.gfid_samples > 0 and self.cfg.modality == "images":
+            row.update(self._gfid(model, cfg))
+        return row
+
+    def _gfid(self, model, trial_cfg: Config) -> dict:
+        """gFID (and conditional accuracy) of sweep.gfid_samples samples at guidance sweep.gfid_scale against
+        the training images, with the evaluation's feature network; {} (one warning) when it is missing."""
+        from unite_core.eval_images import evaluate_generation
+
+        from ..evaluation import reference_images
+
+        if self._features is None:
+            try:
+                self._features = feature_spec(self.ctx, self._data, "cpu")
+                self._reference = self._features.stats(reference_images(self._data)[0])
+            except Exception as exc:  # noqa: BLE001 - a missing classifier/Inception file: no gFID column
+                log.warning("sweep: no gFID (%s)", exc)
+                self._features = False
+        if not self._features:
+            return {}
+        s = self.cfg.sweep
+        res = evaluate_generation(model, self._reference, self._features.classifier, cfg_scales=[s.gfid_scale],
+                                  n=s.gfid_samples, sample_cfg=trial_cfg.sample, features=self._features,
+                                  seed=trial_cfg.sample.seed)
+        return {"gfid": res["best"]["fid"], "conditional_accuracy": res["best"]["conditional_accuracy"]}
+
+    # --- result files --------------------------------------------------------------------------------
+    def best_row(self) -> dict | None:
+        metric, mode = self.cfg.sweep.metric, self.cfg.sweep.mode
+        scored = [r for r in self.rows.values() if isinstance(r.get(metric), (int, float))
+                  and math.isfinite(r[metric])]
+        return (max if mode == "max" else min)(scored, key=lambda r: r[metric]) if scored else None
+
+    def write_results(self) -> None:
+        from unite_core.analysis.report import plot_tradeoff, save_figure, write_csv
+
+        keys = list(dict.fromkeys(k for s in self.specs for k in s["overrides"]))
+        order = {s["name"]: s["index"] for s in self.specs}
+        rows = sorted(self.rows.values(), key=lambda r: order.get(r["trial"], 1e9))
+        reports = self.ctx.paths.reports
+        write_csv(rows, reports / CSV_NAME, ["trial", *keys, *FIXED_COLUMNS[1:], "sweep"])
+        if any(isinstance(r.get("gfid"), float) for r in rows):
+            save_figure(plot_tradeoff(rows, keys, title=f"Sweep {self.name}: reconstruction vs generation"),
+                        reports / TRADEOFF_NAME)
+        best = self.best_row()
+        if best is not None:
+            write_best_params(reports / BEST_NAME, self.params_doc, self.by_name[best["trial"]]["overrides"], best,
+                              self.name, self.cfg.sweep.metric, self.steps)
+
+
+def write_best_params(path: Path, params_doc: dict, overrides: dict, row: dict, sweep: str, metric: str,
+                      steps: int) -> Path:
+    """The params file with the best trial's values (train.steps left as the params say)."""
+    doc = apply_overrides(json.loads(json.dumps(params_doc)), overrides)
+    config_from_dict(doc)  # still valid params
+    sets = " ".join(f"-S '{k}={json.dumps(v)}'" for k, v in overrides.items())
+    header = (
+        f"# Best trial of sweep {sweep}: {row['trial']} ({describe(overrides)}), {metric} = "
+        f"{_fmt(row.get(metric))} after {row.get('steps')} of {steps} sweep steps.\n"
+        "# Written by `unite sweep`: your params file with the best trial's values (train.steps as in your params,\n"
+        "# not the sweep's shorter trial budget). Train it as a DVC experiment, either with the changed keys:\n"
+        f"#   dvc exp run {sets}\n"
+        "# or by making this file the params (dvc exp run reads params.yaml):\n"
+        "#   cp reports/best_params.yaml params.yaml && dvc exp run\n"
+    )
+    return atomic_write_text(path, header + yaml.safe_dump(doc, sort_keys=False))
+
+
+def _fmt(v) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+# --- The stage ---
+def _params_doc(ctx: StageContext) -> dict:
+    """The params file as the user wrote it (plus --set overrides), for best_params.yaml."""
+    if ctx.params_path is not None and Path(ctx.params_path).is_file():
+        doc = yaml.safe_load(Path(ctx.params_path).read_text()) or {}
+    else:
+        doc = ctx.cfg.to_dict()
+    return apply_overrides(doc, list(ctx.overrides or []))
+
+
+def _ray_cpus(cfg: Config, concurrency: int, trials: int = 0) -> int:
+    """Logical CPUs of the local cluster a sweep starts (distributed.num_cpus wins): `concurrency` trials plus
+    2 spare and, with ASHA, a logical reserve for the trials it stops (Ray Train V2 keeps a stopped trial's
+    placement group until the Tune driver exits, ray-project/ray#54305: the next trial would wait forever)."""
+    d = cfg.distributed
+    if d.num_cpus:
+        return d.num_cpus
+    worker_cpus = max(1, d.num_workers) * d.cpus_per_worker
+    reserve = trials * worker_cpus if cfg.sweep.scheduler == "asha" else 0
+    return max(4, math.ceil(concurrency * (worker_cpus + TRIAL_CPU) + reserve) + 2)
+
+
+def _tune_config(cfg: Config, concurrency: int, steps: int):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    s = cfg.sweep
+    if s.scheduler == "asha":
+        every = max(1, math.ceil(steps / EVAL_ROUNDS))
+        scheduler = ASHAScheduler(time_attr="step", metric=s.metric, mode=s.mode, max_t=steps,
+                                  grace_period=min(steps, s.grace_period * every),
+                                  reduction_factor=s.reduction_factor)
+    else:
+        scheduler = FIFOScheduler()
+    return tune.TuneConfig(num_samples=1, max_concurrent_trials=concurrency, scheduler=scheduler,
+                           reuse_actors=False)  # function trainables cannot be reused (no reset_config)
+
+
+def run(ctx: StageContext) -> dict:
+    """Run (or resume) the sweep; returns a summary (also in metrics/sweep.json via the stage runner)."""
+    opts = stage_options(ctx, OPTIONS, SweepError, "sweep")
+    cfg = ctx.cfg
+    s = cfg.sweep
+    t0 = time.perf_counter()
+    steps = int(opts["steps"] or s.steps or cfg.train.steps)
+    concurrency = int(opts["concurrency"] or s.max_concurrent)
+    if s.scheduler == "asha" and not s.metric.startswith("val_"):
+        raise SweepError(f"sweep.metric={s.metric} is measured when a trial has ended, but the asha scheduler "
+                         "stops trials on a metric reported while they train (val_psnr, val_loss, ...): set "
+                         "sweep.scheduler=none or a val_* metric")
+    specs = [{"index": i, "name": trial_name(i, o), "overrides": o}
+             for i, o in enumerate(trial_overrides(cfg, opts["trials"]))]
+    trial_cfgs = {sp["name"]: trial_config(cfg, sp["overrides"], steps) for sp in specs}
+    name = sweep_name(cfg, specs, steps)
+    root = ctx.paths.ray_storage / "sweeps" / name
+    tune_dir, runs_dir = root / "tune", root / "runs"
+    data_dir = ctx.paths.dataset_dir(cfg)
+    manifest = distributed.check_prepared(cfg, data_dir)
+    for tc in trial_cfgs.values():
+        distributed.preflight(tc, manifest, tc.distributed.num_workers)
+
+    exists = tune.Tuner.can_restore(str(tune_dir))
+    if exists and opts["fresh"]:
+        log.warning("sweep %s: --fresh: deleting the previous sweep folder %s", name, root)
+        shutil.rmtree(root)
+        exists = False
+    if exists and not opts["resume"]:
+        raise SweepError(f"a sweep with these settings exists in {root}: `unite sweep --resume` continues it "
+                         "(finished trials are kept), `unite sweep --fresh` starts it over")
+    if not exists and root.exists() and any(runs_dir.glob("*")):
+        log.info("sweep %s: no Tune state to restore; trials reuse their train runs in %s", name, runs_dir)
+    ctx.tracker.set_tags({"unite.sweep": name})
+    ctx.tracker.log_params({"sweep.name": name, "sweep.trials": len(specs), "sweep.steps": steps,
+                            "sweep.concurrency": concurrency})
+    log.info("sweep %s: %d trials x %d steps, %d at a time, scheduler %s on %s (%s)%s", name, len(specs), steps,
+             concurrency, s.scheduler, s.metric, s.mode, "; resuming" if exists else "")
+
+    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    started = distributed.ensure_ray(cfg, debug=ctx.debug, num_cpus=_ray_cpus(cfg, concurrency, len(specs)))
+    statuses: dict[str, str] = {}
+    try:
+        with ctx.reporter.progress(f"sweep ({len(specs)} trials)", len(specs)) as task:
+            driver = SweepDriver(ctx, name, specs, trial_cfgs, runs_dir, steps, _params_doc(ctx), task,
+                                 fresh=bool(opts["fresh"]))
+            task.update(len(driver.done()))
+            pending = [sp for sp in specs if sp["name"] not in driver.done()]  # a resumed sweep: the rest
+            if pending:
+                setup = {"trial_cfgs": {n: c.to_dict() for n, c in trial_cfgs.items()}, "runs_dir": str(runs_dir),
+                         "data_dir": str(Path(data_dir).resolve())}
+                trainable = tune.with_resources(tune.with_parameters(sweep_trial, setup=setup), {"CPU": TRIAL_CPU})
+                tuner = tune.Tuner(trainable, param_space={"trial": tune.grid_search(pending)},
+                                   tune_config=_tune_config(cfg, concurrency, steps),
+                                   run_config=tune.RunConfig(storage_path=str(root), name="tune",
+                                                             callbacks=[SweepCallback(driver)],
+                                                             failure_config=tune.FailureConfig(max_failures=0),
+                                                             verbose=1 if ctx.debug else 0))
+                for result in tuner.fit():
+                    trial = (result.config or {}).get("trial", {}).get("name")
+                    if trial is not None:
+                        statuses[trial] = "error" if result.error else "done"
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+
+    driver.interrupt_after = 0
+    for trial, status in statuses.items():  # Tune finished it but its results were not recorded (interrupted then)
+        if trial not in driver.done() and status == "done" and distributed.latest_checkpoint(runs_dir / trial):
+            log.info("sweep: recording the results of finished trial %s", trial)
+            driver.finish(trial, "finished")
+    missing = [sp["name"] for sp in specs if sp["name"] not in driver.done()]
+    driver.write_results()
+    best = driver.best_row()
+    summary = {
+        "sweep": name, "trials": len(specs), "finished": len(specs) - len(missing), "steps_per_trial": steps,
+        "concurrency": concurrency, "best_trial": best["trial"] if best else None,
+        f"best_{s.metric}": best.get(s.metric) if best else None,
+        "wall_seconds": round(time.perf_counter() - t0, 2), "csv": str(ctx.paths.reports / CSV_NAME),
+        "best_params": str(ctx.paths.reports / BEST_NAME) if best else None,
+    }
+    if best:
+        summary.update({f"best.{k}": v for k, v in driver.by_name[best["trial"]]["overrides"].items()})
+    if missing:
+        errors = [t for t in missing if statuses.get(t) == "error" or driver.rows.get(t, {}).get("status") == "error"]
+        if errors and len(errors) == len(missing):
+            raise SweepError(f"sweep {name}: trial(s) {', '.join(errors)} failed (see --debug and "
+                             f"{runs_dir}); `unite sweep --resume` retries them")
+        raise SweepError(f"sweep {name} interrupted with {len(specs) - len(missing)} of {len(specs)} trials "
+                         "finished (results so far in reports/sweep.csv): `unite sweep --resume` continues it")
+    return summary

@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from unite_core.eval_images import (CURVE_KEYS, DatasetSource, FeatureSpec, Gene
 from unite_core.io import atomic_write, atomic_write_text
 from unite_core.metrics.images import FeatureClassifier, MetricsError
 from unite_core.model import balanced_labels
+from unite_core.optim import ema_init_weight
 from unite_core.pictures import class_grid, pairs_grid
 
 from .context import Reporter
@@ -337,12 +339,20 @@ def evaluate_checkpoint_images(ctx, model, data, *, num_samples: int | None = No
 
 
 def warn_if_ema_is_young(state: dict, use_ema: bool, path) -> bool:
-    """Warn (True) when the EMA has averaged fewer steps than its horizon 1/(1 - decay)."""
+    """Warn (True) when the EMA weights still hold more than 1/e of the initialisation (without the warm-up:
+    fewer steps than the horizon 1/(1 - decay); with it, a few dozen steps)."""
     try:
-        decay = float(state["config"]["train"]["ema_decay"])
-        step = int(state.get("step", 0))
+        t = state["config"]["train"]
+        decay, step, warmup = float(t["ema_decay"]), int(state.get("step", 0)), bool(t.get("ema_warmup", False))
     except (KeyError, TypeError, ValueError):
         return False
+    init = ema_init_weight(decay, step, warmup)
+    if use_ema and state.get("ema") is not None and init > math.exp(-1.0):
+        log.warning("%s: the EMA (decay %g%s) still holds %.0f%% of the initial weights after %d steps, so they "
+                    "are close to the initialisation; evaluate the raw weights with sample.use_ema=false",
+                    path, decay, ", warm-up" if warmup else "", 100 * init, step)
+        return True
+    return False
     horizon = 1.0 / max(1e-12, 1.0 - decay)
     if use_ema and state.get("ema") is not None and step < horizon:
         log.warning("%s: the EMA (decay %g, horizon %.0f steps) has averaged only %d steps, so its weights are "

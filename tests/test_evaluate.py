@@ -556,6 +556,10 @@ def test_young_ema_is_reported(caplog):
     assert "sample.use_ema=false" in caplog.text
     assert not warn_if_ema_is_young(state, False, "x")
     assert not warn_if_ema_is_young({**state, "step": 5000}, True, "x")
+    # with the warm-up (train.ema_warmup, the default) the initialisation is gone within a few dozen steps
+    warm = {**state, "config": {"train": {"ema_decay": 0.999, "ema_warmup": True}}}
+    assert not warn_if_ema_is_young({**warm, "step": 38}, True, "x")
+    assert warn_if_ema_is_young({**warm, "step": 0}, True, "x")
 
 
 def test_evaluate_stage_against_a_reference_stats_file(project):

@@ -150,3 +150,14 @@ def test_imagenet_preset_is_the_papers_configuration():
     assert cfg.eval.feature_extractor == "inception" and cfg.eval.inception_weights
     assert (cfg.distributed.num_workers, cfg.distributed.use_gpu) == (8, True)
     assert t.batch_size % (cfg.distributed.num_workers * t.grad_accum) == 0
+
+
+def test_best_params_of_a_sweep_over_a_preset_is_a_full_params_file(tmp_path):
+    from pipelines.context import StageContext
+    from pipelines.stages.sweep import _params_doc
+
+    preset = PRESETS / "sweep_loss_weights.yaml"
+    ctx = StageContext(cfg=load_config(preset), root=tmp_path, params_path=preset, overrides=["train.steps=77"])
+    doc = _params_doc(ctx)
+    assert "base" not in doc and doc["sweep"]["metric"] == "gfid" and doc["train"]["steps"] == 77
+    assert doc["model"] == load_config(preset).to_dict()["model"]  # the base's sections are all there

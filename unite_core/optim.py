@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 
+import numpy as np
 import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
@@ -159,6 +160,15 @@ def lr_factor(step: int, cfg: Config) -> float:
     if t.warmup_steps and step < t.warmup_steps:
         return (step + 1) / t.warmup_steps
     return _cosine_between(step, t.warmup_steps, max(t.warmup_steps + 1, t.steps), 1.0, floor)
+
+
+def ema_init_weight(decay: float, steps: int, warmup: bool) -> float:
+    """The weight an EMA still gives the initial parameters after `steps` updates (with or without the
+    warm-up of :func:`ema_with_warmup`): decay**steps without it, the product of the ramped decays with it."""
+    if not warmup:
+        return float(decay) ** int(steps)
+    n = np.arange(int(steps), dtype=np.float64)
+    return float(np.prod(np.minimum(float(decay), (1.0 + n) / (10.0 + n))))
 
 
 def ema_with_warmup(decay: float):

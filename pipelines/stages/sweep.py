@@ -42,7 +42,7 @@ import numpy as np
 import yaml
 from ray import tune
 
-from unite_core.config import Config, ConfigError, apply_overrides, config_from_dict
+from unite_core.config import Config, ConfigError, apply_overrides, config_from_dict, read_params
 from unite_core.io import atomic_write_text
 
 from .. import distributed
@@ -429,9 +429,10 @@ def _fmt(v) -> str:
 
 # --- The stage ---
 def _params_doc(ctx: StageContext) -> dict:
-    """The params file as the user wrote it (plus --set overrides), for best_params.yaml."""
+    """The params file as the user wrote it, a preset merged over its base (plus --set overrides), for
+    best_params.yaml: a full params file."""
     if ctx.params_path is not None and Path(ctx.params_path).is_file():
-        doc = yaml.safe_load(Path(ctx.params_path).read_text()) or {}
+        doc = read_params(ctx.params_path)
     else:
         doc = ctx.cfg.to_dict()
     return apply_overrides(doc, list(ctx.overrides or []))

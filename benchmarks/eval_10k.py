@@ -44,8 +44,9 @@ ROOT = Path(__file__).resolve().parents[1]
 class PeakMemory:
     """Peak RSS of this process during a block (a sampling thread) plus tracemalloc's Python-heap peak."""
 
-    def __init__(self, interval: float = 0.01):
+    def __init__(self, interval: float = 0.01, trace_python: bool = True):
         self.interval = interval
+        self.trace_python = trace_python  # tracemalloc slows every allocation down: off where RSS is what counts
         self.proc = psutil.Process()
 
     def __enter__(self):
@@ -54,7 +55,8 @@ class PeakMemory:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
-        tracemalloc.start()
+        if self.trace_python:
+            tracemalloc.start()
         self.t0 = time.perf_counter()
         return self
 
@@ -65,8 +67,10 @@ class PeakMemory:
 
     def __exit__(self, *exc):
         self.seconds = time.perf_counter() - self.t0
-        _, self.py_peak = tracemalloc.get_traced_memory()
-        tracemalloc.stop()
+        self.py_peak = 0
+        if self.trace_python:
+            _, self.py_peak = tracemalloc.get_traced_memory()
+            tracemalloc.stop()
         self._stop.set()
         self._thread.join()
         self.peak_rss = max(self.peak_rss, self.proc.memory_info().rss)

@@ -36,7 +36,6 @@ import json
 import logging
 import os
 import platform
-import resource
 import sys
 import tempfile
 import time
@@ -72,29 +71,6 @@ def line(phase: str, mem: PeakMemory, items: int, device: torch.device, **extra)
         out["gpu_peak_allocated_mb"] = round(torch.cuda.max_memory_allocated(device) / MB, 1)
     print(json.dumps(out), flush=True)
     return out
-
-
-class _NoTrace(PeakMemory):
-    """PeakMemory without tracemalloc (it slows every allocation down; RSS is what is measured here)."""
-
-    def __enter__(self):
-        import threading
-
-        self.start_rss = self.proc.memory_info().rss
-        self.peak_rss = self.start_rss
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        self.t0 = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc):
-        self.seconds = time.perf_counter() - self.t0
-        self.py_peak = 0
-        self._stop.set()
-        self._thread.join()
-        self.peak_rss = max(self.peak_rss, self.proc.memory_info().rss)
-        return False
 
 
 class _TimedNet:
@@ -149,7 +125,7 @@ def main(argv=None) -> dict:
                       "all_images_float32_mb": round(n * 3 * size * size * 4 / MB, 1),
                       "all_images_uint8_mb": round(n * 3 * size * size / MB, 1)}), flush=True)
 
-    with _NoTrace() as mem:
+    with PeakMemory(trace_python=False) as mem:
         torch.manual_seed(0)
         model = UNITE(cfg, info).to(device).eval()
         if args.features == "own":
@@ -181,11 +157,11 @@ def main(argv=None) -> dict:
     timed = _TimedNet(net)
     job = GenerationJob(n=n, cfg_scale=2.0, sample_cfg=cfg.sample, plan=spec.plan(n, isc=True), batch_size=args.batch,
                         seed=0, keep=tuple(range(0, n, max(1, n // 100))))
-    with _NoTrace() as mem:
+    with PeakMemory(trace_python=False) as mem:
         shard = LocalRunner(model, timed, classifier=clf, device=device)(job)
     gen = line("generate_and_features", mem, n, device, kept_images=len(shard.kept),
                feature_seconds=round(timed.seconds, 2), generation_seconds=round(mem.seconds - timed.seconds, 2))
-    with _NoTrace() as mem:
+    with PeakMemory(trace_python=False) as mem:
         m = spec.compare(shard.stats, reference)
     met = line("metrics", mem, n, device, metrics={k: (None if v is None else round(v, 4)) for k, v in m.items()})
     summary = {"benchmark": "eval_50k", "phase": "summary", **common, "feature_network": note,

@@ -36,29 +36,19 @@ tracking_uri = None  # MLflow store; default sqlite:///<cwd>/mlflow.db
 
 # %%
 import json
-import os
 from pathlib import Path
 
 import numpy as np
-from IPython.display import Image, display
 from matplotlib.figure import Figure
 
 from unite_core.analysis import report
 
 
-def _uri():
-    return tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd().resolve()}/mlflow.db"
-
-
 def load_rows(path, artifact, required=True):
-    if source_run_id:
-        import mlflow
-
-        path = mlflow.artifacts.download_artifacts(run_id=source_run_id, artifact_path=artifact,
-                                                   tracking_uri=_uri())
-    if not required and not Path(path).is_file():
+    """Rows of a tracked CSV (file or MLflow artifact); [] for a missing optional file."""
+    if not source_run_id and not required and not Path(path).is_file():
         return []
-    return report.read_csv(path)
+    return report.read_tracked_csv(path, artifact, source_run_id, tracking_uri)
 
 
 align = load_rows(alignment_csv, "plots/alignment.csv")
@@ -75,16 +65,14 @@ print("CKA per block (mean over t):", ", ".join(f"{summary[f'cka_block_{l}']:.3f
 # %%
 pngs = []
 fig = report.plot_alignment(align)
-pngs.append(report.save_figure(fig, Path(out_dir) / "alignment.png"))
-display(Image(filename=str(pngs[-1])))
+pngs.append(report.save_and_show(fig, Path(out_dir) / "alignment.png"))
 
 # %% [markdown]
 # ## Cosine similarity of the clean latent and the denoised prediction
 
 # %%
 fig = report.plot_cosine(cosine)
-pngs.append(report.save_figure(fig, Path(out_dir) / "alignment_cosine.png"))
-display(Image(filename=str(pngs[-1])))
+pngs.append(report.save_and_show(fig, Path(out_dir) / "alignment_cosine.png"))
 
 # %% [markdown]
 # ## Ablations (when `unite compare` checkpoints were analysed)
@@ -106,8 +94,7 @@ ax.set_ylim(0, 1.02)
 ax.set_xticks(layers)
 ax.grid(alpha=0.3)
 ax.legend(title="checkpoint", fontsize=8)
-pngs.append(report.save_figure(fig, Path(out_dir) / "alignment_variants.png"))
-display(Image(filename=str(pngs[-1])))
+pngs.append(report.save_and_show(fig, Path(out_dir) / "alignment_variants.png"))
 if not variants:
     print("no ablation checkpoints analysed (run `unite compare`, then `unite analyze`)")
 
@@ -126,10 +113,5 @@ if late is not None:
     print(f"later blocks align {'more' if late > 0 else 'less'} than earlier ones (late - early CKA = {late:+.3f})")
 
 # %%
-if mlflow_run_id:
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=_uri())
-    for png in pngs:
-        client.log_artifact(mlflow_run_id, str(png), "notebooks")
+if all([report.log_to_run(png, mlflow_run_id, tracking_uri) for png in pngs]) and pngs:
     print(f"logged {len(pngs)} figures to MLflow run {mlflow_run_id}")

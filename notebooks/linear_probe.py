@@ -32,26 +32,15 @@ tracking_uri = None  # MLflow store; default sqlite:///<cwd>/mlflow.db
 
 # %%
 import json
-import os
 from pathlib import Path
 
-from IPython.display import Image, display
 
 from unite_core.analysis import report
 
 
-def _uri():
-    return tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd().resolve()}/mlflow.db"
-
-
 def load_rows(path, artifact):
     """Rows of a tracked CSV: from the file, or from an MLflow run's artifacts when source_run_id is set."""
-    if source_run_id:
-        import mlflow
-
-        path = mlflow.artifacts.download_artifacts(run_id=source_run_id, artifact_path=artifact,
-                                                   tracking_uri=_uri())
-    return report.read_csv(path)
+    return report.read_tracked_csv(path, artifact, source_run_id, tracking_uri)
 
 
 rows = load_rows(probe_csv, "plots/probe.csv")
@@ -65,9 +54,7 @@ for r in rows:
 
 # %%
 fig = report.plot_probe(rows)
-png = report.save_figure(fig, Path(out_dir) / "linear_probe.png")
-display(Image(filename=str(png)))
-print(f"saved {png}")
+png = report.save_and_show(fig, Path(out_dir) / "linear_probe.png")
 
 # %% [markdown]
 # ## Numbers
@@ -91,8 +78,5 @@ print(f"best GE block: {best['layer']} at {100 * best['val_accuracy']:.1f}% "
       f"(z0 {100 * summary['z0_val_accuracy']:.1f}%, chance {100 * summary['chance']:.1f}%)")
 
 # %%
-if mlflow_run_id:
-    from mlflow.tracking import MlflowClient
-
-    MlflowClient(tracking_uri=_uri()).log_artifact(mlflow_run_id, str(png), "notebooks")
+if report.log_to_run(png, mlflow_run_id, tracking_uri):
     print(f"logged {png.name} to MLflow run {mlflow_run_id}")

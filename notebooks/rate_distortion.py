@@ -31,25 +31,15 @@ tracking_uri = None  # MLflow store; default sqlite:///<cwd>/mlflow.db
 
 # %%
 import json
-import os
 from pathlib import Path
 
-from IPython.display import Image, display
 
 from unite_core.analysis import report
 
 
-def _uri():
-    return tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd().resolve()}/mlflow.db"
-
-
 def load_rows(path, artifact):
-    if source_run_id:
-        import mlflow
-
-        path = mlflow.artifacts.download_artifacts(run_id=source_run_id, artifact_path=artifact,
-                                                   tracking_uri=_uri())
-    return report.read_csv(path)
+    """Rows of a tracked CSV: from the file, or from an MLflow run's artifacts when source_run_id is set."""
+    return report.read_tracked_csv(path, artifact, source_run_id, tracking_uri)
 
 
 sweep_rows = load_rows(sweep_csv, "reports/sweep.csv")
@@ -66,9 +56,7 @@ for r in rows:
 
 # %%
 fig = report.plot_rate_distortion(rows)
-png = report.save_figure(fig, Path(out_dir) / "rate_distortion.png")
-display(Image(filename=str(png)))
-print(f"saved {png}")
+png = report.save_and_show(fig, Path(out_dir) / "rate_distortion.png")
 
 # %% [markdown]
 # ## Does more capacity give higher PSNR?
@@ -97,8 +85,5 @@ if len(sizes) >= 2:
     print("more capacity -> higher PSNR:", "yes (monotone in K x d)" if monotone else "not monotone in K x d")
 
 # %%
-if mlflow_run_id:
-    from mlflow.tracking import MlflowClient
-
-    MlflowClient(tracking_uri=_uri()).log_artifact(mlflow_run_id, str(png), "notebooks")
+if report.log_to_run(png, mlflow_run_id, tracking_uri):
     print(f"logged {png.name} to MLflow run {mlflow_run_id}")

@@ -7,12 +7,12 @@ are built in memory, anything else asks for `unite prepare`.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
 
 from unite_core.data import DataError
+from unite_core.data.images import read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -25,13 +25,7 @@ CLASSIFIER_FILE = "classifier.pt"
 def check_prepared(cfg, data_dir: Path) -> dict:
     """The prepared data's manifest; DataError when it is missing or was made from other data params."""
     data_dir = Path(data_dir)
-    path = data_dir / "manifest.json"
-    if not path.is_file():
-        raise DataError(f"no prepared data in '{data_dir}': run `unite prepare` (or `dvc repro prepare`) first")
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise DataError(f"'{path}' is unreadable ({exc}): run `unite prepare` again") from None
+    manifest = read_manifest(data_dir)
     if cfg.modality == "images":
         made, want = manifest.get("settings", {}), cfg.data.model_dump()
         diff = [k for k in _IMAGE_DATA_KEYS if k in made and made.get(k) != want.get(k)]

@@ -82,14 +82,8 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
 
 def numeric_items(d: dict, prefix: str = "") -> dict[str, float]:
     """The finite numbers in a (nested) dict, flattened with dotted keys; bools and strings skipped."""
-    out: dict[str, float] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(numeric_items(v, key + "."))
-        elif isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v)):
-            out[key] = float(v)
-    return out
+    return {k: float(v) for k, v in flatten(d, prefix).items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))}
 
 
 def params_hash(params: dict) -> str:

@@ -32,6 +32,15 @@ def _all_items(ds) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.stack(xs), torch.stack(ys)
 
 
+def _assert_same_data(loaded, direct):
+    """The same info and, split by split, the same images and labels."""
+    assert loaded.info == direct.info
+    for a, b in ((loaded.train, direct.train), (loaded.val, direct.val)):
+        xa, ya = _all_items(a)
+        xb, yb = _all_items(b)
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
 @pytest.fixture(scope="module")
 def mnist() -> ImageData:
     return load_image_data(DataConfig(dataset="mnist5k", image_size=32, val_fraction=0.1, split_seed=0))
@@ -230,12 +239,7 @@ def test_prepare_and_load_prepared_round_trip(mnist, tmp_path):
     assert saved["labels"].dtype == torch.int64
     assert json.loads((tmp_path / "mnist5k" / "manifest.json").read_text()) == manifest
 
-    loaded = load_prepared(tmp_path / "mnist5k")
-    assert loaded.info == mnist.info
-    for a, b in ((loaded.train, mnist.train), (loaded.val, mnist.val)):
-        xa, ya = _all_items(a)
-        xb, yb = _all_items(b)
-        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    _assert_same_data(load_prepared(tmp_path / "mnist5k"), mnist)
 
 
 def test_load_prepared_missing_or_damaged(tmp_path):
@@ -421,12 +425,7 @@ def test_imagefolder_prepare_round_trip(folder, tmp_path):
     cfg = _folder_cfg(folder, image_size=8)
     direct = load_image_data(cfg)
     prepare_image_data(cfg, tmp_path / "prepared")
-    loaded = load_prepared(tmp_path / "prepared")
-    assert loaded.info == direct.info
-    for a, b in ((loaded.train, direct.train), (loaded.val, direct.val)):
-        xa, ya = _all_items(a)
-        xb, yb = _all_items(b)
-        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    _assert_same_data(load_prepared(tmp_path / "prepared"), direct)
 
 
 def test_imagefolder_content_hash(folder):

@@ -12,14 +12,19 @@ from tests.ray_fixtures import read_json, tiny_params, write_params
 from unite_core.config import config_from_dict
 
 
-def test_time_limit_stops_with_a_final_logged_and_checkpointed_step(tmp_path):
-    params = tiny_params(train={"steps": 100000, "time_limit_minutes": 0.03, "log_every": 1000,
+def _train_with_time_limit(root, *, steps: int, minutes: float, log_every: int):
+    """Prepare and train the tiny params under a time limit: (params, config, the train stage's metrics)."""
+    params = tiny_params(train={"steps": steps, "time_limit_minutes": minutes, "log_every": log_every,
                                 "eval_every": 1000, "checkpoint_every": 1000},
                          tracking={"enabled": False})
-    write_params(tmp_path, params)
+    write_params(root, params)
     cfg = config_from_dict(params)
-    execute("prepare", cfg, tmp_path)
-    metrics = execute("train", cfg, tmp_path)
+    execute("prepare", cfg, root)
+    return params, cfg, execute("train", cfg, root)
+
+
+def test_time_limit_stops_with_a_final_logged_and_checkpointed_step(tmp_path):
+    params, cfg, metrics = _train_with_time_limit(tmp_path, steps=100000, minutes=0.03, log_every=1000)
 
     assert metrics["stopped_early"] and 0 < metrics["steps"] < 100000
     # checked after every step (not only at log steps): stops within a step or two of 1.8 s
@@ -40,13 +45,7 @@ def test_operational_changes_resume_the_run_and_a_raised_time_limit_continues_it
     """A run stopped by its time budget, then the same model settings with other operational keys
     (no time limit, other log/eval/checkpoint intervals, threads, device): the same run folder goes
     on from where it stopped to train.steps, instead of starting again at step 0."""
-    params = tiny_params(train={"steps": 200, "time_limit_minutes": 0.02, "log_every": 5, "eval_every": 1000,
-                                "checkpoint_every": 1000},
-                         tracking={"enabled": False})
-    write_params(tmp_path, params)
-    cfg = config_from_dict(params)
-    execute("prepare", cfg, tmp_path)
-    first = execute("train", cfg, tmp_path)
+    params, cfg, first = _train_with_time_limit(tmp_path, steps=200, minutes=0.02, log_every=5)
     assert first["stopped_early"] and 0 < first["steps"] < 200
 
     params["train"].update({"time_limit_minutes": None, "log_every": 20, "eval_every": 200, "checkpoint_every": 100,

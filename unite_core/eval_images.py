@@ -336,6 +336,7 @@ class FeatureSpec:
 
 
 def _spec(features: FeatureSpec | None, classifier: nn.Module | None, **kwargs) -> FeatureSpec:
+    """`features`, else the own-classifier FeatureSpec (pass a FeatureSpec for Inception features)."""
     if features is not None:
         return features
     return FeatureSpec(classifier=classifier, **{k: v for k, v in kwargs.items() if v is not None})
@@ -444,19 +445,7 @@ def iter_generated(
 
 
 @torch.no_grad()
-def generate_balanced(
-    model,
-    n: int,
-    *,
-    sample_cfg,
-    cfg_scale: float | None = None,
-    batch_size: int = 250,
-    device: str | torch.device = "cpu",
-    seed: int = 0,
-    autocast_dtype: torch.dtype | None = None,
-    shard: int = 0,
-    num_shards: int = 1,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def generate_balanced(model, n: int, **options) -> tuple[torch.Tensor, torch.Tensor]:
     """``n`` class-conditional samples with class-balanced labels (sorted by class), in memory.
 
     ``sample_cfg`` is a ``SampleConfig`` (solver, steps, cfg_interval, norm_first, rtol, atol);
@@ -467,9 +456,7 @@ def generate_balanced(
     :func:`evaluate_generation`, which never holds all images.
     """
     out, labs = [], []
-    for _, y, images in iter_generated(model, n, sample_cfg=sample_cfg, cfg_scale=cfg_scale, batch_size=batch_size,
-                                       device=device, seed=seed, autocast_dtype=autocast_dtype, shard=shard,
-                                       num_shards=num_shards):
+    for _, y, images in iter_generated(model, n, **options):  # options: those of iter_generated
         out.append(images)
         labs.append(y)
     return torch.cat(out), torch.cat(labs).cpu()
@@ -611,9 +598,6 @@ def evaluate_generation(
     seed: int = 0,
     autocast_dtype: torch.dtype | None = None,
     features: FeatureSpec | None = None,
-    extractor: str = "own",
-    inception_weights: str | None = None,
-    cache_dir: str | None = None,
     kid_subset_size: int | None = None,
     keep_samples: bool = False,
     keep_indices: Sequence[int] | None = None,
@@ -636,9 +620,7 @@ def evaluate_generation(
         raise ValueError("evaluate_generation: cfg_scales is empty (eval.cfg_scales)")
     if n < 2:
         raise MetricsError(f"FID needs at least 2 generated images, got n={n}")
-    spec = _spec(features, classifier, extractor=extractor, inception_weights=inception_weights,
-                 cache_dir=None if cache_dir is None else str(cache_dir), kid_subset_size=kid_subset_size,
-                 device=device)
+    spec = _spec(features, classifier, kid_subset_size=kid_subset_size, device=device)
     ref = spec.stats(reference_images)
     cls = classifier if classifier is not None else spec.classifier
     if runner is None:
@@ -714,9 +696,6 @@ def evaluate_reconstruction(
     seed: int = 0,
     autocast_dtype: torch.dtype | None = None,
     features: FeatureSpec | None = None,
-    extractor: str = "own",
-    inception_weights: str | None = None,
-    cache_dir: str | None = None,
     kid_subset_size: int | None = None,
     keep: int = 0,
     return_stats: bool = False,
@@ -729,9 +708,7 @@ def evaluate_reconstruction(
     evenly spaced positions of ``val_images`` (datasets stored class by class still show every class).
     ``return_stats`` adds ``"val_stats"``, the originals' FeatureStats (the noise floor needs them).
     """
-    spec = _spec(features, classifier, extractor=extractor, inception_weights=inception_weights,
-                 cache_dir=None if cache_dir is None else str(cache_dir), kid_subset_size=kid_subset_size,
-                 device=device)
+    spec = _spec(features, classifier, kid_subset_size=kid_subset_size, device=device)
     source = as_source(val_images)
     n = len(source)
     if n < 2:
@@ -807,18 +784,13 @@ def noise_floor(
     classifier: nn.Module | None = None,
     *,
     features: FeatureSpec | None = None,
-    extractor: str = "own",
-    inception_weights: str | None = None,
-    cache_dir: str | None = None,
     kid_subset_size: int | None = None,
     device: str | torch.device = "cpu",
 ) -> float:
     """FID of the validation set against the training set (or reference statistics): what a perfect
     generator would score with this many samples and this feature network (the floor gFID should be read
     against)."""
-    spec = _spec(features, classifier, extractor=extractor, inception_weights=inception_weights,
-                 cache_dir=None if cache_dir is None else str(cache_dir), kid_subset_size=kid_subset_size,
-                 device=device)
+    spec = _spec(features, classifier, kid_subset_size=kid_subset_size, device=device)
     return frechet_distance(spec.stats(val_images, cache=False), spec.stats(train_images))
 
 
@@ -830,17 +802,12 @@ def fid_noise(
     seed: int = 0,
     shape: Sequence[int] | None = None,
     features: FeatureSpec | None = None,
-    extractor: str = "own",
-    inception_weights: str | None = None,
-    cache_dir: str | None = None,
     kid_subset_size: int | None = None,
     device: str | torch.device = "cpu",
 ) -> float:
     """FID of uniform noise images (``n``, default min(1000, len(train))) against the training set (or
     reference statistics; then give ``n`` and ``shape``): the ceiling a useless generator reaches."""
-    spec = _spec(features, classifier, extractor=extractor, inception_weights=inception_weights,
-                 cache_dir=None if cache_dir is None else str(cache_dir), kid_subset_size=kid_subset_size,
-                 device=device)
+    spec = _spec(features, classifier, kid_subset_size=kid_subset_size, device=device)
     if isinstance(train_images, FeatureStats):
         if n is None or shape is None:
             raise ValueError("fid_noise against statistics needs n and shape")

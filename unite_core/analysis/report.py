@@ -108,6 +108,33 @@ def read_csv(path: str | Path) -> list[dict]:
 # ----------------------------------------------------------------------------------------------
 # Compression (weights)
 # ----------------------------------------------------------------------------------------------
+def notebook_tracking_uri(uri: str | None = None) -> str:
+    """The MLflow store a notebook reads and logs to: `uri`, else MLFLOW_TRACKING_URI, else ./mlflow.db."""
+    import os
+
+    return uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd().resolve()}/mlflow.db"
+
+
+def read_tracked_csv(path: str | Path, artifact: str, run_id: str | None = None, tracking_uri: str | None = None):
+    """Rows of a tracked CSV: the file `path`, or the artifact `artifact` of MLflow run `run_id` when given."""
+    if run_id:
+        import mlflow
+
+        path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact,
+                                                   tracking_uri=notebook_tracking_uri(tracking_uri))
+    return read_csv(path)
+
+
+def log_to_run(path: str | Path, run_id: str | None, tracking_uri: str | None = None) -> bool:
+    """Log the file `path` to MLflow run `run_id` (artifact folder notebooks/); False when no run is given."""
+    if not run_id:
+        return False
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient(tracking_uri=notebook_tracking_uri(tracking_uri)).log_artifact(run_id, str(path), "notebooks")
+    return True
+
+
 def model_components(model: torch.nn.Module) -> dict[str, dict[str, torch.Tensor]]:
     """Split a UNITE model's state dict into ``ge`` (the tokenizer GE, shared with denoising
     unless weights are separate), ``denoiser`` (separate variant only) and ``decoder``."""
@@ -444,3 +471,13 @@ def plot_tradeoff(rows: Sequence[Mapping], keys: Sequence[str],
 def save_figure(fig, path: str | Path, dpi: int = 110) -> Path:
     """Save a figure as PNG (parent folders created) and release it."""
     return atomic_write(path, lambda f: fig.savefig(f, dpi=dpi, format="png"))
+
+
+def save_and_show(fig, path: str | Path) -> Path:
+    """Save `fig` as a PNG at `path`, show it in the notebook running this (IPython) and say where it went."""
+    from IPython.display import Image, display
+
+    png = save_figure(fig, path)
+    display(Image(filename=str(png)))
+    print(f"saved {png}")
+    return png

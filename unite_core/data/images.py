@@ -1065,6 +1065,17 @@ def prepare_image_data(cfg: DataConfig, out_dir: Path, *, progress: Optional[Pro
     return manifest
 
 
+def read_manifest(folder: Path) -> dict:
+    """The manifest.json of a prepared data folder; DataError (saying to prepare) when it is missing or unreadable."""
+    path = Path(folder) / "manifest.json"
+    if not path.is_file():
+        raise DataError(f"no prepared data in '{folder}' ({path.name} missing): {_PREPARE_HINT} first")
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise DataError(f"prepared manifest '{path}' is unreadable ({exc}): {_PREPARE_HINT} again") from None
+
+
 def load_prepared(out_dir: Path, cfg: Optional[DataConfig] = None) -> ImageData:
     """Read what :func:`prepare_image_data` wrote; a missing or damaged file raises :class:`DataError`.
 
@@ -1074,10 +1085,8 @@ def load_prepared(out_dir: Path, cfg: Optional[DataConfig] = None) -> ImageData:
     """
     out_dir = Path(out_dir)
     mpath = out_dir / "manifest.json"
-    if not mpath.is_file():
-        raise DataError(f"no prepared image data in '{out_dir}' ({mpath.name} missing): {_PREPARE_HINT}")
+    manifest = read_manifest(out_dir)
     try:
-        manifest = json.loads(mpath.read_text())
         dataset = manifest["dataset"]
         settings = manifest["settings"]
         info = manifest["info"]

@@ -220,3 +220,27 @@ def test_a_cycle_is_found(tmp_path, lazy):
     assert problems[0].startswith("lazy import in unite_core.sub.b" if lazy else "module-level import cycle")
     (pkg / "sub" / "b.py").write_text(body.replace("import a", f"import a  {ALLOW_MARK}") if lazy else "")
     assert check(tmp_path) == []
+
+
+def layer_violations(edges) -> list[str]:
+    """The layering docs/ARCHITECTURE.md states: unite_core never imports pipelines; a stage module never
+    imports another stage (stages share pipelines/inputs.py, evaluation.py, ... below them); nothing
+    below the stages imports a stage (only the CLI and the stage runner, pipelines/stages/__init__.py, do)."""
+    out = []
+    for e in edges:
+        stage = e.target.startswith("pipelines.stages.") and e.target != "pipelines.stages"
+        if e.source.startswith("unite_core") and e.target.startswith("pipelines"):
+            out.append(f"{e.source}:{e.line} imports {e.target} (unite_core never imports pipelines)")
+        elif stage and e.source.startswith("pipelines.stages.") and e.source != e.target:
+            out.append(f"{e.source}:{e.line} imports the stage {e.target} (stages are peers)")
+        elif stage and not e.source.startswith(("pipelines.stages", "pipelines.cli")):
+            out.append(f"{e.source}:{e.line} imports the stage {e.target} (only the CLI and the runner do)")
+    return out
+
+
+def test_the_layers_import_downwards_only():
+    assert layer_violations(import_graph()) == []
+    # and the rule is live: a stage importing a stage is reported
+    fake = [Edge("pipelines.stages.compare", "pipelines.stages.evaluate", 3, False, False),
+            Edge("unite_core.model", "pipelines.tracking", 9, True, False)]
+    assert len(layer_violations(fake)) == 2

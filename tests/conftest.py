@@ -1,3 +1,6 @@
+"""Shared by every kind of test (unit/, pipeline/, molecules/): the tiny image config, deep_merge, the
+thread count of torch, and `wake` for gradient-flow tests. Each folder's conftest.py adds its own fixtures."""
+
 import os
 
 import pytest
@@ -30,13 +33,6 @@ def deep_merge(base: dict, extra: dict) -> dict:
         else:
             out[k] = v
     return out
-
-
-@pytest.fixture
-def tiny_cfg():
-    def make(**sections):
-        return config_from_dict(deep_merge(TINY, sections))
-    return make
 
 
 DIGITS_INFO = {"modality": "images", "channels": 1, "image_size": 8, "num_classes": 10}

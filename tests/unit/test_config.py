@@ -99,7 +99,7 @@ def test_invalid_yaml_names_line(tmp_path):
 def test_project_params_file_is_valid():
     from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     cfg = load_config(root / "params.yaml")
     assert cfg.data.dataset == "mnist5k"
 
@@ -125,7 +125,7 @@ def test_project_params_file_lists_every_key_of_the_schema():
 
     from unite_core.config import Config
 
-    params = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+    params = yaml.safe_load((Path(__file__).resolve().parents[2] / "params.yaml").read_text())
     keys = _schema_keys(Config)
     assert len(keys) > 140 and "train.two_phase.lr2" in keys and "sweep.space" in keys
     missing = []

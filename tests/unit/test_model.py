@@ -9,7 +9,7 @@ from unite_core.encoder import GenerativeEncoder
 from unite_core.flow import GuidanceConfig, guided_prediction, integrate, sample_timesteps, shift_timesteps
 from unite_core.model import UNITE, balanced_labels, parameter_report
 
-from .conftest import DIGITS_INFO, wake
+from tests.conftest import DIGITS_INFO, wake
 
 IMAGENET = {"modality": "images", "channels": 3, "image_size": 256, "num_classes": 1000}
 

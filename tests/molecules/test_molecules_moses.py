@@ -32,7 +32,7 @@ from unite_core.data.molecule_sets import (
     prepare_molecule_data,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 # Small neutral C/N/O/F molecules (at most 12 heavy atoms, 29 atoms with H): all pass the filters.
 PASS = [

@@ -1,6 +1,6 @@
 """Importing the authors' released checkpoints (unite_core/authors.py, `unite import-checkpoint`).
 
-The fixtures tests/fixtures/authors_unite_{b,l}.json list the authors' state_dict layout for UNITE-B
+The fixtures tests/unit/fixtures/authors_unite_{b,l}.json list the authors' state_dict layout for UNITE-B
 and UNITE-L (names in state_dict order, shapes, parameter or buffer), written down from a reading of
 their modules. `reference_*` below is an independent, plain-torch statement of the authors' forward
 passes in their own layout; the imported model must reproduce it on identical weights and noise.

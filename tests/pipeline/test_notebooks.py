@@ -13,7 +13,7 @@ from PIL import Image
 from pipelines.stages.analyze import NOTEBOOKS, execute_notebook, notebook_dir, notebook_parameters
 from unite_core.analysis import report
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 PROBE = [
     {"feature": "block_0", "layer": 0, "val_accuracy": 0.42, "train_accuracy": 0.55, "chance": 0.11,

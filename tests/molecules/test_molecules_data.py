@@ -33,15 +33,6 @@ def _com(types: torch.Tensor, coords: torch.Tensor, mask: torch.Tensor) -> torch
     return (w[..., None] * coords.double()).sum(1) / w.sum(1, keepdim=True)
 
 
-@pytest.fixture(scope="module")
-def embedded(tmp_path_factory):
-    """The full embedded dataset, prepared once for this module (about 10 s)."""
-    out = tmp_path_factory.mktemp("molecules") / "embedded"
-    cfg = DataConfig(dataset="molecules_embedded")
-    manifest = prepare_molecule_data(cfg, out)
-    return cfg, out, manifest, load_prepared_molecules(out, cfg)
-
-
 # ---------------------------------------------------------------------------------------------
 # Embedded dataset
 # ---------------------------------------------------------------------------------------------

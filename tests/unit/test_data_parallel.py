@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from .conftest import TINY, deep_merge
+from tests.conftest import TINY, deep_merge
 
 STEPS = 3
 

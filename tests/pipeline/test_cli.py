@@ -109,7 +109,7 @@ def test_preset_makes_params_yaml_the_preset_and_says_how_to_go_back(tmp_path):
 
     from unite_core.config import load_config
 
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     shutil.copy(repo / "params.yaml", tmp_path / "params.yaml")
     shutil.copytree(repo / "presets", tmp_path / "presets")
     default = (tmp_path / "params.yaml").read_bytes()
@@ -143,7 +143,7 @@ def test_bench_lists_the_benchmarks_and_refuses_an_unknown_one(tmp_path):
 
     listed = run_unite(["bench"], cwd=tmp_path)
     assert listed.returncode == 0, listed.stderr
-    names = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "benchmarks").glob("*.py"))
+    names = sorted(p.stem for p in (Path(__file__).resolve().parents[2] / "benchmarks").glob("*.py"))
     for name in names:
         assert f"  {name}  " in listed.stdout, name
     assert "Training-step throughput" in listed.stdout  # each with its docstring's first line

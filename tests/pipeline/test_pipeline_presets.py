@@ -14,7 +14,7 @@ from pydantic import BaseModel
 from unite_core.config import Config, load_config, read_params
 from unite_core.model import UNITE, parameter_report
 
-PRESETS = Path(__file__).resolve().parents[1] / "presets"
+PRESETS = Path(__file__).resolve().parents[2] / "presets"
 NAMES = sorted(p.stem for p in PRESETS.glob("*.yaml"))
 
 
@@ -65,7 +65,7 @@ def _flat(data: dict, schema=Config, prefix: str = "") -> dict:
 def test_preset_holds_only_what_it_changes_in_its_base(name):
     raw = yaml.safe_load((PRESETS / f"{name}.yaml").read_text())
     base = raw.pop("base")
-    assert base == "../params.yaml"  # a base of a base works too (tests/test_config.py), but `unite sweep`
+    assert base == "../params.yaml"  # a base of a base works too (tests/unit/test_config.py), but `unite sweep`
     # copies the params file it was given into reports/best_params.yaml, where ../params.yaml still resolves
     base_values = _flat(read_params(PRESETS / base))
     same = [k for k, v in _flat(raw).items() if k in base_values and base_values[k] == v]

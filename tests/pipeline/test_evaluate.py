@@ -477,7 +477,7 @@ def test_param_matched_unite_has_the_parameters_of_separate_weights():
     from unite_core.config import load_config
     from unite_core.model import UNITE, count_parameters
 
-    cfg = load_config(Path(__file__).resolve().parents[1] / "params.yaml")  # GE-T on MNIST, the study's model
+    cfg = load_config(Path(__file__).resolve().parents[2] / "params.yaml")  # GE-T on MNIST, the study's model
     info = {"modality": "images", "channels": 1, "image_size": cfg.data.image_size, "num_classes": 10}
     counts = {name: count_parameters(UNITE(compare.variant_config(cfg, name, budget="steps", minutes=None, steps=5),
                                            info)) for name in ("unite", "separate_weights", "unite_param_matched")}

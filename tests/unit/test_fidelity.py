@@ -8,7 +8,7 @@ import torch
 from unite_core.flow import GuidanceConfig, guided_prediction, time_grid
 from unite_core.model import UNITE
 
-from .conftest import DIGITS_INFO, wake
+from tests.conftest import DIGITS_INFO, wake
 
 
 def _batch(n=4, seed=0):

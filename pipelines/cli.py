@@ -353,7 +353,7 @@ def sweep(
 
 
 COMPARE_VARIANTS = ("unite,two_stage,separate_weights,unite_param_matched,unite_2x_steps,no_stop_grad,no_noise_aug,"
-                    "flow_minibatches_1,no_shift")  # pipelines.stages.compare.DEFAULT_VARIANTS (tested)
+                    "flow_minibatches_1,no_shift")  # unite_core.ablations.DEFAULT_VARIANTS (tested)
 
 
 @app.command()

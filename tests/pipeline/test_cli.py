@@ -73,7 +73,7 @@ def test_debug_shows_the_traceback(project):
 def test_compare_help_default_lists_every_variant():
     """The CLI spells the default --variants without importing the stage (torch): the two must agree."""
     from pipelines.cli import COMPARE_VARIANTS
-    from pipelines.stages.compare import DEFAULT_VARIANTS
+    from unite_core.ablations import DEFAULT_VARIANTS
 
     assert COMPARE_VARIANTS == ",".join(DEFAULT_VARIANTS)
 

@@ -15,6 +15,8 @@ import torch
 
 from tests.conftest import TINY, deep_merge
 from tests.ray_fixtures import ray_cluster  # noqa: F401 (fixture)
+from unite_core import ablations
+from unite_core.analysis import claims
 from unite_core.config import ConfigError, DataConfig, config_from_dict
 from unite_core.data import load_image_data, prepare_image_data
 from unite_core.eval_images import (
@@ -389,7 +391,7 @@ def test_compare_writes_one_row_per_variant_and_skips_finished(project, monkeypa
     opts = dict(variants="unite,no_shift", minutes=0.02, samples=20, scales="1,2", seeds=1)
     metrics = compare.run(ctx, **opts)
     paths = compare.report_paths(ctx)
-    rows = compare.read_rows(paths["csv"])
+    rows = claims.read_rows(paths["csv"])
     assert list(rows) == [("unite", 0), ("no_shift", 0)]
     for r in rows.values():
         assert r["gfid"] > 0 and r["steps"] >= 1 and r["train_seconds"] > 0 and r["params_hash"]
@@ -403,19 +405,19 @@ def test_compare_writes_one_row_per_variant_and_skips_finished(project, monkeypa
     def must_not_train(*a, **k):
         raise AssertionError("a finished variant was trained again")
 
-    monkeypatch.setattr(compare, "_train_variant", must_not_train)
+    monkeypatch.setattr(compare, "train_variant", must_not_train)
     again = compare.run(ctx, **opts)
     assert again["variants_run"] == 0 and again["variants_skipped"] == 2
-    assert compare.read_rows(paths["csv"])[("unite", 0)]["gfid"] == rows[("unite", 0)]["gfid"]
+    assert claims.read_rows(paths["csv"])[("unite", 0)]["gfid"] == rows[("unite", 0)]["gfid"]
     # other evaluation settings: the trained checkpoints are reused, only the evaluation reruns
     third = compare.run(ctx, **{**opts, "samples": 24})
     assert third["variants_run"] == 2
-    assert compare.read_rows(paths["csv"])[("unite", 0)]["num_samples"] == 24
+    assert claims.read_rows(paths["csv"])[("unite", 0)]["num_samples"] == 24
     # a second seed: only the new (variant, seed) pairs train; the summary has mean and std over both
     monkeypatch.undo()
     fourth = compare.run(ctx, **{**opts, "samples": 24, "seeds": 2})
     assert fourth["variants_run"] == 2 and fourth["variants_skipped"] == 2
-    rows = compare.read_rows(paths["csv"])
+    rows = claims.read_rows(paths["csv"])
     assert sorted(rows) == [("no_shift", 0), ("no_shift", 1), ("unite", 0), ("unite", 1)]
     gfids = [rows[("unite", s)]["gfid"] for s in (0, 1)]
     assert fourth["unite_gfid"] == pytest.approx(sum(gfids) / 2)
@@ -424,8 +426,6 @@ def test_compare_writes_one_row_per_variant_and_skips_finished(project, monkeypa
 
 
 def test_compare_directions_use_the_seed_spread():
-    from pipelines.stages import compare
-
     def seeds(*gfids, acc=0.9):
         return [{"gfid": g, "conditional_accuracy": acc} for g in gfids]
 
@@ -434,52 +434,52 @@ def test_compare_directions_use_the_seed_spread():
 
     rows = table(unite=seeds(5.0, 5.2, 4.8), two_stage=seeds(7.0, 7.1, 6.9), separate_weights=seeds(4.0, 4.2, 3.8),
                  no_stop_grad=seeds(5.1, 5.6, 4.7), no_noise_aug=seeds(9.0, 9.5, 9.2, acc=0.1))
-    summary = compare.summarize(rows)
+    summary = claims.summarize(rows)
     assert summary["unite"]["gfid"] == pytest.approx(5.0) and summary["unite"]["gfid_std"] == pytest.approx(0.2)
-    verdicts = {d["worse"]: d["verdict"] for d in compare.directions(summary, num_classes=10)
+    verdicts = {d["worse"]: d["verdict"] for d in claims.directions(summary, num_classes=10)
                 if d["better"] == "unite"}
     # two-stage: 2.0 apart, spread 0.3: reproduced; separate weights: 1.0 better, spread 0.4: reversed;
     # no stop-grad: 0.13 apart within its spread: not resolved, never "reproduced"
     assert verdicts == {"two_stage": "reproduced", "separate_weights": "reversed", "no_stop_grad": "not resolved",
-                        "no_noise_aug": "reproduced", "flow_minibatches_1": "not measured"}
-    others = {d["better"]: d["verdict"] for d in compare.directions(summary, 10) if d["better"] != "unite"}
+                        "no_noise_aug": "reproduced", "flow_minibatches_1": "not measured",
+                        "no_shift": "not measured"}
+    others = {d["better"]: d["verdict"] for d in claims.directions(summary, 10) if d["better"] != "unite"}
     assert others == {"unite_2x_steps": "not measured", "unite_param_matched": "not measured"}
-    md = compare.render_markdown(rows, list(compare.VARIANTS), {"num_classes": 10})
+    md = claims.render_markdown(rows, list(ablations.VARIANTS), {"num_classes": 10})
     assert "| unite | 3 | 5.00 ± 0.20 |" in md
     assert "Warning: class-independent samples (conditional accuracy at chance) from no_noise_aug." in md
     assert "shared weights <= separate weights (gFID): **reversed**" in md
     assert "noise augmentation <= none (gFID): **reproduced**" in md
     # one seed each: however large the difference, there is no spread to judge it by
-    single = compare.summarize(table(unite=seeds(1.0), two_stage=seeds(9.0)))
-    assert compare.directions(single, 10)[0]["verdict"] == "not resolved"
+    single = claims.summarize(table(unite=seeds(1.0), two_stage=seeds(9.0)))
+    assert claims.directions(single, 10)[0]["verdict"] == "not resolved"
     # the favoured variant itself at chance: its generator did not train, nothing is compared
-    untrained = compare.summarize({**rows, **table(unite=seeds(5.0, 5.1, 4.9, acc=0.11))})
-    verdicts = {d["worse"]: d["verdict"] for d in compare.directions(untrained, num_classes=10)
+    untrained = claims.summarize({**rows, **table(unite=seeds(5.0, 5.1, 4.9, acc=0.11))})
+    verdicts = {d["worse"]: d["verdict"] for d in claims.directions(untrained, num_classes=10)
                 if d["better"] == "unite"}
     assert verdicts["two_stage"] == verdicts["no_noise_aug"] == verdicts["no_stop_grad"] == "inconclusive"
-    with pytest.raises(compare.CompareError, match="unknown variant"):
-        compare.parse_variants("unite,bogus")
-    assert compare.parse_variants(None) == list(compare.VARIANTS)
+    with pytest.raises(ablations.AblationError, match="unknown variant"):
+        ablations.parse_variants("unite,bogus")
+    assert ablations.parse_variants(None) == list(ablations.VARIANTS)
     cfg = tiny_config()
-    v = compare.variant_config(cfg, "no_shift", budget="time", minutes=1.5, steps=None)
+    v = ablations.variant_config(cfg, "no_shift", budget="time", minutes=1.5, steps=None)
     assert v.flow.shift is None and v.train.time_limit_minutes == 1.5
-    assert compare.variant_config(cfg, "flow_minibatches_1", budget="steps", minutes=1, steps=7).flow.minibatches == 1
+    assert ablations.variant_config(cfg, "flow_minibatches_1", budget="steps", minutes=1, steps=7).flow.minibatches == 1
     # the matched variants: twice the updates (or minutes), twice the GE depth, and the seed
-    v2 = compare.variant_config(cfg, "unite_2x_steps", budget="steps", minutes=None, steps=7, seed=4)
+    v2 = ablations.variant_config(cfg, "unite_2x_steps", budget="steps", minutes=None, steps=7, seed=4)
     assert v2.train.steps == 14 and v2.train.seed == 4
-    assert compare.variant_config(cfg, "unite_2x_steps", budget="time", minutes=1.5, steps=7).train.time_limit_minutes == 3
-    pm = compare.variant_config(cfg, "unite_param_matched", budget="steps", minutes=None, steps=7)
+    assert ablations.variant_config(cfg, "unite_2x_steps", budget="time", minutes=1.5, steps=7).train.time_limit_minutes == 3
+    pm = ablations.variant_config(cfg, "unite_param_matched", budget="steps", minutes=None, steps=7)
     assert pm.model.ge_dims() == (2 * cfg.model.ge_dims()[0], *cfg.model.ge_dims()[1:])
 
 
 def test_param_matched_unite_has_the_parameters_of_separate_weights():
-    from pipelines.stages import compare
     from unite_core.config import load_config
     from unite_core.model import UNITE, count_parameters
 
     cfg = load_config(Path(__file__).resolve().parents[2] / "params.yaml")  # GE-T on MNIST, the study's model
     info = {"modality": "images", "channels": 1, "image_size": cfg.data.image_size, "num_classes": 10}
-    counts = {name: count_parameters(UNITE(compare.variant_config(cfg, name, budget="steps", minutes=None, steps=5),
+    counts = {name: count_parameters(UNITE(ablations.variant_config(cfg, name, budget="steps", minutes=None, steps=5),
                                            info)) for name in ("unite", "separate_weights", "unite_param_matched")}
     assert counts["separate_weights"] > 1.3 * counts["unite"]
     assert abs(counts["unite_param_matched"] - counts["separate_weights"]) < 0.05 * counts["separate_weights"]
@@ -511,7 +511,7 @@ def test_compare_logs_one_mlflow_child_run_per_variant(project):
     logged = by_variant["two_stage"].data.metrics
     assert "train_tokenizer_loss" in logged and "train_denoiser_flow" in logged
     assert "train_loss" in by_variant["no_noise_aug"].data.metrics
-    rows = compare.read_rows(compare.report_paths(ctx)["csv"])
+    rows = claims.read_rows(compare.report_paths(ctx)["csv"])
     assert "tokenizer" in rows[("two_stage", 0)]["details"] and rows[("two_stage", 0)]["steps"] >= 2
 
 
@@ -596,7 +596,7 @@ def test_compare_trains_seeds_in_parallel_processes(project):
     ctx = project
     classifier_stage.run(ctx)
     metrics = compare.run(ctx, variants="unite", budget="steps", steps=3, samples=10, scales="1", seeds=2, jobs=2)
-    rows = compare.read_rows(compare.report_paths(ctx)["csv"])
+    rows = claims.read_rows(compare.report_paths(ctx)["csv"])
     assert sorted(rows) == [("unite", 0), ("unite", 1)] and metrics["variants_run"] == 2
     assert all(r["steps"] == 3 and "1 threads" in r["device"] for r in rows.values())  # each process: one thread
     assert rows[("unite", 0)]["gfid"] != rows[("unite", 1)]["gfid"]  # two seeds, two models

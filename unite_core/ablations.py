@@ -1,0 +1,134 @@
+"""The ablation switches: UNITE's variants as changes of the params, and how one variant trains.
+
+A `Variant` is a set of dotted overrides (or a function of the params that returns them), a budget factor
+(unite_2x_steps trains twice the steps or minutes) and whether it is the two-stage baseline (trained by
+unite_core.two_stage). `variant_config` turns the params into one variant's config for a budget in steps
+or wall-clock minutes; `train_variant` trains it to a checkpoint. `unite compare` (pipelines) runs them;
+analysis/claims.py turns their results into the paper's verdicts.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional
+
+import torch
+
+from .config import Config, config_from_dict
+from .io import atomic_write_text
+from .train import Trainer
+from .two_stage import TwoStageBudget, train_two_stage
+
+BUDGETS = ("time", "steps")
+
+
+@dataclass(frozen=True)
+class Variant:
+    overrides: Mapping[str, Any] | Callable[[Config], dict[str, Any]] = field(default_factory=dict)
+    budget_factor: float = 1.0  # x train.steps (and x the minutes of a time budget)
+    two_stage: bool = False
+
+
+def _double_depth(cfg: Config) -> dict[str, Any]:
+    """A shared GE with the parameters of separate weights: twice the depth at the same width."""
+    depth, width, heads = cfg.model.ge_dims()
+    return {"model.ge_size": "custom", "model.ge_depth": 2 * depth, "model.ge_width": width, "model.ge_heads": heads}
+
+
+VARIANTS: dict[str, Variant] = {
+    "unite": Variant(),
+    "two_stage": Variant(two_stage=True),
+    "separate_weights": Variant({"model.weight_sharing": "separate"}),
+    "unite_param_matched": Variant(_double_depth),
+    "unite_2x_steps": Variant(budget_factor=2.0),
+    "no_stop_grad": Variant({"flow.stop_grad": False}),
+    "no_noise_aug": Variant({"loss.decoder_noise": False}),
+    "flow_minibatches_1": Variant({"flow.minibatches": 1}),
+    "no_shift": Variant({"flow.shift": None}),
+}
+DEFAULT_VARIANTS = tuple(VARIANTS)
+
+
+class AblationError(ValueError):
+    """An unknown variant or budget; the message lists the choices."""
+
+
+def parse_variants(text: str | list[str] | None) -> list[str]:
+    """Comma-separated names (or a list) -> known variant names, in order, once each; None: all."""
+    items = text if isinstance(text, list) else str(text or "").split(",")
+    names = [v.strip() for v in items if v.strip()]
+    unknown = [v for v in names if v not in VARIANTS]
+    if unknown:
+        raise AblationError(f"unknown variant(s) {unknown}: choose from {', '.join(VARIANTS)} (comma-separated)")
+    return list(dict.fromkeys(names)) or list(DEFAULT_VARIANTS)
+
+
+def variant_overrides(cfg: Config, name: str, *, budget: str, steps: Optional[int] = None,
+                      minutes: Optional[float] = None) -> dict[str, Any]:
+    """The dotted overrides that make variant ``name`` from ``cfg`` (the budget only where it differs)."""
+    v = VARIANTS[name]
+    out = dict(v.overrides(cfg) if callable(v.overrides) else v.overrides)
+    if v.budget_factor != 1.0:
+        out["train.steps"] = int(v.budget_factor * int(steps or cfg.train.steps))
+        if budget == "time":
+            out["train.time_limit_minutes"] = float(minutes) * v.budget_factor
+    return out
+
+
+def variant_config(cfg: Config, name: str, *, budget: str, minutes: Optional[float], steps: Optional[int],
+                   seed: Optional[int] = None) -> Config:
+    """Variant ``name`` of ``cfg`` trained for ``steps`` (default train.steps) or ``minutes`` x its factor."""
+    if budget not in BUDGETS:
+        raise AblationError(f"budget={budget!r}: use one of {', '.join(BUDGETS)}")
+    overrides = variant_overrides(cfg, name, budget=budget, steps=steps, minutes=minutes)
+    n = int(overrides.get("train.steps", steps if steps is not None else cfg.train.steps))
+    overrides["train.steps"] = n
+    overrides["train.warmup_steps"] = min(cfg.train.warmup_steps, max(0, n - 1))
+    factor = VARIANTS[name].budget_factor
+    overrides["train.time_limit_minutes"] = float(minutes) * factor if budget == "time" else None
+    if seed is not None:
+        overrides["train.seed"] = int(seed)
+    return config_from_dict(cfg.to_dict(), overrides)
+
+
+def device_label(device) -> str:
+    """Where a variant trained: "cpu (<arch>, <threads> threads)" or "cuda (<GPU name>)"."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    return f"{device.type} ({platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def train_variant(name: str, vcfg: Config, data, device, ckpt: Path, *, budget: str,
+                  tokenizer_fraction: float = 0.5) -> dict:
+    """Train variant ``name`` (config ``vcfg``) to ``ckpt``, replacing older checkpoints of the same variant
+    and seed; its info (seconds, steps, device, loss curve) is written beside it as .json and returned."""
+    ckpt = Path(ckpt)
+    ckpt.parent.mkdir(parents=True, exist_ok=True)
+    stem = ckpt.stem.rsplit("-", 1)[0]  # <variant>-s<seed>
+    for stale in [*ckpt.parent.glob(f"{stem}-*.pt"), *ckpt.parent.glob(f"{stem}-*.json")]:
+        stale.unlink()
+    history: list[dict] = []
+
+    def on_log(step, record, prefix=""):
+        history.append({"step": step, **{f"train_{prefix}{k}": v for k, v in record.items() if k != "step"}})
+
+    limit_min = vcfg.train.time_limit_minutes if budget == "time" else None
+    if VARIANTS[name].two_stage:
+        r = train_two_stage(vcfg, data.info, data.train, val_set=data.val, device=device, checkpoint_path=ckpt,
+                            budget=TwoStageBudget(minutes=limit_min, tokenizer_fraction=tokenizer_fraction),
+                            on_log=lambda stage, step, rec: on_log(step, rec, f"{stage}_"))
+        info = {"train_seconds": r.seconds, "steps": r.steps,
+                "details": f"tokenizer {r.tokenizer_steps} + denoiser {r.denoiser_steps}"}
+    else:
+        trainer = Trainer(vcfg, data.info, data.train, device, val_set=data.val)
+        r = trainer.run(vcfg.train.steps, on_log=on_log, checkpoint_path=ckpt,
+                        time_limit_s=limit_min * 60.0 if limit_min else math.inf)
+        info = {"train_seconds": r.seconds, "steps": r.step, "details": ""}
+    info.update(device=device_label(device), history=history)
+    atomic_write_text(ckpt.with_suffix(".json"), json.dumps(info))
+    return info

@@ -10,7 +10,6 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
 
-from unite_core.config import config_from_dict  # noqa: E402
 
 TINY = {
     "data": {"dataset": "digits", "image_size": 8},

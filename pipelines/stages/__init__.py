@@ -12,7 +12,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from unite_core.io import atomic_write_text, stable_hash
+from unite_core.io import atomic_write_text
 
 #: the stages of dvc.yaml, in pipeline order
 PIPELINE_STAGES = ("prepare", "classifier", "train", "evaluate", "analyze")
@@ -38,10 +38,6 @@ def plain(value: Any) -> Any:
         except (TypeError, ValueError):
             pass
     return value
-
-
-def short_hash(obj: Any, n: int = 12) -> str:
-    return stable_hash(obj, n)
 
 
 def stage_options(ctx, defaults: dict, error: type, stage: str, **kwargs) -> dict:

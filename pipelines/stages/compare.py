@@ -26,7 +26,7 @@ from unite_core.ablations import (BUDGETS, DEFAULT_VARIANTS, device_label, parse
 from unite_core.analysis.claims import NUMERIC, directions, read_rows, render_markdown, summarize, write_rows
 from unite_core.config import Config
 from unite_core.devices import resolve_device
-from unite_core.io import atomic_write_text
+from unite_core.io import atomic_write_text, stable_hash
 from unite_core.metrics.images import classifier_fingerprint
 from unite_core.model import count_parameters
 from unite_core.train import load_checkpoint, model_from_checkpoint
@@ -35,7 +35,7 @@ from ..context import StageContext
 from ..evaluation import evaluate_checkpoint_images, reference_images, warn_if_ema_is_young
 from ..inputs import feature_spec, load_checked_classifier, open_data, train_classifier
 from ..tracking import stage_run
-from . import short_hash, stage_options
+from . import stage_options
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ def training_hash(vcfg: Config, name: str, *, budget: str, tokenizer_fraction: f
     """What defines a variant's trained checkpoint (models/compare/<variant>-s<seed>-<this>.pt)."""
     d = vcfg.to_dict()
     relevant = {k: d[k] for k in ("modality", "data", "model", "flow", "loss", "train")}
-    return short_hash({
+    return stable_hash({
         "variant": name, "config": relevant, "budget": budget,
         "minutes": vcfg.train.time_limit_minutes if budget == "time" else None,
         "tokenizer_fraction": tokenizer_fraction if name == "two_stage" else None, "data": data_hash,
@@ -72,7 +72,7 @@ def variant_hash(train_hash: str, vcfg: Config, *, num_samples: int, scales: lis
     """What defines a row of the table: the training plus every evaluation setting."""
     d = vcfg.to_dict()
     evaluation = {k: d["eval"][k] for k in ("feature_extractor", "inception_weights", "kid_subset_size")}
-    return short_hash({"train": train_hash, "sample": d["sample"], "eval": evaluation, "num_samples": num_samples,
+    return stable_hash({"train": train_hash, "sample": d["sample"], "eval": evaluation, "num_samples": num_samples,
                   "scales": scales, "data": data_hash, "classifier": classifier_hash})
 
 

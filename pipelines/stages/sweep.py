@@ -1,10 +1,7 @@
 """Stage `sweep` (`unite sweep`): Ray Tune over params.yaml `sweep:`, each trial a `unite train` run.
-Over 500 lines because trial generation, the Tune driver and the result files share the trial specs.
 
-Trials: `sweep.space` maps dotted keys to value lists; `search: grid` takes every combination `num_samples`
-times (repeat r with train.seed + r), `search: random` draws `num_samples` (seeded by train.seed); `--trials
-N` keeps the first N; every trial config is validated before anything starts. A trial trains `sweep.steps`
-steps with EVAL_ROUNDS evaluations + checkpoints and an EMA horizon of at most a tenth of its steps.
+Trials (unite_core/sweeps.py): the grid or random draws over `sweep.space`; `--trials N` keeps the first N;
+every trial config is validated before anything starts.
 
 A trial (`sweep_trial`) fits the same TorchTrainer as `unite train` (distributed.ray_trainer) with Tune's
 report callback: each checkpoint report carries the worker's validation numbers, on which `asha` (time
@@ -26,8 +23,6 @@ one resumes its train run); a plain `unite sweep` refuses to overwrite an existi
 
 from __future__ import annotations
 
-import functools
-import itertools
 import json
 import logging
 import math
@@ -38,25 +33,25 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import yaml
 from ray import tune
 
-from unite_core.config import Config, ConfigError, apply_overrides, config_from_dict, read_params
-from unite_core.io import atomic_write_text
+from unite_core.config import Config, apply_overrides, config_from_dict, read_params
+from unite_core.io import stable_hash
+from unite_core.sweeps import (EVAL_ROUNDS, SweepError, describe, fmt, measure_trial, trial_config, trial_name,
+                               trial_overrides, write_best_params)
 
 from .. import distributed
 from ..context import StageContext
+from ..evaluation import reference_images
 from ..inputs import feature_spec, load_checked_classifier, open_data
 from ..tracking import STAGE_TAG
-from . import short_hash, stage_options
+from . import stage_options
 
 log = logging.getLogger(__name__)
 
 INVOCATIONS_FILE = "invocations.log"  # one line per start of a trial's training (counts trainings)
 INTERRUPT_ENV = "UNITE_TEST_SWEEP_INTERRUPT_AFTER"
 TRIAL_CPU = 0.01
-EVAL_ROUNDS = 4
 CSV_NAME = "sweep.csv"
 TRADEOFF_NAME = "sweep_tradeoff.png"
 BEST_NAME = "best_params.yaml"
@@ -69,72 +64,7 @@ DONE = ("finished", "stopped")
 OPTIONS = {"trials": None, "concurrency": None, "steps": None, "resume": False, "fresh": False}
 
 
-class SweepError(RuntimeError):
-    """A user-facing sweep problem (bad space, existing sweep, interrupted); the message says what to do."""
-
-
 # --- Trials ---
-def trial_overrides(cfg: Config, trials: int | None = None) -> list[dict[str, Any]]:
-    """The sweep's trials as a list of {dotted key: value} (see the module docstring)."""
-    s = cfg.sweep
-    space = {k: list(v) for k, v in s.space.items()}
-    if not space:
-        raise SweepError("sweep.space is empty: give it dotted keys and value lists, e.g. "
-                         "sweep.space={model.latent_tokens: [4, 16]}")
-    for k, v in space.items():
-        if not v:
-            raise SweepError(f"sweep.space.{k} has no values: give it a list such as [4, 16]")
-    keys = list(space)
-    out: list[dict[str, Any]] = []
-    if s.search == "grid":
-        for r in range(s.num_samples):
-            for combo in itertools.product(*(space[k] for k in keys)):
-                o = dict(zip(keys, combo))
-                if s.num_samples > 1 and "train.seed" not in o:
-                    o["train.seed"] = cfg.train.seed + r
-                out.append(o)
-    else:
-        rng = np.random.default_rng(cfg.train.seed)
-        for _ in range(trials or s.num_samples):
-            out.append({k: space[k][int(rng.integers(len(space[k])))] for k in keys})
-    return out if trials is None else out[:trials]
-
-
-def trial_config(cfg: Config, overrides: dict[str, Any], steps: int) -> Config:
-    """One trial's config: the params, the overrides, `steps` training steps with EVAL_ROUNDS evaluations
-    + checkpoints (at multiples of train.log_every), and at least one Ray Train worker."""
-    for k in overrides:
-        try:
-            functools.reduce(getattr, k.split("."), cfg)
-        except AttributeError:
-            raise SweepError(f"sweep.space key '{k}' is not a params key (e.g. model.latent_tokens): fix "
-                             "sweep.space") from None
-    d = apply_overrides(cfg.to_dict(), overrides)
-    t = d["train"]
-    log_every = max(1, min(int(t["log_every"]), steps))
-    every = max(1, math.ceil(steps / EVAL_ROUNDS))
-    every = max(log_every, math.ceil(every / log_every) * log_every)
-    fixed = {"train.steps": steps, "train.log_every": log_every, "train.eval_every": every,
-             "train.checkpoint_every": every,
-             "distributed.num_workers": max(1, int(d["distributed"]["num_workers"]))}
-    if t["warmup_steps"] >= steps:
-        fixed["train.warmup_steps"] = steps // 10
-    if 1.0 / (1.0 - t["ema_decay"]) > steps / 10:  # else the evaluated (EMA) weights are mostly the initial ones
-        fixed["train.ema_decay"] = max(0.0, 1.0 - 10.0 / steps)
-    try:
-        return config_from_dict(d, fixed)
-    except ConfigError as exc:
-        raise SweepError(f"sweep trial {overrides}: {exc}") from None
-
-
-def trial_name(index: int, overrides: dict[str, Any]) -> str:
-    return f"t{index:03d}-{short_hash(overrides, 6)}"
-
-
-def describe(overrides: dict[str, Any]) -> str:
-    return ",".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in overrides.items())
-
-
 def sweep_name(cfg: Config, specs: list[dict], steps: int) -> str:
     """Deterministic name of a sweep: what the trials train and how they are scheduled."""
     d = cfg.to_dict()
@@ -145,7 +75,7 @@ def sweep_name(cfg: Config, specs: list[dict], steps: int) -> str:
         "scheduler": {k: d["sweep"][k] for k in ("scheduler", "metric", "mode", "grace_period", "reduction_factor")},
     }
     exp = os.environ.get("DVC_EXP_NAME")
-    return (f"sweep-{exp}-" if exp else "sweep-") + short_hash(key, 10)
+    return (f"sweep-{exp}-" if exp else "sweep-") + stable_hash(key, 10)
 
 
 def sweep_trial(config: dict, setup: dict) -> None:
@@ -210,7 +140,7 @@ class SweepDriver:
         self.interrupt_after = int(os.environ.get(INTERRUPT_ENV, "0") or 0)
         self.trackers: dict[str, Any] = {}
         self.logged_step: dict[str, int] = {}
-        self._data = self._classifier = self._features = self._reference = None
+        self._inputs_cache = None
         path = ctx.paths.reports / CSV_NAME
         if path.is_file() and not fresh:  # rows of an earlier (interrupted) run of this sweep
             from unite_core.analysis.report import read_csv
@@ -291,32 +221,33 @@ class SweepDriver:
         self.finished_now += 1
         best = self.best_row()
         metric = self.cfg.sweep.metric
-        self.task.update(len(self.done()), **({"best": f"{best['trial']} {metric} {_fmt(best.get(metric))}"}
+        self.task.update(len(self.done()), **({"best": f"{best['trial']} {metric} {fmt(best.get(metric))}"}
                                               if best else {}))
         log.info("sweep: trial %s %s: val PSNR %s dB, rate %s floats / %s bits per image", name, row["status"],
-                 _fmt(row.get("val_psnr")), row.get("rate_floats"), _fmt(row.get("bits_per_image")))
+                 fmt(row.get("val_psnr")), row.get("rate_floats"), fmt(row.get("bits_per_image")))
         if self.interrupt_after and self.finished_now >= self.interrupt_after:
             log.warning("%s=%d: interrupting the sweep (test-only)", INTERRUPT_ENV, self.interrupt_after)
             self.interrupt_after = 0
             os.kill(os.getpid(), signal.SIGUSR1)
 
     # --- evaluation of a finished trial ----------------------------------------------------------
-    def _load_data(self):
-        if self._data is None:
-            self._data = open_data(self.ctx)
+    def _inputs(self) -> dict:
+        """The data, the rFID classifier and the gFID features + reference (each optional), loaded once."""
+        if self._inputs_cache is None:
+            data, found = open_data(self.ctx), {}
             if self.cfg.modality == "images":
                 try:
-                    self._classifier, _ = load_checked_classifier(self.ctx, self._data, required=False)
-                except Exception as exc:  # noqa: BLE001 - rFID is optional
-                    log.warning("sweep: no rFID (%s)", exc)
-        return self._data
+                    found["classifier"], _ = load_checked_classifier(self.ctx, data, required=False)
+                    if self.cfg.sweep.gfid_samples > 0:
+                        found["features"] = feature_spec(self.ctx, data, "cpu")
+                        found["reference"] = found["features"].stats(reference_images(data)[0])
+                except Exception as exc:  # noqa: BLE001 - a missing classifier/Inception file: fewer columns
+                    log.warning("sweep: no rFID/gFID columns (%s)", exc)
+            self._inputs_cache = {"data": data, **found}
+        return self._inputs_cache
 
     def evaluate(self, name: str, status: str, trial=None) -> dict:
         """Row of sweep.csv for a trial: its settings and the evaluation of its newest checkpoint."""
-        import torch
-
-        from unite_core.analysis import latent_rate
-        from unite_core.analysis.activations import tokenization_features
         from unite_core.train import model_from_checkpoint
 
         spec, cfg = self.by_name[name], self.trial_cfgs[name]
@@ -340,46 +271,13 @@ class SweepDriver:
         state = distributed.read_state(ckpt.path)
         evaluated = [r for r in state.get("history", []) if isinstance(r.get("val_psnr"), (int, float))]
         row["val_psnr"] = evaluated[-1]["val_psnr"] if evaluated else None
-        data = self._load_data()
+        inputs = self._inputs()
         model = model_from_checkpoint(state, use_ema=True, device="cpu")
-        n = min(len(data.val), 1000)
-        _, z0, _ = tokenization_features(model, data.val, torch.arange(n), seed=0)
-        rate = latent_rate(z0, step=0.1)
-        row.update(bits_per_image=rate["bits_per_image"], bits_per_dim_mean=rate["bits_per_dim_mean"])
-        if self._classifier is not None:
-            try:
-                from unite_core.eval_images import dataset_images, evaluate_reconstruction
-
-                images, _ = dataset_images(data.val, max_items=n)
-                row["rfid"] = evaluate_reconstruction(model, images, self._classifier, kid_subset_size=min(
-                    n, self.cfg.eval.kid_subset_size))["rfid"]
-            except Exception as exc:  # noqa: BLE001 - rFID is a bonus column
-                log.warning("sweep: rFID of %s failed (%s)", name, exc)
-        if self.cfg.sweep.gfid_samples > 0 and self.cfg.modality == "images":
-            row.update(self._gfid(model, cfg))
+        row.update(measure_trial(model, inputs["data"], cfg, classifier=inputs.get("classifier"),
+                                 features=inputs.get("features"), reference=inputs.get("reference"),
+                                 kid_subset_size=self.cfg.eval.kid_subset_size,
+                                 gfid_samples=self.cfg.sweep.gfid_samples, gfid_scale=self.cfg.sweep.gfid_scale))
         return row
-
-    def _gfid(self, model, trial_cfg: Config) -> dict:
-        """gFID (and conditional accuracy) of sweep.gfid_samples samples at guidance sweep.gfid_scale against
-        the training images, with the evaluation's feature network; {} (one warning) when it is missing."""
-        from unite_core.eval_images import evaluate_generation
-
-        from ..evaluation import reference_images
-
-        if self._features is None:
-            try:
-                self._features = feature_spec(self.ctx, self._data, "cpu")
-                self._reference = self._features.stats(reference_images(self._data)[0])
-            except Exception as exc:  # noqa: BLE001 - a missing classifier/Inception file: no gFID column
-                log.warning("sweep: no gFID (%s)", exc)
-                self._features = False
-        if not self._features:
-            return {}
-        s = self.cfg.sweep
-        res = evaluate_generation(model, self._reference, self._features.classifier, cfg_scales=[s.gfid_scale],
-                                  n=s.gfid_samples, sample_cfg=trial_cfg.sample, features=self._features,
-                                  seed=trial_cfg.sample.seed)
-        return {"gfid": res["best"]["fid"], "conditional_accuracy": res["best"]["conditional_accuracy"]}
 
     # --- result files --------------------------------------------------------------------------------
     def best_row(self) -> dict | None:
@@ -403,28 +301,6 @@ class SweepDriver:
         if best is not None:
             write_best_params(reports / BEST_NAME, self.params_doc, self.by_name[best["trial"]]["overrides"], best,
                               self.name, self.cfg.sweep.metric, self.steps)
-
-
-def write_best_params(path: Path, params_doc: dict, overrides: dict, row: dict, sweep: str, metric: str,
-                      steps: int) -> Path:
-    """The params file with the best trial's values (train.steps left as the params say)."""
-    doc = apply_overrides(json.loads(json.dumps(params_doc)), overrides)
-    config_from_dict(doc)  # still valid params
-    sets = " ".join(f"-S '{k}={json.dumps(v)}'" for k, v in overrides.items())
-    header = (
-        f"# Best trial of sweep {sweep}: {row['trial']} ({describe(overrides)}), {metric} = "
-        f"{_fmt(row.get(metric))} after {row.get('steps')} of {steps} sweep steps.\n"
-        "# Written by `unite sweep`: your params file with the best trial's values (train.steps as in your params,\n"
-        "# not the sweep's shorter trial budget). Train it as a DVC experiment, either with the changed keys:\n"
-        f"#   dvc exp run {sets}\n"
-        "# or by making this file the params (dvc exp run reads params.yaml):\n"
-        "#   cp reports/best_params.yaml params.yaml && dvc exp run\n"
-    )
-    return atomic_write_text(path, header + yaml.safe_dump(doc, sort_keys=False))
-
-
-def _fmt(v) -> str:
-    return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
 # --- The stage ---

@@ -7,9 +7,7 @@ molsets wheel that scripts/setup.sh downloads.
 from __future__ import annotations
 
 import gzip
-import io
 import logging
-import re
 import zipfile
 from collections import Counter
 from contextlib import contextmanager

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import re
 import shutil
 import socket
@@ -23,7 +22,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.ray_fixtures import (REPO, active_runs, copy_repo, mlflow_client, read_json, subprocess_env,
+from tests.ray_fixtures import (active_runs, copy_repo, mlflow_client, read_json, subprocess_env,
                                 tiny_params)
 
 pytestmark = pytest.mark.slow

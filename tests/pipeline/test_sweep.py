@@ -15,6 +15,7 @@ import yaml
 from pipelines.stages import sweep as sweep_module
 from pipelines.stages import execute
 from tests.ray_fixtures import ray_cluster, tiny_params, write_params  # noqa: F401 (fixture)
+from unite_core import sweeps
 from unite_core.analysis import report
 from unite_core.config import load_config
 from unite_core.data import prepare_image_data
@@ -135,22 +136,22 @@ def test_trial_list_and_configs(tmp_path):
 
     cfg = config_from_dict(tiny_params(sweep={**SWEEP, "space": {"model.latent_tokens": [2, 4],
                                                                  "model.latent_dim": [2, 8]}}))
-    grid = sweep_module.trial_overrides(cfg)
+    grid = sweeps.trial_overrides(cfg)
     assert len(grid) == 4 and {tuple(o.values()) for o in grid} == {(2, 2), (2, 8), (4, 2), (4, 8)}
-    assert sweep_module.trial_overrides(cfg, trials=3) == grid[:3]
+    assert sweeps.trial_overrides(cfg, trials=3) == grid[:3]
     rnd = config_from_dict(tiny_params(sweep={**SWEEP, "search": "random", "num_samples": 5}))
-    draws = sweep_module.trial_overrides(rnd)
-    assert len(draws) == 5 and draws == sweep_module.trial_overrides(rnd)  # seeded
-    tc = sweep_module.trial_config(cfg, {"model.latent_tokens": 4}, steps=30)
+    draws = sweeps.trial_overrides(rnd)
+    assert len(draws) == 5 and draws == sweeps.trial_overrides(rnd)  # seeded
+    tc = sweeps.trial_config(cfg, {"model.latent_tokens": 4}, steps=30)
     assert tc.model.latent_tokens == 4 and tc.train.steps == 30
     assert tc.train.eval_every == tc.train.checkpoint_every == 10  # 4 rounds, multiple of log_every
     assert tc.distributed.num_workers == 1  # the sweep always trains through Ray Train
     assert tc.train.ema_decay == pytest.approx(1 - 10 / 30)  # EMA horizon <= steps / 10
-    assert sweep_module.trial_config(cfg, {}, steps=10_000).train.ema_decay == cfg.train.ema_decay
+    assert sweeps.trial_config(cfg, {}, steps=10_000).train.ema_decay == cfg.train.ema_decay
     with pytest.raises(sweep_module.SweepError, match="not a params key"):
-        sweep_module.trial_config(cfg, {"model.latent_tokenz": 4}, steps=30)
+        sweeps.trial_config(cfg, {"model.latent_tokenz": 4}, steps=30)
     with pytest.raises(sweep_module.SweepError, match="latent_tokens"):
-        sweep_module.trial_config(cfg, {"model.latent_tokens": 0}, steps=30)
+        sweeps.trial_config(cfg, {"model.latent_tokens": 0}, steps=30)
 
 
 def test_scheduler_settings():

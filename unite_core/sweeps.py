@@ -1,0 +1,143 @@
+"""A sweep's trials: which settings each trial trains, its config, what is measured of it, the best params.
+
+`sweep.space` maps dotted params keys to value lists; `search: grid` takes every combination `num_samples`
+times (repeat r with train.seed + r), `search: random` draws `num_samples` (seeded by train.seed). A trial
+trains `steps` steps with EVAL_ROUNDS evaluations + checkpoints and an EMA horizon of at most a tenth of its
+steps. `measure_trial` gives a trained trial's latent rate, rFID and gFID; `write_best_params` the params file
+with the best trial's values. Ray Tune runs the trials (pipelines/stages/sweep.py).
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+from .config import Config, ConfigError, apply_overrides, config_from_dict
+from .io import atomic_write_text, stable_hash
+
+log = logging.getLogger(__name__)
+
+EVAL_ROUNDS = 4
+
+
+class SweepError(RuntimeError):
+    """A user-facing sweep problem (bad space, existing sweep, interrupted); the message says what to do."""
+
+
+def trial_overrides(cfg: Config, trials: int | None = None) -> list[dict[str, Any]]:
+    """The sweep's trials as a list of {dotted key: value} (see the module docstring)."""
+    s = cfg.sweep
+    space = {k: list(v) for k, v in s.space.items()}
+    if not space:
+        raise SweepError("sweep.space is empty: give it dotted keys and value lists, e.g. "
+                         "sweep.space={model.latent_tokens: [4, 16]}")
+    for k, v in space.items():
+        if not v:
+            raise SweepError(f"sweep.space.{k} has no values: give it a list such as [4, 16]")
+    keys = list(space)
+    out: list[dict[str, Any]] = []
+    if s.search == "grid":
+        for r in range(s.num_samples):
+            for combo in itertools.product(*(space[k] for k in keys)):
+                o = dict(zip(keys, combo))
+                if s.num_samples > 1 and "train.seed" not in o:
+                    o["train.seed"] = cfg.train.seed + r
+                out.append(o)
+    else:
+        rng = np.random.default_rng(cfg.train.seed)
+        for _ in range(trials or s.num_samples):
+            out.append({k: space[k][int(rng.integers(len(space[k])))] for k in keys})
+    return out if trials is None else out[:trials]
+
+
+def trial_config(cfg: Config, overrides: dict[str, Any], steps: int) -> Config:
+    """One trial's config: the params, the overrides, `steps` training steps with EVAL_ROUNDS evaluations
+    + checkpoints (at multiples of train.log_every), and at least one Ray Train worker."""
+    for k in overrides:
+        try:
+            functools.reduce(getattr, k.split("."), cfg)
+        except AttributeError:
+            raise SweepError(f"sweep.space key '{k}' is not a params key (e.g. model.latent_tokens): fix "
+                             "sweep.space") from None
+    d = apply_overrides(cfg.to_dict(), overrides)
+    t = d["train"]
+    log_every = max(1, min(int(t["log_every"]), steps))
+    every = max(1, math.ceil(steps / EVAL_ROUNDS))
+    every = max(log_every, math.ceil(every / log_every) * log_every)
+    fixed = {"train.steps": steps, "train.log_every": log_every, "train.eval_every": every,
+             "train.checkpoint_every": every,
+             "distributed.num_workers": max(1, int(d["distributed"]["num_workers"]))}
+    if t["warmup_steps"] >= steps:
+        fixed["train.warmup_steps"] = steps // 10
+    if 1.0 / (1.0 - t["ema_decay"]) > steps / 10:  # else the evaluated (EMA) weights are mostly the initial ones
+        fixed["train.ema_decay"] = max(0.0, 1.0 - 10.0 / steps)
+    try:
+        return config_from_dict(d, fixed)
+    except ConfigError as exc:
+        raise SweepError(f"sweep trial {overrides}: {exc}") from None
+
+
+def trial_name(index: int, overrides: dict[str, Any]) -> str:
+    return f"t{index:03d}-{stable_hash(overrides, 6)}"
+
+
+def describe(overrides: dict[str, Any]) -> str:
+    return ",".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in overrides.items())
+
+
+def measure_trial(model, data, trial_cfg: Config, *, classifier=None, features=None, reference=None,
+                  kid_subset_size: int = 1000, gfid_samples: int = 0, gfid_scale: float = 1.0) -> dict:
+    """What a sweep row holds of a trained trial: the latent rate (bits per image over up to 1000 val items),
+    rFID of their reconstructions (with ``classifier``) and gFID + conditional accuracy of ``gfid_samples``
+    samples at guidance ``gfid_scale`` against ``reference`` statistics (with ``features``, images only)."""
+    from .analysis import latent_rate
+    from .analysis.activations import tokenization_features
+    from .eval_images import dataset_images, evaluate_generation, evaluate_reconstruction
+
+    n = min(len(data.val), 1000)
+    _, z0, _ = tokenization_features(model, data.val, torch.arange(n), seed=0)
+    rate = latent_rate(z0, step=0.1)
+    row: dict[str, Any] = {"bits_per_image": rate["bits_per_image"], "bits_per_dim_mean": rate["bits_per_dim_mean"]}
+    if classifier is not None:
+        try:
+            images, _ = dataset_images(data.val, max_items=n)
+            row["rfid"] = evaluate_reconstruction(model, images, classifier,
+                                                  kid_subset_size=min(n, kid_subset_size))["rfid"]
+        except Exception as exc:  # noqa: BLE001 - rFID is a bonus column
+            log.warning("sweep: rFID failed (%s)", exc)
+    if gfid_samples > 0 and features is not None and trial_cfg.modality == "images":
+        res = evaluate_generation(model, reference, features.classifier, cfg_scales=[gfid_scale], n=gfid_samples,
+                                  sample_cfg=trial_cfg.sample, features=features, seed=trial_cfg.sample.seed)
+        row.update(gfid=res["best"]["fid"], conditional_accuracy=res["best"]["conditional_accuracy"])
+    return row
+
+
+def fmt(v) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def write_best_params(path: Path, params_doc: dict, overrides: dict, row: dict, sweep: str, metric: str,
+                      steps: int) -> Path:
+    """The params file with the best trial's values (train.steps left as the params say)."""
+    doc = apply_overrides(json.loads(json.dumps(params_doc)), overrides)
+    config_from_dict(doc)  # still valid params
+    sets = " ".join(f"-S '{k}={json.dumps(v)}'" for k, v in overrides.items())
+    header = (
+        f"# Best trial of sweep {sweep}: {row['trial']} ({describe(overrides)}), {metric} = "
+        f"{fmt(row.get(metric))} after {row.get('steps')} of {steps} sweep steps.\n"
+        "# Written by `unite sweep`: your params file with the best trial's values (train.steps as in your params,\n"
+        "# not the sweep's shorter trial budget). Train it as a DVC experiment, either with the changed keys:\n"
+        f"#   dvc exp run {sets}\n"
+        "# or by making this file the params (dvc exp run reads params.yaml):\n"
+        "#   cp reports/best_params.yaml params.yaml && dvc exp run\n"
+    )
+    return atomic_write_text(path, header + yaml.safe_dump(doc, sort_keys=False))

@@ -44,7 +44,8 @@ def _project(tmp: Path, cfg) -> Path:
 
 def _one(mode: str, cfg, base: Path) -> dict:
     from pipelines.context import StageContext
-    from pipelines.distributed import RECORDS_FILE, train_in_process, train_with_ray
+    from pipelines.distributed import train_in_process, train_with_ray
+    from unite_core.runs import RECORDS_FILE
     from unite_core.config import apply_overrides, config_from_dict
 
     workers = 0 if mode == "in_process" else 1

@@ -37,13 +37,14 @@ from ray import tune
 
 from unite_core.config import Config, apply_overrides, config_from_dict, read_params
 from unite_core.io import stable_hash
+from unite_core.runs import RECORDS_FILE, latest_checkpoint, preflight, read_state
 from unite_core.sweeps import (EVAL_ROUNDS, SweepError, describe, fmt, measure_trial, trial_config, trial_name,
                                trial_overrides, write_best_params)
 
 from .. import distributed
 from ..context import StageContext
 from ..evaluation import reference_images
-from ..inputs import feature_spec, load_checked_classifier, open_data
+from ..inputs import check_prepared, feature_spec, load_checked_classifier, open_data
 from ..tracking import STAGE_TAG
 from . import stage_options
 
@@ -86,7 +87,7 @@ def sweep_trial(config: dict, setup: dict) -> None:
     cfg = config_from_dict(setup["trial_cfgs"][name])
     run_dir = Path(setup["runs_dir"]) / name
     run_dir.mkdir(parents=True, exist_ok=True)
-    previous = distributed.latest_checkpoint(run_dir)
+    previous = latest_checkpoint(run_dir)
     with open(run_dir / INVOCATIONS_FILE, "a") as f:
         f.write(json.dumps({"time": time.time(), "resume_step": previous.step if previous else 0}) + "\n")
     distributed.fit(cfg, run_dir, lambda resume: distributed.ray_trainer(
@@ -177,7 +178,7 @@ class SweepDriver:
 
     def _log_curve(self, name: str) -> None:
         """Log the trial's metrics.jsonl records that MLflow does not have yet (each step once)."""
-        records = self.runs_dir / name / distributed.RECORDS_FILE
+        records = self.runs_dir / name / RECORDS_FILE
         tr = self.tracker(name)
         if not tr.active or not records.is_file():
             return
@@ -260,7 +261,7 @@ class SweepDriver:
             "rate_floats": m.latent_tokens * m.latent_dim, "best_reported": self.best_reported.get(name)}
         if trial is not None:
             row["wall_seconds"] = round(float(trial.last_result.get("time_total_s", 0.0) or 0.0), 2)
-        ckpt = distributed.latest_checkpoint(run_dir)
+        ckpt = latest_checkpoint(run_dir)
         if ckpt is None:
             row["status"] = "error" if status == "error" else "no_checkpoint"
             return row
@@ -268,7 +269,7 @@ class SweepDriver:
         row["train_seconds"] = round(float(ckpt.meta.get("train_seconds", 0.0)), 2)
         if status == "finished" and ckpt.step < cfg.train.steps and not ckpt.meta.get("stopped_early"):
             row["status"] = "stopped"  # by the scheduler
-        state = distributed.read_state(ckpt.path)
+        state = read_state(ckpt.path)
         evaluated = [r for r in state.get("history", []) if isinstance(r.get("val_psnr"), (int, float))]
         row["val_psnr"] = evaluated[-1]["val_psnr"] if evaluated else None
         inputs = self._inputs()
@@ -360,9 +361,9 @@ def run(ctx: StageContext) -> dict:
     root = ctx.paths.ray_storage / "sweeps" / name
     tune_dir, runs_dir = root / "tune", root / "runs"
     data_dir = ctx.paths.dataset_dir(cfg)
-    manifest = distributed.check_prepared(cfg, data_dir)
+    manifest = check_prepared(cfg, data_dir)
     for tc in trial_cfgs.values():
-        distributed.preflight(tc, manifest, tc.distributed.num_workers)
+        preflight(tc, manifest, tc.distributed.num_workers)
 
     exists = tune.Tuner.can_restore(str(tune_dir))
     if exists and opts["fresh"]:
@@ -412,7 +413,7 @@ def run(ctx: StageContext) -> dict:
 
     driver.interrupt_after = 0
     for trial, status in statuses.items():  # Tune finished it but its results were not recorded (interrupted then)
-        if trial not in driver.done() and status == "done" and distributed.latest_checkpoint(runs_dir / trial):
+        if trial not in driver.done() and status == "done" and latest_checkpoint(runs_dir / trial):
             log.info("sweep: recording the results of finished trial %s", trial)
             driver.finish(trial, "finished")
     missing = [sp["name"] for sp in specs if sp["name"] not in driver.done()]

@@ -93,7 +93,9 @@ def summarize(history: list[dict], summary: dict, batch_size: int) -> dict:
 
 
 def run(ctx: StageContext) -> dict:
-    from ..distributed import export_checkpoint, train_in_process, train_with_ray
+    from unite_core.runs import export_checkpoint
+
+    from ..distributed import train_in_process, train_with_ray
     from ..tracking import LiveMetrics
 
     cfg = ctx.cfg

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipelines.distributed import RECORDS_FILE, latest_checkpoint
+from unite_core.runs import RECORDS_FILE, latest_checkpoint
 from pipelines.stages import execute
 from tests.ray_fixtures import (UNITE, active_runs, mlflow_client, ray_cluster, read_json,  # noqa: F401
                                 subprocess_env, tiny_params, write_params)

@@ -15,7 +15,8 @@ import time
 import pytest
 import torch
 
-from pipelines.distributed import CRASH_MARKER, RECORDS_FILE, run_name
+from pipelines.distributed import run_name
+from unite_core.runs import CRASH_MARKER, RECORDS_FILE
 from pipelines.stages import execute
 from tests.ray_fixtures import (active_runs, mlflow_client, ray_cluster, read_json, run_unite,  # noqa: F401
                                 tiny_params, write_params)

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from pipelines.distributed import RECORDS_FILE, latest_checkpoint
+from unite_core.runs import RECORDS_FILE, latest_checkpoint
 from pipelines.stages import execute
 from tests.ray_fixtures import read_json, tiny_params, write_params
 from unite_core.config import config_from_dict

@@ -10,23 +10,20 @@ batches r, r + W, ... with per-sample noise, so the merged shards equal the sing
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
-import math
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from unite_core.analysis.report import write_csv
 from unite_core.devices import autocast_dtype_for, resolve_device
-from unite_core.eval_images import (CURVE_KEYS, DatasetSource, FeatureSpec, GenerationJob, LocalRunner, ShardResult,
-                                    dataset_images, evaluate_images, reference_with_stats_file, run_generation_shard)
-from unite_core.io import atomic_write, atomic_write_text
+from unite_core.eval_images import (CURVE_KEYS, MAX_REFERENCE, SAMPLES_PER_CLASS, FeatureSpec, GenerationJob,
+                                    LocalRunner, ShardResult, evaluate_images, flat_metrics, grid_indices,
+                                    reference_sources, reference_with_stats_file, run_generation_shard)
+from unite_core.io import atomic_write
 from unite_core.metrics.images import FeatureClassifier, MetricsError
-from unite_core.model import balanced_labels
-from unite_core.optim import ema_init_weight
 from unite_core.pictures import class_grid, pairs_grid
 
 from .context import Reporter
@@ -35,12 +32,7 @@ from .inputs import feature_spec
 log = logging.getLogger(__name__)
 
 
-SAMPLES_PER_CLASS = 10
-#: samples.png shows at most this many classes (evenly spaced over the label range: 1000 ImageNet classes)
-GRID_CLASSES = 10
 RECONSTRUCTION_PAIRS = 50
-#: at most this many reference images are read (a seeded random subset of larger sets)
-MAX_REFERENCE = 50_000
 #: tiles narrower than this are upscaled (nearest neighbour) in the PNGs: 32x32 digits are unreadable as is
 MIN_TILE = 64
 
@@ -182,102 +174,6 @@ class RayGenerationRunner:
 
 
 # --- The evaluation of one model ---
-def _subset_indices(n: int, max_items: int, seed: int = 0):
-    if n <= max_items:
-        return None
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:max_items].sort().values
-
-
-def reference_images(data, max_items: int = MAX_REFERENCE, seed: int = 0):
-    """(train, val) images in [0, 1] in memory (`unite compare`), a seeded subset of larger sets."""
-    def take(ds):
-        idx = _subset_indices(len(ds), max_items, seed)
-        if idx is None:
-            return dataset_images(ds)[0]
-        log.info("reference: a random subset of %d of %d images", max_items, len(ds))
-        return dataset_images(_Subset(ds, idx))[0]
-
-    return take(data.train), take(data.val)
-
-
-def reference_sources(ctx, data, *, max_train: int = MAX_REFERENCE, max_val: int = MAX_REFERENCE,
-                      seed: int = 0) -> tuple[DatasetSource, DatasetSource]:
-    """(train, val) read batch by batch, each at most max_* images (a seeded subset of larger sets), keyed by
-    the data content hash for the statistics cache."""
-    content = str(data.info.get("content_hash") or "")
-    if not content:
-        raise MetricsError("the prepared data has no content hash: run `unite prepare` again")
-
-    def source(ds, split, max_items):
-        idx = _subset_indices(len(ds), max_items, seed)
-        n = len(ds) if idx is None else len(idx)
-        if idx is not None:
-            log.info("%s reference: a random subset of %d of %d images", split, n, len(ds))
-        key = f"{content[:16]}-{split}-{n}-{seed}"
-        return DatasetSource(ds, None if idx is None else idx.numpy(), key=key,
-                             num_workers=ctx.cfg.data.num_workers)
-
-    return source(data.train, "train", max_train), source(data.val, "val", max_val)
-
-
-def grid_indices(n: int, num_classes: int, per_class: int = SAMPLES_PER_CLASS, max_classes: int = GRID_CLASSES):
-    """Indices kept for samples.png: the first ``per_class`` samples of up to ``max_classes`` classes."""
-    labels = balanced_labels(n, num_classes)
-    classes = sorted(set(labels.tolist()))
-    if len(classes) > max_classes:
-        pick = torch.linspace(0, len(classes) - 1, max_classes).round().long().tolist()
-        classes = [classes[i] for i in pick]
-    out = []
-    for c in classes:
-        out += (labels == c).nonzero().flatten()[:per_class].tolist()
-    return out
-
-
-class _Subset:
-    def __init__(self, ds, idx):
-        self.ds, self.idx = ds, idx
-
-    def __len__(self):
-        return len(self.idx)
-
-    def __getitem__(self, i):
-        return self.ds[int(self.idx[int(i)])]
-
-
-def flat_metrics(result: dict[str, Any], num_samples: int) -> dict[str, float]:
-    """The scalar metrics of an evaluate_images result (what metrics/evaluate.json holds)."""
-    best, rec = result["best"], result["reconstruction"]
-    out = {
-        "gfid": best["fid"],
-        "best_cfg_scale": best["cfg_scale"],
-        "kid_mean": best["kid_mean"],
-        "kid_std": best["kid_std"],
-        "precision": best["precision"],
-        "recall": best["recall"],
-        "isc_mean": best["isc_mean"],
-        "conditional_accuracy": best["conditional_accuracy"],
-        "rfid": rec["rfid"],
-        "psnr": rec["psnr"],
-        "ssim": rec["ssim"],
-        "noise_floor_fid": result.get("noise_floor_fid"),
-        "noise_fid": result.get("noise_fid"),
-        "num_samples": num_samples,
-    }
-    accs = [r["conditional_accuracy"] for r in result["curve"] if r["conditional_accuracy"] is not None]
-    if accs:
-        out["conditional_accuracy_max"] = max(accs)
-    return {k: v for k, v in out.items() if v is not None}
-
-
-def write_curve(curve: list[dict], path: Path) -> Path:
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=list(CURVE_KEYS))
-    w.writeheader()
-    for row in curve:
-        w.writerow({k: ("" if row.get(k) is None else row[k]) for k in CURVE_KEYS})
-    return atomic_write_text(path, buf.getvalue())
-
-
 def evaluate_checkpoint_images(ctx, model, data, *, num_samples: int | None = None,
                                cfg_scales=None, device=None, tracker=None,
                                sanity: bool = True, features: FeatureSpec | None = None, references=None,
@@ -293,7 +189,7 @@ def evaluate_checkpoint_images(ctx, model, data, *, num_samples: int | None = No
         train_x, val_x = references
     else:  # with reference statistics the training images serve only KID and precision/recall
         max_train = cfg.eval.feature_subset if stats_file else MAX_REFERENCE
-        train_x, val_x = reference_sources(ctx, data, max_train=max_train)
+        train_x, val_x = reference_sources(data, max_train=max_train, num_workers=cfg.data.num_workers)
     reference = reference_with_stats_file(stats_file, features, train_x) if stats_file else None
     n = int(num_samples or cfg.eval.num_samples)
     scales = list(cfg_scales or cfg.eval.cfg_scales)
@@ -324,7 +220,7 @@ def evaluate_checkpoint_images(ctx, model, data, *, num_samples: int | None = No
         runner.close()
     metrics = flat_metrics(result, n)
     if write_outputs:
-        write_curve(result["curve"], outputs["curve"])
+        write_csv(result["curve"], outputs["curve"], CURVE_KEYS)
         rec = result["reconstruction"]
         pictures = {"samples": class_grid(result["samples"], result["labels"], per_class=SAMPLES_PER_CLASS,
                                           min_tile=MIN_TILE),
@@ -336,27 +232,3 @@ def evaluate_checkpoint_images(ctx, model, data, *, num_samples: int | None = No
             tracker.log_image(img, outputs[key].name)
         tracker.log_dict({"curve": result["curve"], "best": result["best"]}, "guidance_curve.json")
     return metrics, result
-
-
-def warn_if_ema_is_young(state: dict, use_ema: bool, path) -> bool:
-    """Warn (True) when the EMA weights still hold more than 1/e of the initialisation (without the warm-up:
-    fewer steps than the horizon 1/(1 - decay); with it, a few dozen steps)."""
-    try:
-        t = state["config"]["train"]
-        decay, step, warmup = float(t["ema_decay"]), int(state.get("step", 0)), bool(t.get("ema_warmup", False))
-    except (KeyError, TypeError, ValueError):
-        return False
-    init = ema_init_weight(decay, step, warmup)
-    if use_ema and state.get("ema") is not None and init > math.exp(-1.0):
-        log.warning("%s: the EMA (decay %g%s) still holds %.0f%% of the initial weights after %d steps, so they "
-                    "are close to the initialisation; evaluate the raw weights with sample.use_ema=false",
-                    path, decay, ", warm-up" if warmup else "", 100 * init, step)
-        return True
-    return False
-    horizon = 1.0 / max(1e-12, 1.0 - decay)
-    if use_ema and state.get("ema") is not None and step < horizon:
-        log.warning("%s: the EMA (decay %g, horizon %.0f steps) has averaged only %d steps, so its weights are "
-                    "still close to the initialisation; evaluate the raw weights with sample.use_ema=false",
-                    path, decay, horizon, step)
-        return True
-    return False

@@ -868,3 +868,100 @@ def evaluate_images(
         n_noise = min(int(num_samples), len(src), int(features.subset_size or len(src)))
         out["noise_fid"] = fid_noise(ref, features=features, n=n_noise, shape=src.shape)
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# A trained model's evaluation: references from a data module, the flat metrics, the curve file
+# ----------------------------------------------------------------------------------------------
+SAMPLES_PER_CLASS = 10
+#: samples.png shows at most this many classes (evenly spaced over the label range: 1000 ImageNet classes)
+GRID_CLASSES = 10
+#: at most this many reference images are read (a seeded random subset of larger sets)
+MAX_REFERENCE = 50_000
+
+
+def _subset_indices(n: int, max_items: int, seed: int = 0):
+    if n <= max_items:
+        return None
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:max_items].sort().values
+
+
+def in_memory_references(data, max_items: int = MAX_REFERENCE, seed: int = 0):
+    """(train, val) images of a data module in [0, 1] in memory (`unite compare`), a seeded subset of larger sets."""
+    def take(ds):
+        idx = _subset_indices(len(ds), max_items, seed)
+        if idx is None:
+            return dataset_images(ds)[0]
+        log.info("reference: a random subset of %d of %d images", max_items, len(ds))
+        return dataset_images(_Subset(ds, idx))[0]
+
+    return take(data.train), take(data.val)
+
+
+def reference_sources(data, *, max_train: int = MAX_REFERENCE, max_val: int = MAX_REFERENCE, seed: int = 0,
+                      num_workers: int = 0) -> tuple[DatasetSource, DatasetSource]:
+    """(train, val) read batch by batch, each at most max_* images (a seeded subset of larger sets), keyed by
+    the data content hash for the statistics cache."""
+    content = str(data.info.get("content_hash") or "")
+    if not content:
+        raise MetricsError("the prepared data has no content hash: run `unite prepare` again")
+
+    def source(ds, split, max_items):
+        idx = _subset_indices(len(ds), max_items, seed)
+        n = len(ds) if idx is None else len(idx)
+        if idx is not None:
+            log.info("%s reference: a random subset of %d of %d images", split, n, len(ds))
+        key = f"{content[:16]}-{split}-{n}-{seed}"
+        return DatasetSource(ds, None if idx is None else idx.numpy(), key=key,
+                             num_workers=num_workers)
+
+    return source(data.train, "train", max_train), source(data.val, "val", max_val)
+
+
+def grid_indices(n: int, num_classes: int, per_class: int = SAMPLES_PER_CLASS, max_classes: int = GRID_CLASSES):
+    """Indices kept for samples.png: the first ``per_class`` samples of up to ``max_classes`` classes."""
+    labels = balanced_labels(n, num_classes)
+    classes = sorted(set(labels.tolist()))
+    if len(classes) > max_classes:
+        pick = torch.linspace(0, len(classes) - 1, max_classes).round().long().tolist()
+        classes = [classes[i] for i in pick]
+    out = []
+    for c in classes:
+        out += (labels == c).nonzero().flatten()[:per_class].tolist()
+    return out
+
+
+class _Subset:
+    def __init__(self, ds, idx):
+        self.ds, self.idx = ds, idx
+
+    def __len__(self):
+        return len(self.idx)
+
+    def __getitem__(self, i):
+        return self.ds[int(self.idx[int(i)])]
+
+
+def flat_metrics(result: dict[str, Any], num_samples: int) -> dict[str, float]:
+    """The scalar metrics of an evaluate_images result (what metrics/evaluate.json holds)."""
+    best, rec = result["best"], result["reconstruction"]
+    out = {
+        "gfid": best["fid"],
+        "best_cfg_scale": best["cfg_scale"],
+        "kid_mean": best["kid_mean"],
+        "kid_std": best["kid_std"],
+        "precision": best["precision"],
+        "recall": best["recall"],
+        "isc_mean": best["isc_mean"],
+        "conditional_accuracy": best["conditional_accuracy"],
+        "rfid": rec["rfid"],
+        "psnr": rec["psnr"],
+        "ssim": rec["ssim"],
+        "noise_floor_fid": result.get("noise_floor_fid"),
+        "noise_fid": result.get("noise_fid"),
+        "num_samples": num_samples,
+    }
+    accs = [r["conditional_accuracy"] for r in result["curve"] if r["conditional_accuracy"] is not None]
+    if accs:
+        out["conditional_accuracy_max"] = max(accs)
+    return {k: v for k, v in out.items() if v is not None}

@@ -29,7 +29,7 @@ from .config import Config, config_from_dict
 from .devices import autocast, autocast_dtype_for
 from .io import atomic_torch_save
 from .nn import AdaLNBlock, ViTBlock
-from .optim import build_optimizers, ema_with_warmup, lr_factor, lr_scale, make_ema, muon_eligible  # noqa: F401
+from .optim import build_optimizers, ema_init_weight, ema_with_warmup, lr_factor, lr_scale, make_ema, muon_eligible  # noqa: F401
 from .data.loader import StepBatches, collate, fetch, loader_workers, move, step_indices  # noqa: F401
 from .model import UNITE
 
@@ -116,6 +116,23 @@ def model_from_checkpoint(state: dict, use_ema: bool = True, device="cpu") -> UN
     weights = state["ema"] if use_ema and state.get("ema") is not None else state["model"]
     model.load_state_dict(weights)
     return model.to(device).eval()
+
+
+def warn_if_ema_is_young(state: dict, use_ema: bool, path) -> bool:
+    """Warn (True) when the EMA weights still hold more than 1/e of the initialisation (without the warm-up:
+    fewer steps than the horizon 1/(1 - decay); with it, a few dozen steps)."""
+    try:
+        t = state["config"]["train"]
+        decay, step, warmup = float(t["ema_decay"]), int(state.get("step", 0)), bool(t.get("ema_warmup", False))
+    except (KeyError, TypeError, ValueError):
+        return False
+    init = ema_init_weight(decay, step, warmup)
+    if use_ema and state.get("ema") is not None and init > math.exp(-1.0):
+        log.warning("%s: the EMA (decay %g%s) still holds %.0f%% of the initial weights after %d steps, so they "
+                    "are close to the initialisation; evaluate the raw weights with sample.use_ema=false",
+                    path, decay, ", warm-up" if warmup else "", 100 * init, step)
+        return True
+    return False
 
 
 # ----------------------------------------------------------------------------------------------

@@ -29,10 +29,11 @@ from unite_core.devices import resolve_device
 from unite_core.io import atomic_write_text, stable_hash
 from unite_core.metrics.images import classifier_fingerprint
 from unite_core.model import count_parameters
-from unite_core.train import load_checkpoint, model_from_checkpoint
+from unite_core.eval_images import in_memory_references
+from unite_core.train import load_checkpoint, model_from_checkpoint, warn_if_ema_is_young
 
 from ..context import StageContext
-from ..evaluation import evaluate_checkpoint_images, reference_images, warn_if_ema_is_young
+from ..evaluation import evaluate_checkpoint_images
 from ..inputs import feature_spec, load_checked_classifier, open_data, train_classifier
 from ..tracking import stage_run
 from . import stage_options
@@ -185,7 +186,7 @@ def run(ctx: StageContext, **options) -> dict:
         log.info("compare: no feature classifier yet; training it (the `classifier` stage)")
         train_classifier(ctx, data)
     features = feature_spec(ctx, data, device)
-    references = reference_images(data)
+    references = in_memory_references(data)
     data_hash = str(data.info.get("content_hash", ""))
     cls_hash = classifier_fingerprint(features.classifier)[:16] if features.classifier is not None else ""
 

@@ -13,10 +13,10 @@ from pathlib import Path
 
 from unite_core.metrics.images import FeatureStats, MetricsError
 from unite_core.devices import resolve_device
-from unite_core.train import load_checkpoint, model_from_checkpoint
+from unite_core.train import load_checkpoint, model_from_checkpoint, warn_if_ema_is_young
 
 from ..context import StageContext
-from ..evaluation import evaluate_checkpoint_images, warn_if_ema_is_young
+from ..evaluation import evaluate_checkpoint_images
 from ..inputs import check_inception_weights, open_data
 
 log = logging.getLogger(__name__)

@@ -548,7 +548,7 @@ def test_evaluate_stage_dispatches_molecules_to_evaluate_molecules(tmp_path, mon
 
 
 def test_young_ema_is_reported(caplog):
-    from pipelines.evaluation import warn_if_ema_is_young
+    from unite_core.train import warn_if_ema_is_young
 
     state = {"step": 38, "ema": {}, "config": {"train": {"ema_decay": 0.999}}}
     with caplog.at_level("WARNING"):

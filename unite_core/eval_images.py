@@ -965,3 +965,38 @@ def flat_metrics(result: dict[str, Any], num_samples: int) -> dict[str, float]:
     if accs:
         out["conditional_accuracy_max"] = max(accs)
     return {k: v for k, v in out.items() if v is not None}
+
+
+def sample_images(model, labels: torch.Tensor, sample_cfg, *, cfg_scale: float, seed: int, batch_size: int,
+                  autocast_dtype=None, on_batch: Callable[[int], None] | None = None) -> tuple[torch.Tensor, int]:
+    """Generate one image per label in batches from one seeded generator: (images in [0, 1] on the CPU, the
+    most function evaluations a batch needed); ``on_batch(done)`` after each batch."""
+    gen = torch.Generator(device=labels.device).manual_seed(seed)
+    images, nfe, batch_size = [], 0, max(1, batch_size)
+    for start in range(0, len(labels), batch_size):
+        x, n = model.generate(labels[start : start + batch_size], sample_cfg, cfg_scale=cfg_scale, generator=gen,
+                              autocast_dtype=autocast_dtype)
+        images.append(x.float().cpu())
+        nfe = max(nfe, int(n))
+        if on_batch is not None:
+            on_batch(min(len(labels), start + batch_size))
+    return torch.cat(images), nfe
+
+
+def reconstruction_grid(model, val_set, n: int = 10):
+    """PIL grid: n validation images (one per class first) above the model's reconstructions."""
+    from .data.loader import fetch
+    from .pictures import image_grid
+
+    labels = getattr(val_set, "labels", None)
+    picks: list[int] = []
+    if labels is not None:
+        labels = torch.as_tensor(labels)
+        for c in sorted(set(labels.tolist()))[:n]:
+            picks.append(int((labels == c).nonzero()[0]))
+    picks += [i for i in range(len(val_set)) if i not in picks][: max(0, n - len(picks))]
+    x, _ = model.modality.unpack(fetch(val_set, torch.tensor(picks[:n])))
+    with torch.no_grad():
+        decoded = model.reconstruct(x, torch.Generator().manual_seed(0))
+    recon, originals = model.modality.postprocess(decoded.float()), model.modality.postprocess(x)
+    return image_grid(torch.cat([originals, recon]), nrow=len(picks[:n]), min_tile=64)

@@ -43,6 +43,7 @@ def run(ctx: StageContext) -> dict:
     import torch
 
     from unite_core.devices import autocast_dtype_for, resolve_device
+    from unite_core.eval_images import sample_images
     from unite_core.pictures import image_grid
     from unite_core.train import load_checkpoint, model_from_checkpoint
 
@@ -79,18 +80,10 @@ def run(ctx: StageContext) -> dict:
     if per_class < 1:
         raise StageError(f"--per-class {per_class} must be >= 1")
     labels = torch.tensor([c for c in classes for _ in range(per_class)], device=device)
-    gen = torch.Generator(device=device).manual_seed(s.seed)
-    autocast = autocast_dtype_for(cfg.train.precision)
-    batch = max(1, cfg.eval.batch_size)
-    images, nfe = [], 0
     with ctx.reporter.progress("sample", len(labels)) as task:
-        for start in range(0, len(labels), batch):
-            x, n = model.generate(labels[start : start + batch], s, cfg_scale=cfg_scale, generator=gen,
-                                  autocast_dtype=autocast)
-            images.append(x.float().cpu())
-            nfe = max(nfe, int(n))
-            task.update(min(len(labels), start + batch))
-    grid = image_grid(torch.cat(images), nrow=per_class, min_tile=64)
+        images, nfe = sample_images(model, labels, s, cfg_scale=cfg_scale, seed=s.seed, batch_size=cfg.eval.batch_size,
+                                    autocast_dtype=autocast_dtype_for(cfg.train.precision), on_batch=task.update)
+    grid = image_grid(images, nrow=per_class, min_tile=64)
     atomic_write(out, lambda f: grid.save(f, format="PNG"))
     ctx.tracker.log_image(grid, out.name)
     result = {
@@ -112,12 +105,8 @@ def run(ctx: StageContext) -> dict:
 
 
 def _molecules(ctx: StageContext, model, state: dict, out: Path, t0: float) -> dict:
-    try:
-        from unite_core.eval_molecules import write_samples
-    except ImportError:
-        write_samples = None
-    if write_samples is None:
-        raise StageError("sampling molecules needs unite_core.eval_molecules.write_samples, which this build lacks")
+    from unite_core.eval_molecules import write_samples
+
     cfg, opts = ctx.cfg, ctx.options
     n = int(opts.get("per_class") or cfg.sample.num_samples)
     if opts.get("cfg_scale") is not None:

@@ -38,33 +38,6 @@ def curve_csv(history: list[dict]) -> str:
     return buf.getvalue()
 
 
-def reconstruction_grid(state: dict, data_dir: Path, n: int = RECON_IMAGES):
-    """PIL grid: n validation images (one per class first) above their EMA reconstructions."""
-    import torch
-
-    from unite_core.data import load_prepared
-    from unite_core.train import fetch, model_from_checkpoint
-    from unite_core.pictures import image_grid
-
-    data = load_prepared(data_dir)
-    labels = data.val.labels if hasattr(data.val, "labels") else None
-    picks: list[int] = []
-    if labels is not None:
-        labels = torch.as_tensor(labels)
-        for c in sorted(set(labels.tolist())):
-            picks.append(int((labels == c).nonzero()[0]))
-            if len(picks) == n:
-                break
-    picks += [i for i in range(len(data.val)) if i not in picks][: max(0, n - len(picks))]
-    model = model_from_checkpoint(state, use_ema=True, device="cpu")
-    x, _ = model.modality.unpack(fetch(data.val, torch.tensor(picks[:n])))
-    with torch.no_grad():
-        decoded = model.reconstruct(x, torch.Generator().manual_seed(0))
-    recon = model.modality.postprocess(decoded.float())
-    originals = model.modality.postprocess(x)
-    return image_grid(torch.cat([originals, recon]), nrow=len(picks[:n]), min_tile=64)
-
-
 def summarize(history: list[dict], summary: dict, batch_size: int) -> dict:
     last = history[-1] if history else {}
     evals = [r for r in history if any(k.startswith("val_") for k in r)]
@@ -115,7 +88,11 @@ def run(ctx: StageContext) -> dict:
     tracker.log_metric_history(live.missing(history))  # what the live logging did not send (a reused run)
     tracker.log_artifact(curve, "plots")
     if cfg.modality == "images":
-        grid = reconstruction_grid(state, data_dir)
+        from unite_core.data import load_prepared
+        from unite_core.eval_images import reconstruction_grid
+        from unite_core.train import model_from_checkpoint
+
+        grid = reconstruction_grid(model_from_checkpoint(state, use_ema=True), load_prepared(data_dir).val, RECON_IMAGES)
         out = ctx.paths.plots / RECON_FILE
         atomic_write(out, lambda f: grid.save(f, format="PNG"))
         tracker.log_image(grid, RECON_FILE)

@@ -19,12 +19,12 @@ import torch
 
 from unite_core.analysis.report import write_csv
 from unite_core.devices import autocast_dtype_for, resolve_device
-from unite_core.eval_images import (CURVE_KEYS, MAX_REFERENCE, SAMPLES_PER_CLASS, FeatureSpec, GenerationJob,
-                                    LocalRunner, ShardResult, evaluate_images, flat_metrics, grid_indices,
-                                    reference_sources, reference_with_stats_file, run_generation_shard)
+from unite_core.eval_images import (CURVE_KEYS, MAX_REFERENCE, FeatureSpec, GenerationJob, LocalRunner, ShardResult,
+                                    evaluate_images, flat_metrics, reference_sources, reference_with_stats_file,
+                                    run_generation_shard)
 from unite_core.io import atomic_write
 from unite_core.metrics.images import FeatureClassifier, MetricsError
-from unite_core.pictures import class_grid, pairs_grid
+from unite_core.pictures import SAMPLES_PER_CLASS, class_grid, grid_indices, pairs_grid
 
 from .context import Reporter
 from .inputs import feature_spec

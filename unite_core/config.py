@@ -1,4 +1,5 @@
 """Typed schema of params.yaml: one source of truth for every setting.
+Over 500 lines because every params.yaml section is one pydantic model here, with its checks and comments.
 
 `load_config(path, overrides)` reads the YAML, applies `a.b=c` overrides and validates the result.
 A preset (presets/*.yaml) holds only the keys it changes and names the file it builds on with

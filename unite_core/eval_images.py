@@ -1,4 +1,5 @@
 """Evaluation of a trained UNITE image model: generation (guidance sweep), reconstruction, noise floor.
+Over 500 lines because the image sources, the sharded generation and the metric passes share one streaming design.
 
 Pure library code: plain PyTorch + ``unite_core.metrics.images`` (torch-fidelity), logging only.
 
@@ -873,9 +874,6 @@ def evaluate_images(
 # ----------------------------------------------------------------------------------------------
 # A trained model's evaluation: references from a data module, the flat metrics, the curve file
 # ----------------------------------------------------------------------------------------------
-SAMPLES_PER_CLASS = 10
-#: samples.png shows at most this many classes (evenly spaced over the label range: 1000 ImageNet classes)
-GRID_CLASSES = 10
 #: at most this many reference images are read (a seeded random subset of larger sets)
 MAX_REFERENCE = 50_000
 
@@ -918,19 +916,6 @@ def reference_sources(data, *, max_train: int = MAX_REFERENCE, max_val: int = MA
     return source(data.train, "train", max_train), source(data.val, "val", max_val)
 
 
-def grid_indices(n: int, num_classes: int, per_class: int = SAMPLES_PER_CLASS, max_classes: int = GRID_CLASSES):
-    """Indices kept for samples.png: the first ``per_class`` samples of up to ``max_classes`` classes."""
-    labels = balanced_labels(n, num_classes)
-    classes = sorted(set(labels.tolist()))
-    if len(classes) > max_classes:
-        pick = torch.linspace(0, len(classes) - 1, max_classes).round().long().tolist()
-        classes = [classes[i] for i in pick]
-    out = []
-    for c in classes:
-        out += (labels == c).nonzero().flatten()[:per_class].tolist()
-    return out
-
-
 class _Subset:
     def __init__(self, ds, idx):
         self.ds, self.idx = ds, idx
@@ -965,38 +950,3 @@ def flat_metrics(result: dict[str, Any], num_samples: int) -> dict[str, float]:
     if accs:
         out["conditional_accuracy_max"] = max(accs)
     return {k: v for k, v in out.items() if v is not None}
-
-
-def sample_images(model, labels: torch.Tensor, sample_cfg, *, cfg_scale: float, seed: int, batch_size: int,
-                  autocast_dtype=None, on_batch: Callable[[int], None] | None = None) -> tuple[torch.Tensor, int]:
-    """Generate one image per label in batches from one seeded generator: (images in [0, 1] on the CPU, the
-    most function evaluations a batch needed); ``on_batch(done)`` after each batch."""
-    gen = torch.Generator(device=labels.device).manual_seed(seed)
-    images, nfe, batch_size = [], 0, max(1, batch_size)
-    for start in range(0, len(labels), batch_size):
-        x, n = model.generate(labels[start : start + batch_size], sample_cfg, cfg_scale=cfg_scale, generator=gen,
-                              autocast_dtype=autocast_dtype)
-        images.append(x.float().cpu())
-        nfe = max(nfe, int(n))
-        if on_batch is not None:
-            on_batch(min(len(labels), start + batch_size))
-    return torch.cat(images), nfe
-
-
-def reconstruction_grid(model, val_set, n: int = 10):
-    """PIL grid: n validation images (one per class first) above the model's reconstructions."""
-    from .data.loader import fetch
-    from .pictures import image_grid
-
-    labels = getattr(val_set, "labels", None)
-    picks: list[int] = []
-    if labels is not None:
-        labels = torch.as_tensor(labels)
-        for c in sorted(set(labels.tolist()))[:n]:
-            picks.append(int((labels == c).nonzero()[0]))
-    picks += [i for i in range(len(val_set)) if i not in picks][: max(0, n - len(picks))]
-    x, _ = model.modality.unpack(fetch(val_set, torch.tensor(picks[:n])))
-    with torch.no_grad():
-        decoded = model.reconstruct(x, torch.Generator().manual_seed(0))
-    recon, originals = model.modality.postprocess(decoded.float()), model.modality.postprocess(x)
-    return image_grid(torch.cat([originals, recon]), nrow=len(picks[:n]), min_tile=64)

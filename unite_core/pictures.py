@@ -8,6 +8,7 @@ least that many pixels wide: a 32x32 digit is unreadable at its native size in a
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 
@@ -71,3 +72,58 @@ def class_grid(images: torch.Tensor, labels: torch.Tensor, per_class: int = 10, 
             sel = torch.cat([sel, torch.zeros((per_class - len(sel), *images.shape[1:]))])
         rows.append(sel)
     return image_grid(torch.cat(rows), nrow=per_class, **kwargs)
+
+
+# --- Pictures of a model ---
+SAMPLES_PER_CLASS = 10
+#: samples.png shows at most this many classes (evenly spaced over the label range: 1000 ImageNet classes)
+GRID_CLASSES = 10
+
+
+def grid_indices(n: int, num_classes: int, per_class: int = SAMPLES_PER_CLASS, max_classes: int = GRID_CLASSES):
+    """Indices kept for samples.png: the first ``per_class`` samples of up to ``max_classes`` classes."""
+    from .model import balanced_labels
+
+    labels = balanced_labels(n, num_classes)
+    classes = sorted(set(labels.tolist()))
+    if len(classes) > max_classes:
+        pick = torch.linspace(0, len(classes) - 1, max_classes).round().long().tolist()
+        classes = [classes[i] for i in pick]
+    out = []
+    for c in classes:
+        out += (labels == c).nonzero().flatten()[:per_class].tolist()
+    return out
+
+
+def sample_images(model, labels: torch.Tensor, sample_cfg, *, cfg_scale: float, seed: int, batch_size: int,
+                  autocast_dtype=None, on_batch: Callable[[int], None] | None = None) -> tuple[torch.Tensor, int]:
+    """Generate one image per label in batches from one seeded generator: (images in [0, 1] on the CPU, the
+    most function evaluations a batch needed); ``on_batch(done)`` after each batch."""
+    gen = torch.Generator(device=labels.device).manual_seed(seed)
+    images, nfe, batch_size = [], 0, max(1, batch_size)
+    for start in range(0, len(labels), batch_size):
+        x, n = model.generate(labels[start : start + batch_size], sample_cfg, cfg_scale=cfg_scale, generator=gen,
+                              autocast_dtype=autocast_dtype)
+        images.append(x.float().cpu())
+        nfe = max(nfe, int(n))
+        if on_batch is not None:
+            on_batch(min(len(labels), start + batch_size))
+    return torch.cat(images), nfe
+
+
+def reconstruction_grid(model, val_set, n: int = 10):
+    """PIL grid: n validation images (one per class first) above the model's reconstructions."""
+    from .data.loader import fetch
+
+    labels = getattr(val_set, "labels", None)
+    picks: list[int] = []
+    if labels is not None:
+        labels = torch.as_tensor(labels)
+        for c in sorted(set(labels.tolist()))[:n]:
+            picks.append(int((labels == c).nonzero()[0]))
+    picks += [i for i in range(len(val_set)) if i not in picks][: max(0, n - len(picks))]
+    x, _ = model.modality.unpack(fetch(val_set, torch.tensor(picks[:n])))
+    with torch.no_grad():
+        decoded = model.reconstruct(x, torch.Generator().manual_seed(0))
+    recon, originals = model.modality.postprocess(decoded.float()), model.modality.postprocess(x)
+    return image_grid(torch.cat([originals, recon]), nrow=len(picks[:n]), min_tile=64)

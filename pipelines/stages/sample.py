@@ -43,8 +43,7 @@ def run(ctx: StageContext) -> dict:
     import torch
 
     from unite_core.devices import autocast_dtype_for, resolve_device
-    from unite_core.eval_images import sample_images
-    from unite_core.pictures import image_grid
+    from unite_core.pictures import image_grid, sample_images
     from unite_core.train import load_checkpoint, model_from_checkpoint
 
     cfg, opts = ctx.cfg, ctx.options

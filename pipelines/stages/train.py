@@ -89,7 +89,7 @@ def run(ctx: StageContext) -> dict:
     tracker.log_artifact(curve, "plots")
     if cfg.modality == "images":
         from unite_core.data import load_prepared
-        from unite_core.eval_images import reconstruction_grid
+        from unite_core.pictures import reconstruction_grid
         from unite_core.train import model_from_checkpoint
 
         grid = reconstruction_grid(model_from_checkpoint(state, use_ema=True), load_prepared(data_dir).val, RECON_IMAGES)

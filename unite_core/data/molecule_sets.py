@@ -1,4 +1,5 @@
 """Molecule datasets: each molecule is a padded set of atom tokens (type + 3-D coordinates).
+Over 500 lines because three molecule sources share one token format, filter and manifest.
 
 Three sources (``DataConfig.dataset``):
 

@@ -1,5 +1,6 @@
 """Image metrics for UNITE: FID / KID / precision-recall / IS through torch-fidelity, PSNR, SSIM and
 class-conditional accuracy.
+Over 500 lines because the feature networks, the streamed statistics and their cache serve every metric.
 
 Conventions (every function here):
 

@@ -352,8 +352,8 @@ def sweep(
     })
 
 
-COMPARE_VARIANTS = ("unite,two_stage,separate_weights,unite_param_matched,unite_2x_steps,no_stop_grad,no_noise_aug,"
-                    "flow_minibatches_1,no_shift")  # unite_core.ablations.DEFAULT_VARIANTS (tested)
+COMPARE_VARIANTS = ("unite,two_stage,separate_weights,unite_param_matched,unite_2x_steps,separate_weights_2x_steps,"
+                    "no_stop_grad,no_noise_aug,flow_minibatches_1,no_shift")  # unite_core.ablations.DEFAULT_VARIANTS (tested)
 
 
 @app.command()

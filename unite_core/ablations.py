@@ -45,6 +45,7 @@ VARIANTS: dict[str, Variant] = {
     "separate_weights": Variant({"model.weight_sharing": "separate"}),
     "unite_param_matched": Variant(_double_depth),
     "unite_2x_steps": Variant(budget_factor=2.0),
+    "separate_weights_2x_steps": Variant({"model.weight_sharing": "separate"}, budget_factor=2.0),
     "no_stop_grad": Variant({"flow.stop_grad": False}),
     "no_noise_aug": Variant({"loss.decoder_noise": False}),
     "flow_minibatches_1": Variant({"flow.minibatches": 1}),

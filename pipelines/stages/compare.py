@@ -21,7 +21,7 @@ from typing import Any, Optional
 
 import torch
 
-from unite_core.ablations import (BUDGETS, DEFAULT_VARIANTS, device_label, parse_variants, train_variant, variant_config,
+from unite_core.ablations import (BUDGETS, DEFAULT_VARIANTS, VARIANTS, device_label, parse_variants, train_variant, variant_config,
                                   variant_overrides)
 from unite_core.analysis.claims import NUMERIC, directions, read_rows, render_markdown, summarize, write_rows
 from unite_core.config import Config
@@ -244,7 +244,8 @@ def run(ctx: StageContext, **options) -> dict:
         "noise_floor_fid": floor, "minibatches": cfg.flow.minibatches,
         "num_classes": int(data.info.get("num_classes", 0)),
     }
-    meta["budget_text"] += "; unite_2x_steps: twice that" if "unite_2x_steps" in names else ""
+    doubled = [n for n in names if VARIANTS[n].budget_factor != 1.0]
+    meta["budget_text"] += f"; {', '.join(doubled)}: twice that" if doubled else ""
     write_rows(rows, paths["csv"], order)
     atomic_write_text(paths["md"], render_markdown(rows, order, meta))
     ctx.tracker.log_artifact(paths["md"], "reports")

@@ -468,6 +468,8 @@ def test_compare_directions_use_the_seed_spread():
     # the matched variants: twice the updates (or minutes), twice the GE depth, and the seed
     v2 = ablations.variant_config(cfg, "unite_2x_steps", budget="steps", minutes=None, steps=7, seed=4)
     assert v2.train.steps == 14 and v2.train.seed == 4
+    s2 = ablations.variant_config(cfg, "separate_weights_2x_steps", budget="steps", minutes=None, steps=7)
+    assert s2.train.steps == 14 and s2.model.weight_sharing == "separate"
     assert ablations.variant_config(cfg, "unite_2x_steps", budget="time", minutes=1.5, steps=7).train.time_limit_minutes == 3
     pm = ablations.variant_config(cfg, "unite_param_matched", budget="steps", minutes=None, steps=7)
     assert pm.model.ge_dims() == (2 * cfg.model.ge_dims()[0], *cfg.model.ge_dims()[1:])

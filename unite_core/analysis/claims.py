@@ -21,6 +21,7 @@ DIRECTIONS = (
     ("UNITE with 2x steps <= two-stage (gFID)", "unite_2x_steps", "two_stage"),
     ("shared weights <= separate weights (gFID)", "unite", "separate_weights"),
     ("shared, parameter-matched <= separate weights (gFID)", "unite_param_matched", "separate_weights"),
+    ("shared <= separate weights, both 2x steps (gFID)", "unite_2x_steps", "separate_weights_2x_steps"),
     ("stop-grad <= no stop-grad (gFID)", "unite", "no_stop_grad"),
     ("noise augmentation <= none (gFID)", "unite", "no_noise_aug"),
     ("M=3 flow mini-batches <= M=1 (gFID)", "unite", "flow_minibatches_1"),

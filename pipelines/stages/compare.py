@@ -64,7 +64,7 @@ def training_hash(vcfg: Config, name: str, *, budget: str, tokenizer_fraction: f
     return stable_hash({
         "variant": name, "config": relevant, "budget": budget,
         "minutes": vcfg.train.time_limit_minutes if budget == "time" else None,
-        "tokenizer_fraction": tokenizer_fraction if name == "two_stage" else None, "data": data_hash,
+        "tokenizer_fraction": tokenizer_fraction if VARIANTS[name].two_stage else None, "data": data_hash,
     })
 
 
@@ -133,7 +133,7 @@ def run_variant(ctx: StageContext, name: str, seed: int, vcfg: Config, data, *, 
         "eval_seconds": time.perf_counter() - t0, "device": train_info.get("device") or device_label(device),
         "budget": budget, "minutes": vcfg.train.time_limit_minutes if budget == "time" else None,
         "num_samples": num_samples,
-        "overrides": json.dumps(overrides) if name != "two_stage" else "two-stage baseline",
+        "overrides": "two-stage baseline" if VARIANTS[name].two_stage else json.dumps(overrides),
         "details": train_info.get("details", ""), "params_hash": hash_,
     }
     tracker.log_params({"compare.variant": name, "compare.seed": seed, "compare.overrides": row["overrides"],

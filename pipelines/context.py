@@ -1,6 +1,7 @@
 """What every stage's `run(ctx)` receives: the validated config, absolute paths (ctx.paths), a tracker (an
-MLflow child run or a no-op), a progress reporter (a rich bar in the CLI, else a no-op) and the command's
-options (ctx.options).
+MLflow child run or a no-op), a progress reporter (a rich bar in the CLI, else a no-op), the command's
+options (ctx.options), and the project's inputs opened with one set of checks (ctx.open_data,
+ctx.classifier, ctx.feature_spec: unite_core.inputs on this project's folders).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+from unite_core import inputs
 from unite_core.config import Config
 
 from .tracking import NullTracker, Tracker
@@ -23,6 +25,7 @@ class Paths:
         self.data, self.models, self.metrics = self.root / "data", self.root / "models", self.root / "metrics"
         self.plots, self.reports, self.cache = self.root / "plots", self.root / "reports", self.root / ".unite_cache"
         self.checkpoint = self.models / "unite.pt"  # the final trained model (DVC out of `train`)
+        self.classifier = self.models / "classifier.pt"  # the dataset's feature classifier (`classifier`)
 
     @property
     def ray_storage(self) -> Path:
@@ -68,3 +71,17 @@ class StageContext:
     def __post_init__(self):
         self.root = Path(self.root).resolve()
         self.paths = Paths(self.root)
+
+    # the project's inputs (unite_core.inputs), from this project's folders
+    def open_data(self, embedded: bool = True):
+        return inputs.open_data(self.cfg, self.paths.dataset_dir(self.cfg), self.paths.cache / "data",
+                                embedded=embedded)
+
+    def feature_spec(self, data, device):
+        return inputs.feature_spec(self.cfg, data, device, self.paths.classifier, self.paths.cache / "fidelity")
+
+    def classifier(self, data, required: bool = True):
+        return inputs.load_checked_classifier(self.paths.classifier, data, required=required)
+
+    def train_classifier(self, data):
+        return inputs.train_classifier(self.cfg, data, self.paths.classifier, progress=self.reporter.progress)

@@ -27,13 +27,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable
 
+from unite_core.inputs import check_prepared, load_prepared_data
 from unite_core.io import atomic_dir, atomic_write_text, fsync_tree
 from unite_core.runs import (KEEP_CHECKPOINTS, RECORDS_FILE, STOP_FILE, CheckpointInfo, RecordFollower, checkpoint_meta,
                              crash_step_from_env, is_finished, keep_newest_checkpoints, latest_checkpoint,
                              meta_finished, preflight, read_meta, resume_from, run_key, run_session,
                              start_from_init, write_checkpoint_dir)
 
-from .inputs import check_prepared, load_prepared_data
 from .interrupt import GracefulStop, Interrupted, signal_name
 
 log = logging.getLogger(__name__)

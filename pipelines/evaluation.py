@@ -27,7 +27,6 @@ from unite_core.metrics.images import FeatureClassifier, MetricsError
 from unite_core.pictures import SAMPLES_PER_CLASS, class_grid, grid_indices, pairs_grid
 
 from .context import Reporter
-from .inputs import feature_spec
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +182,7 @@ def evaluate_checkpoint_images(ctx, model, data, *, num_samples: int | None = No
     cfg = ctx.cfg
     device = device or resolve_device(cfg.train.device)
     tracker = tracker if tracker is not None else ctx.tracker
-    features = features or feature_spec(ctx, data, device)
+    features = features or ctx.feature_spec(data, device)
     stats_file = cfg.eval.reference_stats
     if references is not None:
         train_x, val_x = references

@@ -133,6 +133,38 @@ def export_checkpoint(ckpt_dir: Path, dest: Path) -> dict:
     return slim
 
 
+CURVE_COLUMNS = ("step", "time_s", "loss", "recon", "flow", "lr", "val_psnr")  # first in the curve CSV
+
+
+def curve_columns(history: list[dict]) -> list[str]:
+    """The training curve's columns: CURVE_COLUMNS present, then every other key in first-seen order."""
+    return list(dict.fromkeys([k for k in CURVE_COLUMNS if any(k in r for r in history)]
+                              + [k for r in history for k in r]))
+
+
+def training_metrics(history: list[dict], summary: dict, batch_size: int) -> dict:
+    """A finished run's numbers (metrics/train.json): final and tail-averaged losses, steps, speed, the last
+    validation record; `summary` is the run's (final_step, steps_requested, train_seconds, ...)."""
+    last = history[-1] if history else {}
+    evals = [r for r in history if any(k.startswith("val_") for k in r)]
+    tail = history[-max(1, len(history) // 10):] if history else []
+    losses = [r["loss"] for r in tail if isinstance(r.get("loss"), (int, float))]
+    seconds = float(summary["train_seconds"]) or float(last.get("time_s", 0.0))
+    metrics = {
+        "final_loss": last.get("loss"), "final_loss_avg": sum(losses) / len(losses) if losses else None,
+        "final_recon": last.get("recon"), "final_flow": last.get("flow"), "steps": int(summary["final_step"]),
+        "steps_requested": int(summary["steps_requested"]), "stopped_early": bool(summary["stopped_early"]),
+        "seconds": round(seconds, 3),
+        "samples_per_s": round(summary["final_step"] * batch_size / seconds, 2) if seconds > 0 else None,
+        "wall_seconds": round(float(summary["wall_seconds"]), 3),
+        "startup_seconds": round(float(summary.get("startup_seconds", 0.0)), 3), "workers": int(summary["workers"]),
+        "trained_now": bool(summary["trained_now"]), "run_name": summary["run_name"],
+    }
+    if evals:
+        metrics.update({k: v for k, v in evals[-1].items() if k.startswith("val_")})
+    return metrics
+
+
 def preflight(cfg, manifest: dict, workers: int) -> None:
     """Settings errors that would otherwise surface inside every (retried) worker."""
     t = cfg.train

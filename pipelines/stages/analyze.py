@@ -16,84 +16,17 @@ from pathlib import Path
 from unite_core.analysis import report
 from unite_core.analysis.activations import CLASS_MODES
 from unite_core.analysis.model_report import CSV_FILES, analyze_model, figures, find_variants, same_data
+from unite_core.analysis.notebooks import execute_notebooks
 from unite_core.devices import autocast_dtype_for, resolve_device
 from unite_core.train import CheckpointError, load_checkpoint, model_from_checkpoint
 
 from ..context import StageContext
-from ..inputs import open_data
 from ..tracking import numeric_items
 from . import stage_options
 
 log = logging.getLogger(__name__)
 
 
-# --- Notebooks (notebooks/*.py, jupytext percent format, executed with papermill) ---
-NOTEBOOKS = ("linear_probe", "rate_distortion", "alignment")
-
-
-def notebook_dir(root: Path) -> Path:
-    here = Path(root) / "notebooks"
-    if (here / "alignment.py").is_file():
-        return here
-    return Path(__file__).resolve().parents[2] / "notebooks"
-
-
-def notebook_parameters(name: str, root: Path, out_dir: Path) -> dict:
-    root = Path(root)
-    common = {"out_dir": str(out_dir)}
-    if name == "linear_probe":
-        return {**common, "probe_csv": str(root / "plots" / "probe.csv")}
-    if name == "rate_distortion":
-        return {**common, "sweep_csv": str(root / "reports" / "sweep.csv")}
-    if name == "alignment":
-        return {**common, "alignment_csv": str(root / "plots" / "alignment.csv"),
-                "cosine_csv": str(root / "plots" / "cosine.csv"),
-                "variants_csv": str(root / "plots" / "alignment_variants.csv")}
-    raise AnalyzeError(f"unknown notebook {name!r}: known are {list(NOTEBOOKS)}")
-
-
-def execute_notebook(source: Path, output: Path, parameters: dict, cwd: Path, timeout_s: int = 600) -> Path:
-    """Execute a jupytext percent-format .py with papermill (raises on a failing cell) into `output`."""
-    import jupytext
-    import nbformat
-    import papermill
-
-    output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    nb = jupytext.read(source)
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3 (ipykernel)", "language": "python"}
-    src = output.with_name(output.stem + ".input.ipynb")
-    nbformat.write(nb, src)
-    try:
-        papermill.execute_notebook(str(src), str(output), parameters=parameters, kernel_name="python3",
-                                   cwd=str(cwd), progress_bar=False, log_output=False,
-                                   execution_timeout=timeout_s, start_timeout=180,
-                                   extra_arguments=["--IPKernelApp.log_level=ERROR"])
-    finally:
-        src.unlink(missing_ok=True)
-    return output
-
-
-def execute_notebooks(ctx: StageContext, names=NOTEBOOKS, out_dir: Path | None = None) -> list[Path]:
-    """Run the notebooks on the project's outputs into reports/notebooks/ (logged to the stage's run; the
-    notebooks do not write to MLflow here); rate_distortion is skipped without reports/sweep.csv."""
-    out_dir = Path(out_dir) if out_dir else ctx.paths.reports / "notebooks"
-    src_dir = notebook_dir(ctx.root)
-    done = []
-    for name in names:
-        params = notebook_parameters(name, ctx.root, out_dir)
-        if name == "rate_distortion" and not Path(params["sweep_csv"]).is_file():
-            log.info("notebook %s skipped: no %s (run `unite sweep`)", name, params["sweep_csv"])
-            continue
-        out = execute_notebook(src_dir / f"{name}.py", out_dir / f"{name}.ipynb", params, ctx.root)
-        done.append(out)
-        ctx.tracker.log_artifact(out, "notebooks")
-    for png in sorted(out_dir.glob("*.png")):
-        ctx.tracker.log_artifact(png, "notebooks")
-    return done
-
-
-# --- The stage ---
 #: options of run() / `unite analyze` (ctx.options) and their defaults
 OPTIONS = {"checkpoint": None, "variants": None, "sweep_csv": None, "class_mode": "null",
            "probe_train_images": None, "notebooks": False}
@@ -119,8 +52,11 @@ def run(ctx: StageContext, **kwargs) -> dict:
         raise AnalyzeError(f"class mode {opts['class_mode']!r} is invalid: use one of {list(CLASS_MODES)}")
     result = _analyze(ctx, checkpoint=opts["checkpoint"], variants=opts["variants"], sweep_csv=opts["sweep_csv"],
                       class_mode=opts["class_mode"], probe_train_images=opts["probe_train_images"])
-    if opts["notebooks"]:
-        result["notebooks"] = [str(p) for p in execute_notebooks(ctx)]
+    if opts["notebooks"]:  # executed into reports/notebooks/, logged to this run (they write no MLflow here)
+        files = execute_notebooks(ctx.root, ctx.paths.reports / "notebooks")
+        for path in files:
+            ctx.tracker.log_artifact(path, "notebooks")
+        result["notebooks"] = [str(p) for p in files if p.suffix == ".ipynb"]
     return result
 
 
@@ -130,7 +66,7 @@ def _analyze(ctx: StageContext, *, checkpoint, variants, sweep_csv, class_mode: 
     ckpt_path = Path(checkpoint) if checkpoint else paths.checkpoint
     state = load_checkpoint(ckpt_path, cfg)
     model = model_from_checkpoint(state, use_ema=True, device=device)
-    data = open_data(ctx)
+    data = ctx.open_data()
     if not same_data(state["info"], data.info):
         raise CheckpointError(
             f"checkpoint '{ckpt_path}' was trained on data described as {state['info']} but the prepared "

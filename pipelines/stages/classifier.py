@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 
 from ..context import StageContext
-from ..inputs import classifier_path, open_data, train_classifier
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +28,7 @@ def run(ctx: StageContext) -> dict:
         # evaluation uses Inception features (and no conditional accuracy)
         log.info("classifier stage: skipped for imagefolder data with eval.feature_extractor=inception")
         return {"skipped": 1}
-    _, meta = train_classifier(ctx, open_data(ctx))
+    _, meta = ctx.train_classifier(ctx.open_data())
     metrics = {
         "val_accuracy": float(meta["val_accuracy"]),
         "train_accuracy": float(meta["train_accuracy"]),
@@ -41,5 +40,5 @@ def run(ctx: StageContext) -> dict:
                     metrics["val_accuracy"], TARGET_VAL_ACCURACY)
     log.info("classifier: val accuracy %.4f in %.1f s (%d steps)", metrics["val_accuracy"], metrics["seconds"],
              metrics["steps"])
-    ctx.tracker.log_artifact(classifier_path(ctx), "models")
+    ctx.tracker.log_artifact(ctx.paths.classifier, "models")
     return metrics

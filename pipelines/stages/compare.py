@@ -34,7 +34,6 @@ from unite_core.train import load_checkpoint, model_from_checkpoint, warn_if_ema
 
 from ..context import StageContext
 from ..evaluation import evaluate_checkpoint_images
-from ..inputs import feature_spec, load_checked_classifier, open_data, train_classifier
 from ..tracking import stage_run
 from . import stage_options
 
@@ -87,7 +86,7 @@ def _train_in_process(job: dict) -> str:
     """A worker process of ``jobs > 1``: loads the data itself and trains one (variant, seed)."""
     torch.set_num_threads(job["threads"])
     ctx = StageContext(cfg=job["cfg"], root=Path(job["root"]))
-    data = open_data(ctx)
+    data = ctx.open_data()
     train_variant(job["name"], job["vcfg"], data, resolve_device(job["cfg"].train.device), Path(job["ckpt"]),
                   budget=job["budget"], tokenizer_fraction=job["tokenizer_fraction"])
     return f"{job['name']} seed {job['seed']}"
@@ -180,12 +179,12 @@ def run(ctx: StageContext, **options) -> dict:
         raise CompareError(f"--samples={num_samples} must be >= 2")
 
     device = resolve_device(cfg.train.device)
-    data = open_data(ctx)
-    classifier, _ = load_checked_classifier(ctx, data, required=False)
+    data = ctx.open_data()
+    classifier, _ = ctx.classifier(data, required=False)
     if classifier is None and cfg.eval.feature_extractor == "own":
         log.info("compare: no feature classifier yet; training it (the `classifier` stage)")
-        train_classifier(ctx, data)
-    features = feature_spec(ctx, data, device)
+        ctx.train_classifier(data)
+    features = ctx.feature_spec(data, device)
     references = in_memory_references(data)
     data_hash = str(data.info.get("content_hash", ""))
     cls_hash = classifier_fingerprint(features.classifier)[:16] if features.classifier is not None else ""

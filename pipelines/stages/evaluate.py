@@ -13,11 +13,11 @@ from pathlib import Path
 
 from unite_core.metrics.images import FeatureStats, MetricsError
 from unite_core.devices import resolve_device
+from unite_core.inputs import check_inception_weights
 from unite_core.train import load_checkpoint, model_from_checkpoint, warn_if_ema_is_young
 
 from ..context import StageContext
 from ..evaluation import evaluate_checkpoint_images
-from ..inputs import check_inception_weights, open_data
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ def _evaluate_molecules(ctx: StageContext, model) -> dict:
     from unite_core import eval_molecules as molecules
 
     cfg = ctx.cfg
-    metrics = molecules.evaluate_molecules(model, open_data(ctx), cfg)
+    metrics = molecules.evaluate_molecules(model, ctx.open_data(), cfg)
     files = molecules.write_samples(model, min(64, cfg.eval.num_samples), ctx.paths.plots / "molecules", cfg)
     if files.get("png"):
         ctx.tracker.log_artifact(files["png"], "plots")
@@ -70,7 +70,7 @@ def run(ctx: StageContext, checkpoint: str | Path | None = None) -> dict:
     if cfg.modality == "molecules":
         metrics = _evaluate_molecules(ctx, model)
     else:
-        data = open_data(ctx)
+        data = ctx.open_data()
         for key in ("channels", "image_size", "num_classes"):
             if int(state["info"].get(key, -1)) != int(data.info.get(key, -2)):
                 raise MetricsError(

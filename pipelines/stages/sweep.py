@@ -37,6 +37,7 @@ from ray import tune
 
 from unite_core.config import Config, apply_overrides, config_from_dict, read_params
 from unite_core.eval_images import in_memory_references
+from unite_core.inputs import check_prepared
 from unite_core.io import stable_hash
 from unite_core.runs import RECORDS_FILE, latest_checkpoint, preflight, read_state
 from unite_core.sweeps import (EVAL_ROUNDS, SweepError, describe, fmt, measure_trial, trial_config, trial_name,
@@ -44,7 +45,6 @@ from unite_core.sweeps import (EVAL_ROUNDS, SweepError, describe, fmt, measure_t
 
 from .. import distributed
 from ..context import StageContext
-from ..inputs import check_prepared, feature_spec, load_checked_classifier, open_data
 from ..tracking import STAGE_TAG
 from . import stage_options
 
@@ -235,12 +235,12 @@ class SweepDriver:
     def _inputs(self) -> dict:
         """The data, the rFID classifier and the gFID features + reference (each optional), loaded once."""
         if self._inputs_cache is None:
-            data, found = open_data(self.ctx), {}
+            data, found = self.ctx.open_data(), {}
             if self.cfg.modality == "images":
                 try:
-                    found["classifier"], _ = load_checked_classifier(self.ctx, data, required=False)
+                    found["classifier"], _ = self.ctx.classifier(data, required=False)
                     if self.cfg.sweep.gfid_samples > 0:
-                        found["features"] = feature_spec(self.ctx, data, "cpu")
+                        found["features"] = self.ctx.feature_spec(data, "cpu")
                         found["reference"] = found["features"].stats(in_memory_references(data)[0])
                 except Exception as exc:  # noqa: BLE001 - a missing classifier/Inception file: fewer columns
                     log.warning("sweep: no rFID/gFID columns (%s)", exc)

@@ -10,8 +10,8 @@ import nbformat
 import pytest
 from PIL import Image
 
-from pipelines.stages.analyze import NOTEBOOKS, execute_notebook, notebook_dir, notebook_parameters
 from unite_core.analysis import report
+from unite_core.analysis.notebooks import NOTEBOOKS, execute_notebook, notebook_dir, notebook_parameters
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -132,3 +132,17 @@ def test_alignment_notebook_matches_csv(tracked, tmp_path):
     for png in ("alignment.png", "alignment_cosine.png", "alignment_variants.png"):
         check_png(tmp_path / png)
     assert figures_in(nb) == 3
+
+
+@pytest.mark.slow  # papermill runs two notebooks in kernels
+def test_execute_notebooks_skips_rate_distortion_without_a_sweep(tracked, tmp_path):
+    from unite_core.analysis.notebooks import execute_notebooks
+
+    root = tmp_path / "project"
+    (root / "plots").mkdir(parents=True)
+    for name in ("probe.csv", "alignment.csv", "alignment_variants.csv", "cosine.csv"):
+        (root / "plots" / name).write_bytes((tracked / "plots" / name).read_bytes())
+    files = execute_notebooks(root, root / "reports" / "notebooks")
+    assert [p.name for p in files if p.suffix == ".ipynb"] == ["linear_probe.ipynb", "alignment.ipynb"]
+    assert {"linear_probe.png"} <= {p.name for p in files if p.suffix == ".png"}
+    assert not (root / "reports" / "notebooks" / "rate_distortion.ipynb").exists()

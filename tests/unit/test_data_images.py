@@ -635,7 +635,7 @@ def test_damaged_shard_or_format_mismatch_is_a_clear_error(tmp_path):
 
 def test_on_corrupt_is_read_at_train_time(folder, tmp_path):
     """Prepared with on_corrupt=stop; a file breaks afterwards; the params in force decide."""
-    from pipelines.inputs import load_prepared_data
+    from unite_core.inputs import load_prepared_data
     from unite_core.config import config_from_dict
 
     out = tmp_path / "prepared"

@@ -1,8 +1,10 @@
-"""What the stages read: the prepared data (one set of checks) and the feature classifier / network.
+"""What a run reads, with one set of checks: the prepared data (its manifest against the params' data
+settings), the dataset's feature classifier (against the data it was trained on) and the evaluation's
+feature network (own classifier or a local Inception file).
 
-`open_data` opens data/<dataset>/ (manifest checked against the params' data settings by `check_prepared`,
-read-time settings from the params in force); without a manifest the embedded image sets (mnist5k, digits)
-are built in memory, anything else asks for `unite prepare`.
+Without a manifest the embedded image sets (mnist5k, digits) are built in memory by `open_data`; any other
+dataset asks for `unite prepare`. The pipeline's stages reach these through StageContext, which knows the
+project's folders.
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ log = logging.getLogger(__name__)
 
 _IMAGE_DATA_KEYS = ("dataset", "image_size", "val_fraction", "split_seed", "max_items", "flip", "format")
 EMBEDDED = ("mnist5k", "digits")
-CLASSIFIER_FILE = "classifier.pt"
 
 
 # --- Prepared data ---
@@ -46,16 +47,15 @@ def load_prepared_data(cfg, data_dir: Path):
     return load_prepared(Path(data_dir), cfg.data)
 
 
-def open_data(ctx, *, embedded: bool = True):
-    """data/<dataset>/ of ctx.cfg, checked; the embedded image sets in memory when not prepared (`embedded`)."""
-    cfg = ctx.cfg
-    folder = ctx.paths.dataset_dir(cfg)
+def open_data(cfg, folder: Path, cache_dir: Path, *, embedded: bool = True):
+    """`folder` (data/<dataset>/), checked; the embedded image sets in memory when not prepared (`embedded`)."""
+    folder = Path(folder)
     if not (folder / "manifest.json").is_file() and embedded and cfg.modality == "images" \
             and cfg.data.dataset in EMBEDDED:
         from unite_core.data import load_image_data
 
         log.info("no prepared data in %s: building the embedded %s set in memory", folder, cfg.data.dataset)
-        return load_image_data(cfg.data, ctx.paths.cache / "data")
+        return load_image_data(cfg.data, Path(cache_dir))
     if cfg.modality == "images":  # load_prepared_molecules checks its manifest itself (and names the molecule data)
         check_prepared(cfg, folder)
     return load_prepared_data(cfg, folder)
@@ -66,16 +66,11 @@ def data_hash(data) -> str:
 
 
 # --- The feature classifier (models/classifier.pt) and the feature network of the evaluation ---
-def classifier_path(ctx) -> Path:
-    return ctx.paths.models / CLASSIFIER_FILE
-
-
-def load_checked_classifier(ctx, data, required: bool = True):
-    """models/classifier.pt, refused when it was trained on other data. (None, {}) if absent and not required."""
+def load_checked_classifier(path: Path, data, required: bool = True):
+    """The classifier at `path`, refused when it was trained on other data. (None, {}) if absent and not required."""
     from unite_core.metrics.images import MetricsError, load_classifier
 
-    path = classifier_path(ctx)
-    if not path.is_file() and not required:
+    if not Path(path).is_file() and not required:
         return None, {}
     model, meta = load_classifier(path)
     want = data_hash(data)
@@ -96,27 +91,30 @@ def load_checked_classifier(ctx, data, required: bool = True):
     return model, meta
 
 
-def train_classifier(ctx, data, steps: int | None = None):
-    """Train the own feature classifier on `data` and write models/classifier.pt; (model, meta)."""
+def train_classifier(cfg, data, path: Path, *, steps: int | None = None, progress=None):
+    """Train the own feature classifier on `data` and write it to `path`; (model, meta). `progress`: a
+    reporter's progress(description, total) context (per-step loss), or None."""
+    from contextlib import nullcontext
+
+    from unite_core.devices import resolve_device
     from unite_core.eval_images import dataset_images
     from unite_core.metrics.images import MetricsError, save_classifier, train_feature_classifier
-    from unite_core.devices import resolve_device
 
-    cfg = ctx.cfg
     if int(data.info.get("num_classes", 0)) < 2:
         raise MetricsError("the own feature classifier needs a labelled dataset with >= 2 classes; "
                            "use eval.feature_extractor=inception for unlabelled data")
     tx, ty = dataset_images(data.train)
     vx, vy = dataset_images(data.val)
     total = int(steps or cfg.eval.classifier_steps)
-    with ctx.reporter.progress("classifier", total) as task:
+    with (progress("classifier", total) if progress else nullcontext()) as task:
         model, result = train_feature_classifier(
             tx, ty, vx, vy, steps=total, seed=cfg.train.seed, device=resolve_device(cfg.train.device),
-            num_classes=int(data.info["num_classes"]), on_step=lambda step, loss: task.update(step, loss=loss),
+            num_classes=int(data.info["num_classes"]),
+            on_step=(lambda step, loss: task.update(step, loss=loss)) if task is not None else None,
         )
     meta = {k: result[k] for k in ("val_accuracy", "train_accuracy", "steps", "seconds")}
     meta.update(data_hash=data_hash(data), dataset=cfg.data.dataset)
-    save_classifier(model.cpu(), classifier_path(ctx), meta)
+    save_classifier(model.cpu(), path, meta)
     return model.cpu().eval(), meta
 
 
@@ -134,17 +132,16 @@ def check_inception_weights(cfg) -> None:
         )
 
 
-def feature_spec(ctx, data, device):
+def feature_spec(cfg, data, device, classifier_file: Path, cache_dir: Path | None):
     """The feature network the params ask for; the own classifier is loaded in both modes (conditional
     accuracy), required only for extractor=own."""
     from unite_core.eval_images import FeatureSpec
 
-    cfg = ctx.cfg
     check_inception_weights(cfg)
-    classifier, _ = load_checked_classifier(ctx, data, required=cfg.eval.feature_extractor == "own")
+    classifier, _ = load_checked_classifier(classifier_file, data, required=cfg.eval.feature_extractor == "own")
     return FeatureSpec(
         extractor=cfg.eval.feature_extractor, classifier=classifier,
-        inception_weights=cfg.eval.inception_weights, cache_dir=str(ctx.paths.cache / "fidelity"),
+        inception_weights=cfg.eval.inception_weights, cache_dir=str(cache_dir) if cache_dir else None,
         kid_subset_size=cfg.eval.kid_subset_size, batch_size=min(cfg.eval.batch_size, 512), device=device,
         subset_size=cfg.eval.feature_subset,
     )

@@ -19,7 +19,7 @@ from typing import Any, Callable, Mapping, Optional
 import torch
 
 from .config import Config, config_from_dict
-from .io import atomic_write_text
+from .io import atomic_write_text, stable_hash
 from .train import Trainer
 from .two_stage import TwoStageBudget, train_two_stage
 
@@ -94,6 +94,75 @@ def variant_config(cfg: Config, name: str, *, budget: str, minutes: Optional[flo
     if seed is not None:
         overrides["train.seed"] = int(seed)
     return config_from_dict(cfg.to_dict(), overrides)
+
+
+def parse_scales(text: str | list | None) -> Optional[list[float]]:
+    """'1,2,3' (or a list) -> guidance scales; None or '' -> None (the params' eval.cfg_scales)."""
+    if text is None or isinstance(text, str) and not text.strip():
+        return None
+    try:
+        scales = [float(v) for v in (text.split(",") if isinstance(text, str) else text) if str(v).strip()]
+    except ValueError:
+        raise AblationError(f"--scales {text!r} must be a comma-separated list of numbers, e.g. 1.0,2.0,3.0") from None
+    if not scales or any(s < 0 for s in scales):
+        raise AblationError(f"--scales {text!r} must hold non-negative guidance scales")
+    return scales
+
+
+def check_budget(budget: str, *, minutes: float, tokenizer_fraction: float, seeds: int, jobs: int,
+                 num_samples: int) -> None:
+    """The comparison's options, each checked with a message that names the fix."""
+    if budget not in BUDGETS:
+        raise AblationError(f"budget={budget!r}: use one of {', '.join(BUDGETS)}")
+    if seeds < 1 or jobs < 1:
+        raise AblationError(f"--seeds={seeds} and --jobs={jobs} must be >= 1")
+    if budget == "time" and minutes <= 0:
+        raise AblationError(f"--minutes={minutes} must be > 0")
+    if not 0.0 < float(tokenizer_fraction) < 1.0:
+        raise AblationError(f"--tokenizer-fraction={tokenizer_fraction} must lie strictly between 0 and 1")
+    if num_samples < 2:
+        raise AblationError(f"--samples={num_samples} must be >= 2")
+
+
+@dataclass(frozen=True)
+class PlannedRun:
+    """One (variant, seed) of a comparison: its config, the hash of its training (the checkpoint's name) and
+    the hash of its table row (training plus every evaluation setting)."""
+    name: str
+    seed: int
+    cfg: Config
+    train_hash: str
+    row_hash: str
+
+    def checkpoint(self, models_dir: Path) -> Path:
+        """models/compare/<variant>-s<seed>-<train hash>.pt (its info .json beside it)."""
+        return Path(models_dir) / "compare" / f"{self.name}-s{self.seed}-{self.train_hash}.pt"
+
+    def trained(self, models_dir: Path) -> bool:
+        ckpt = self.checkpoint(models_dir)
+        return ckpt.is_file() and ckpt.with_suffix(".json").is_file()
+
+
+def plan_runs(cfg: Config, names: list[str], seeds: int, *, budget: str, minutes: float, steps: Optional[int],
+              tokenizer_fraction: float, num_samples: int, scales: list[float], data_hash: str,
+              classifier_hash: str) -> list[PlannedRun]:
+    """Every (variant, seed) of a comparison, seeds train.seed, train.seed + 1, ..."""
+    plan = []
+    for name in names:
+        for seed in range(cfg.train.seed, cfg.train.seed + seeds):
+            vcfg = variant_config(cfg, name, budget=budget, minutes=minutes, steps=steps, seed=seed)
+            d = vcfg.to_dict()
+            train_hash = stable_hash({
+                "variant": name, "config": {k: d[k] for k in ("modality", "data", "model", "flow", "loss", "train")},
+                "budget": budget, "minutes": vcfg.train.time_limit_minutes if budget == "time" else None,
+                "tokenizer_fraction": tokenizer_fraction if VARIANTS[name].two_stage else None, "data": data_hash,
+            })
+            row_hash = stable_hash({
+                "train": train_hash, "sample": d["sample"], "num_samples": num_samples, "scales": scales,
+                "eval": {k: d["eval"][k] for k in ("feature_extractor", "inception_weights", "kid_subset_size")},
+                "data": data_hash, "classifier": classifier_hash})
+            plan.append(PlannedRun(name, seed, vcfg, train_hash, row_hash))
+    return plan
 
 
 def device_label(device) -> str:

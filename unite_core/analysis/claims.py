@@ -115,6 +115,30 @@ def directions(summary: dict[str, dict], num_classes: int | None = None) -> list
     return out
 
 
+def flat_metrics(rows: dict[Key, dict], num_classes: int | None = None) -> dict[str, float]:
+    """The table as flat numbers (metrics/compare.json, MLflow): <variant>_<metric> means (and _std for gFID,
+    rFID, PSNR), and direction_<better>_vs_<worse> = 1 reproduced, -1 reversed, 0 not resolved."""
+    summary, out = summarize(rows), {}
+    for name, s in summary.items():
+        for k in ("gfid", "rfid", "psnr", "conditional_accuracy", "isc_mean", "train_seconds", "steps"):
+            if s.get(k) is not None:
+                out[f"{name}_{k}"] = s[k]
+            if s.get(f"{k}_std") is not None and k in ("gfid", "rfid", "psnr"):
+                out[f"{name}_{k}_std"] = s[f"{k}_std"]
+    for d in directions(summary, num_classes):
+        if d["verdict"] in ("reproduced", "reversed", "not resolved"):
+            out[f"direction_{d['better']}_vs_{d['worse']}"] = {"reproduced": 1.0, "reversed": -1.0}.get(d["verdict"], 0.0)
+    return out
+
+
+def budget_text(budget: str, *, minutes: float, steps: int, tokenizer_fraction: float, doubled: list[str]) -> str:
+    """The report's budget line: equal wall-clock (two-stage split) or equal optimizer steps per network."""
+    text = (f"{minutes:g} min of training wall-clock per variant (two-stage: {tokenizer_fraction:.0%} tokenizer / "
+            f"{1 - tokenizer_fraction:.0%} denoiser), at most train.steps={steps} steps" if budget == "time"
+            else f"train.steps={steps} optimizer steps per network")
+    return text + (f"; {', '.join(doubled)}: twice that" if doubled else "")
+
+
 def _fmt(v, digits=2):
     return "n/a" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.{digits}f}"
 

@@ -149,20 +149,7 @@ def import_checkpoint(
 
     dest = out or Path("models/imported") / f"{file.stem}.pt"
     result = convert(file, dest, in_context_start=in_context_start, data_root=data_root, epochs=epochs)
-    m = result.config.model
-    depth, width, _ = m.ge_dims()
-    ddepth, dwidth, _ = m.decoder_dims()
-    lines = [
-        f"imported {file} (step {result.step}) -> {result.checkpoint}",
-        f"  model: GE {depth} x {width}, decoder {ddepth} x {dwidth}, K={m.latent_tokens} x d={m.latent_dim}, "
-        f"{result.config.data.image_size}px, patch {m.patch_size}; optimiser state "
-        f"{'imported' if result.optimizer_state else 'not present: a resumed run starts its optimisers fresh'}",
-        f"  params: {result.params}" + (f"; perceptual-loss weights: {result.perceptual}" if result.perceptual else ""),
-        f"  next:   unite sample -c {result.checkpoint} -p {result.params}",
-        f"          unite evaluate -c {result.checkpoint} -p {result.params}   (after setting data.root)",
-        f"          unite train -p {result.params}   (continues training from the imported state)",
-    ]
-    typer.echo("\n".join(lines))
+    typer.echo(result.describe(file))
 
 
 @app.command()

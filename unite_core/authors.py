@@ -66,6 +66,22 @@ class ImportResult:
     dropped: list[str] = field(default_factory=list)
     optimizer_state: bool = False
 
+    def describe(self, source: Path) -> str:
+        """What was imported and the commands that use it (`unite import-checkpoint` prints it)."""
+        m = self.config.model
+        (depth, width, _), (ddepth, dwidth, _) = m.ge_dims(), m.decoder_dims()
+        optimizer = "imported" if self.optimizer_state else "not present: a resumed run starts its optimisers fresh"
+        perceptual = f"; perceptual-loss weights: {self.perceptual}" if self.perceptual else ""
+        return "\n".join([
+            f"imported {source} (step {self.step}) -> {self.checkpoint}",
+            f"  model: GE {depth} x {width}, decoder {ddepth} x {dwidth}, K={m.latent_tokens} x d={m.latent_dim}, "
+            f"{self.config.data.image_size}px, patch {m.patch_size}; optimiser state {optimizer}",
+            f"  params: {self.params}{perceptual}",
+            f"  next:   unite sample -c {self.checkpoint} -p {self.params}",
+            f"          unite evaluate -c {self.checkpoint} -p {self.params}   (after setting data.root)",
+            f"          unite train -p {self.params}   (continues training from the imported state)",
+        ])
+
 
 # ----------------------------------------------------------------------------------------------
 # Reading

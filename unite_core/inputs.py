@@ -65,6 +65,18 @@ def data_hash(data) -> str:
     return str(data.info.get("content_hash", ""))
 
 
+def check_checkpoint_data(state: dict, data, path) -> None:
+    """CheckpointError when the checkpoint at `path` was trained on data of another shape than `data`."""
+    from unite_core.train import CheckpointError
+
+    made, have = state.get("info", {}), data.info
+    for key in ("modality", "channels", "image_size", "num_classes", "max_atoms"):
+        if (key in made or key in have) and made.get(key) != have.get(key):
+            raise CheckpointError(
+                f"checkpoint '{path}' was trained on data with {key}={made.get(key)} but the prepared data has "
+                f"{key}={have.get(key)}: use the params it was trained with (its data section), or retrain")
+
+
 # --- The feature classifier (models/classifier.pt) and the feature network of the evaluation ---
 def load_checked_classifier(path: Path, data, required: bool = True):
     """The classifier at `path`, refused when it was trained on other data. (None, {}) if absent and not required."""
@@ -130,6 +142,16 @@ def check_inception_weights(cfg) -> None:
             f"file for torch-fidelity's inception-v3-compat>; got {path!r} (nothing is downloaded), or use "
             "eval.feature_extractor=own"
         )
+
+
+def check_reference_stats(cfg) -> None:
+    """eval.reference_stats, when set, must be a readable mu/sigma .npz (checked before any expensive work)."""
+    from unite_core.metrics.images import FeatureStats
+
+    if cfg.eval.reference_stats:
+        FeatureStats.load(cfg.eval.reference_stats, what="eval.reference_stats",
+                          fix="point eval.reference_stats at an .npz with 'mu' (D,) and 'sigma' (D, D), or set it "
+                              "to null to compare with the training images")
 
 
 def feature_spec(cfg, data, device, classifier_file: Path, cache_dir: Path | None):

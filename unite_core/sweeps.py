@@ -27,6 +27,13 @@ from .io import atomic_write_text, stable_hash
 log = logging.getLogger(__name__)
 
 EVAL_ROUNDS = 4
+CSV_NAME, TRADEOFF_NAME, BEST_NAME = "sweep.csv", "sweep_tradeoff.png", "best_params.yaml"  # in reports/
+FIXED_COLUMNS = (
+    "trial", "status", "steps", "val_psnr", "rfid", "rate_floats", "bits_per_image", "bits_per_dim_mean",
+    "gfid", "conditional_accuracy", "latent_tokens", "latent_dim", "flow_minibatches", "best_reported",
+    "train_seconds", "wall_seconds", "mlflow_run_id", "run_dir",
+)
+DONE = ("finished", "stopped")  # a row with these statuses is not trained again by a resumed sweep
 
 
 class SweepError(RuntimeError):
@@ -86,6 +93,16 @@ def trial_config(cfg: Config, overrides: dict[str, Any], steps: int) -> Config:
         raise SweepError(f"sweep trial {overrides}: {exc}") from None
 
 
+def sweep_key(cfg: Config, trials: list[dict[str, Any]], steps: int) -> str:
+    """What names a sweep: what its trials train and how they are scheduled."""
+    d = cfg.to_dict()
+    return stable_hash({
+        "base": {k: d[k] for k in ("modality", "data", "model", "flow", "loss", "train")}, "trials": trials,
+        "steps": steps,
+        "scheduler": {k: d["sweep"][k] for k in ("scheduler", "metric", "mode", "grace_period", "reduction_factor")},
+    }, 10)
+
+
 def trial_name(index: int, overrides: dict[str, Any]) -> str:
     return f"t{index:03d}-{stable_hash(overrides, 6)}"
 
@@ -119,6 +136,53 @@ def measure_trial(model, data, trial_cfg: Config, *, classifier=None, features=N
                                   sample_cfg=trial_cfg.sample, features=features, seed=trial_cfg.sample.seed)
         row.update(gfid=res["best"]["fid"], conditional_accuracy=res["best"]["conditional_accuracy"])
     return row
+
+
+def trial_row(trial_cfg: Config, run_dir: Path, status: str) -> tuple[dict, dict | None]:
+    """A trial's row from its settings and its newest checkpoint ('stopped' when the scheduler ended it early,
+    'no_checkpoint' when it has none), and that checkpoint's state (None without one). val_psnr is the newest
+    validation record, made by Trainer.evaluate (the first 500 val images with the EMA weights)."""
+    from .runs import latest_checkpoint, read_state
+
+    m = trial_cfg.model
+    row: dict[str, Any] = {"status": status, "run_dir": str(run_dir), "latent_tokens": m.latent_tokens,
+                           "latent_dim": m.latent_dim, "flow_minibatches": trial_cfg.flow.minibatches,
+                           "rate_floats": m.latent_tokens * m.latent_dim}
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is None:
+        row["status"] = "error" if status == "error" else "no_checkpoint"
+        return row, None
+    row.update(steps=ckpt.step, train_seconds=round(float(ckpt.meta.get("train_seconds", 0.0)), 2))
+    if status == "finished" and ckpt.step < trial_cfg.train.steps and not ckpt.meta.get("stopped_early"):
+        row["status"] = "stopped"
+    state = read_state(ckpt.path)
+    evaluated = [r for r in state.get("history", []) if isinstance(r.get("val_psnr"), (int, float))]
+    row["val_psnr"] = evaluated[-1]["val_psnr"] if evaluated else None
+    return row, state
+
+
+def best_row(rows, metric: str, mode: str) -> dict | None:
+    scored = [r for r in rows if isinstance(r.get(metric), (int, float)) and math.isfinite(r[metric])]
+    return (max if mode == "max" else min)(scored, key=lambda r: r[metric]) if scored else None
+
+
+def write_reports(rows: list[dict], trials: list[dict], reports: Path, *, sweep: str, metric: str, mode: str,
+                  params_doc: dict, steps: int) -> None:
+    """sweep.csv (a row per trial, in trial order), sweep_tradeoff.png (with gFID columns) and best_params.yaml;
+    `trials`: {"index", "name", "overrides"} in order."""
+    from .analysis.report import plot_tradeoff, save_figure, write_csv
+
+    keys = list(dict.fromkeys(k for t in trials for k in t["overrides"]))
+    order = {t["name"]: t["index"] for t in trials}
+    rows = sorted(rows, key=lambda r: order.get(r["trial"], 1e9))
+    write_csv(rows, Path(reports) / CSV_NAME, ["trial", *keys, *FIXED_COLUMNS[1:], "sweep"])
+    if any(isinstance(r.get("gfid"), float) for r in rows):
+        save_figure(plot_tradeoff(rows, keys, title=f"Sweep {sweep}: reconstruction vs generation"),
+                    Path(reports) / TRADEOFF_NAME)
+    best = best_row(rows, metric, mode)
+    if best is not None:
+        overrides = next(t["overrides"] for t in trials if t["name"] == best["trial"])
+        write_best_params(Path(reports) / BEST_NAME, params_doc, overrides, best, sweep, metric, steps)
 
 
 def fmt(v) -> str:

@@ -15,13 +15,13 @@ from pathlib import Path
 
 from unite_core.analysis import report
 from unite_core.analysis.activations import CLASS_MODES
-from unite_core.analysis.model_report import CSV_FILES, analyze_model, figures, find_variants, same_data
+from unite_core.analysis.model_report import CSV_FILES, analyze_model, figures, find_variants
 from unite_core.analysis.notebooks import execute_notebooks
 from unite_core.devices import autocast_dtype_for, resolve_device
-from unite_core.train import CheckpointError, load_checkpoint, model_from_checkpoint
+from unite_core.inputs import check_checkpoint_data
+from unite_core.train import load_checkpoint, model_from_checkpoint
 
 from ..context import StageContext
-from ..tracking import numeric_items
 from . import stage_options
 
 log = logging.getLogger(__name__)
@@ -67,11 +67,7 @@ def _analyze(ctx: StageContext, *, checkpoint, variants, sweep_csv, class_mode: 
     state = load_checkpoint(ckpt_path, cfg)
     model = model_from_checkpoint(state, use_ema=True, device=device)
     data = ctx.open_data()
-    if not same_data(state["info"], data.info):
-        raise CheckpointError(
-            f"checkpoint '{ckpt_path}' was trained on data described as {state['info']} but the prepared "
-            f"data is {data.info}: prepare the data it was trained on or retrain"
-        )
+    check_checkpoint_data(state, data, ckpt_path)
     sweep_path = Path(sweep_csv) if sweep_csv else paths.reports / "sweep.csv"
     log.info("analyze: %s", ckpt_path)
     result, tables = analyze_model(
@@ -87,7 +83,7 @@ def _analyze(ctx: StageContext, *, checkpoint, variants, sweep_csv, class_mode: 
 
     # MLflow (driver only)
     tracker.log_params({"analysis_class_mode": class_mode, "analysis_checkpoint": str(ckpt_path)})
-    tracker.log_metrics({k: v for k, v in numeric_items(result).items() if not k.startswith("checkpoint")})
+    tracker.log_metrics({k: v for k, v in result.items() if not k.startswith("checkpoint")})
     align = tables["alignment"]
     for t in sorted({r["t"] for r in align}):  # per-layer curves: step = GE block index
         for r in (r for r in align if r["t"] == t):

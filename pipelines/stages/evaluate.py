@@ -11,9 +11,8 @@ import logging
 import time
 from pathlib import Path
 
-from unite_core.metrics.images import FeatureStats, MetricsError
 from unite_core.devices import resolve_device
-from unite_core.inputs import check_inception_weights
+from unite_core.inputs import check_checkpoint_data, check_inception_weights, check_reference_stats
 from unite_core.train import load_checkpoint, model_from_checkpoint, warn_if_ema_is_young
 
 from ..context import StageContext
@@ -29,15 +28,6 @@ RECONSTRUCTIONS_FILE = "reconstructions.png"
 def outputs(ctx: StageContext) -> dict[str, Path]:
     p = ctx.paths.plots
     return {"curve": p / CURVE_FILE, "samples": p / SAMPLES_FILE, "reconstructions": p / RECONSTRUCTIONS_FILE}
-
-
-def check_reference_stats(cfg) -> None:
-    """eval.reference_stats, when set, must be a readable mu/sigma .npz (checked before any expensive work)."""
-    path = cfg.eval.reference_stats
-    if path:
-        FeatureStats.load(path, what="eval.reference_stats",
-                          fix="point eval.reference_stats at an .npz with 'mu' (D,) and 'sigma' (D, D), or set it "
-                              "to null to compare with the training images")
 
 
 def _evaluate_molecules(ctx: StageContext, model) -> dict:
@@ -71,12 +61,7 @@ def run(ctx: StageContext, checkpoint: str | Path | None = None) -> dict:
         metrics = _evaluate_molecules(ctx, model)
     else:
         data = ctx.open_data()
-        for key in ("channels", "image_size", "num_classes"):
-            if int(state["info"].get(key, -1)) != int(data.info.get(key, -2)):
-                raise MetricsError(
-                    f"checkpoint {path} was trained on data with {key}={state['info'].get(key)} but the prepared "
-                    f"data has {key}={data.info.get(key)}: evaluate with the params it was trained with"
-                )
+        check_checkpoint_data(state, data, path)
         metrics, _ = evaluate_checkpoint_images(ctx, model, data, device=device, outputs=outputs(ctx))
         metrics["checkpoint_step"] = int(state.get("step", 0))
     metrics["seconds"] = time.perf_counter() - t0

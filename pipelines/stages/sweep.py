@@ -9,12 +9,9 @@ attribute = step, `grace_period` in evaluation rounds) may stop it. Train runs l
 `ray_results/sweeps/<sweep>/runs/<trial>/`, Tune's state in `.../tune/`.
 
 The driver (the only MLflow writer) keeps one child run per trial under the `sweep` stage run (params,
-curve, final numbers). When a trial ends, its val_psnr is the newest checkpoint's stored validation record,
-made by Trainer.evaluate (unite_core/train.py), which reconstructs the first 500 val images with the EMA
-weights (`self.ema.module`, use_ema=True by default) at the training precision. The driver then
-measures that checkpoint's latent rate (bits per image over 1000 val images), rFID (models/classifier.pt)
-and gFID + conditional accuracy (sweep.gfid_samples at sweep.gfid_scale). Results: reports/sweep.csv,
-reports/sweep_tradeoff.png, reports/best_params.yaml, rewritten as trials finish.
+curve, final numbers). When a trial ends it reads and measures the trial's newest checkpoint
+(unite_core.sweeps: trial_row, measure_trial with models/classifier.pt and sweep.gfid_samples at
+sweep.gfid_scale) and rewrites reports/sweep.csv, sweep_tradeoff.png and best_params.yaml (write_reports).
 
 Ctrl-C (or SIGUSR1) stops Tune; `unite sweep --resume` runs the trials without a result (an unfinished
 one resumes its train run); a plain `unite sweep` refuses to overwrite an existing sweep (--resume, or
@@ -38,10 +35,10 @@ from ray import tune
 from unite_core.config import Config, apply_overrides, config_from_dict, read_params
 from unite_core.eval_images import in_memory_references
 from unite_core.inputs import check_prepared
-from unite_core.io import stable_hash
-from unite_core.runs import RECORDS_FILE, latest_checkpoint, preflight, read_state
-from unite_core.sweeps import (EVAL_ROUNDS, SweepError, describe, fmt, measure_trial, trial_config, trial_name,
-                               trial_overrides, write_best_params)
+from unite_core.runs import RECORDS_FILE, latest_checkpoint, preflight
+from unite_core.sweeps import (BEST_NAME, CSV_NAME, DONE, EVAL_ROUNDS, SweepError, best_row, describe,
+                               fmt, measure_trial, sweep_key, trial_config, trial_name, trial_overrides, trial_row,
+                               write_reports)
 
 from .. import distributed
 from ..context import StageContext
@@ -53,30 +50,14 @@ log = logging.getLogger(__name__)
 INVOCATIONS_FILE = "invocations.log"  # one line per start of a trial's training (counts trainings)
 INTERRUPT_ENV = "UNITE_TEST_SWEEP_INTERRUPT_AFTER"
 TRIAL_CPU = 0.01
-CSV_NAME = "sweep.csv"
-TRADEOFF_NAME = "sweep_tradeoff.png"
-BEST_NAME = "best_params.yaml"
-FIXED_COLUMNS = (
-    "trial", "status", "steps", "val_psnr", "rfid", "rate_floats", "bits_per_image", "bits_per_dim_mean",
-    "gfid", "conditional_accuracy", "latent_tokens", "latent_dim", "flow_minibatches", "best_reported",
-    "train_seconds", "wall_seconds", "mlflow_run_id", "run_dir",
-)
-DONE = ("finished", "stopped")
 OPTIONS = {"trials": None, "concurrency": None, "steps": None, "resume": False, "fresh": False}
 
 
 # --- Trials ---
 def sweep_name(cfg: Config, specs: list[dict], steps: int) -> str:
-    """Deterministic name of a sweep: what the trials train and how they are scheduled."""
-    d = cfg.to_dict()
-    key = {
-        "base": {k: d[k] for k in ("modality", "data", "model", "flow", "loss", "train")},
-        "trials": [s["overrides"] for s in specs],
-        "steps": steps,
-        "scheduler": {k: d["sweep"][k] for k in ("scheduler", "metric", "mode", "grace_period", "reduction_factor")},
-    }
+    """Deterministic name of a sweep (unite_core.sweeps.sweep_key), with the DVC experiment's name under DVC."""
     exp = os.environ.get("DVC_EXP_NAME")
-    return (f"sweep-{exp}-" if exp else "sweep-") + stable_hash(key, 10)
+    return (f"sweep-{exp}-" if exp else "sweep-") + sweep_key(cfg, [sp["overrides"] for sp in specs], steps)
 
 
 def sweep_trial(config: dict, setup: dict) -> None:
@@ -231,7 +212,7 @@ class SweepDriver:
             self.interrupt_after = 0
             os.kill(os.getpid(), signal.SIGUSR1)
 
-    # --- evaluation of a finished trial ----------------------------------------------------------
+    # --- evaluation of a finished trial, result files ------------------------------------------------
     def _inputs(self) -> dict:
         """The data, the rFID classifier and the gFID features + reference (each optional), loaded once."""
         if self._inputs_cache is None:
@@ -248,60 +229,30 @@ class SweepDriver:
         return self._inputs_cache
 
     def evaluate(self, name: str, status: str, trial=None) -> dict:
-        """Row of sweep.csv for a trial: its settings and the evaluation of its newest checkpoint."""
+        """Row of sweep.csv for a trial: its settings and the measurements of its newest checkpoint."""
         from unite_core.train import model_from_checkpoint
 
-        spec, cfg = self.by_name[name], self.trial_cfgs[name]
-        run_dir = self.runs_dir / name
-        m = cfg.model
-        row: dict[str, Any] = {
-            "sweep": self.name, "trial": name, "status": status, "run_dir": str(run_dir),
-            "mlflow_run_id": self.tracker(name).run_id, **spec["overrides"], "latent_tokens": m.latent_tokens,
-            "latent_dim": m.latent_dim, "flow_minibatches": cfg.flow.minibatches,
-            "rate_floats": m.latent_tokens * m.latent_dim, "best_reported": self.best_reported.get(name)}
+        row, state = trial_row(self.trial_cfgs[name], self.runs_dir / name, status)
+        row.update({"sweep": self.name, "trial": name, "mlflow_run_id": self.tracker(name).run_id,
+                    **self.by_name[name]["overrides"], "best_reported": self.best_reported.get(name)})
         if trial is not None:
             row["wall_seconds"] = round(float(trial.last_result.get("time_total_s", 0.0) or 0.0), 2)
-        ckpt = latest_checkpoint(run_dir)
-        if ckpt is None:
-            row["status"] = "error" if status == "error" else "no_checkpoint"
-            return row
-        row["steps"] = ckpt.step
-        row["train_seconds"] = round(float(ckpt.meta.get("train_seconds", 0.0)), 2)
-        if status == "finished" and ckpt.step < cfg.train.steps and not ckpt.meta.get("stopped_early"):
-            row["status"] = "stopped"  # by the scheduler
-        state = read_state(ckpt.path)
-        evaluated = [r for r in state.get("history", []) if isinstance(r.get("val_psnr"), (int, float))]
-        row["val_psnr"] = evaluated[-1]["val_psnr"] if evaluated else None
-        inputs = self._inputs()
-        model = model_from_checkpoint(state, use_ema=True, device="cpu")
-        row.update(measure_trial(model, inputs["data"], cfg, classifier=inputs.get("classifier"),
-                                 features=inputs.get("features"), reference=inputs.get("reference"),
-                                 kid_subset_size=self.cfg.eval.kid_subset_size,
-                                 gfid_samples=self.cfg.sweep.gfid_samples, gfid_scale=self.cfg.sweep.gfid_scale))
+        if state is not None:
+            inputs = self._inputs()
+            row.update(measure_trial(model_from_checkpoint(state, use_ema=True, device="cpu"), inputs["data"],
+                                     self.trial_cfgs[name], classifier=inputs.get("classifier"),
+                                     features=inputs.get("features"), reference=inputs.get("reference"),
+                                     kid_subset_size=self.cfg.eval.kid_subset_size,
+                                     gfid_samples=self.cfg.sweep.gfid_samples, gfid_scale=self.cfg.sweep.gfid_scale))
         return row
 
-    # --- result files --------------------------------------------------------------------------------
     def best_row(self) -> dict | None:
-        metric, mode = self.cfg.sweep.metric, self.cfg.sweep.mode
-        scored = [r for r in self.rows.values() if isinstance(r.get(metric), (int, float))
-                  and math.isfinite(r[metric])]
-        return (max if mode == "max" else min)(scored, key=lambda r: r[metric]) if scored else None
+        return best_row(self.rows.values(), self.cfg.sweep.metric, self.cfg.sweep.mode)
 
     def write_results(self) -> None:
-        from unite_core.analysis.report import plot_tradeoff, save_figure, write_csv
-
-        keys = list(dict.fromkeys(k for s in self.specs for k in s["overrides"]))
-        order = {s["name"]: s["index"] for s in self.specs}
-        rows = sorted(self.rows.values(), key=lambda r: order.get(r["trial"], 1e9))
-        reports = self.ctx.paths.reports
-        write_csv(rows, reports / CSV_NAME, ["trial", *keys, *FIXED_COLUMNS[1:], "sweep"])
-        if any(isinstance(r.get("gfid"), float) for r in rows):
-            save_figure(plot_tradeoff(rows, keys, title=f"Sweep {self.name}: reconstruction vs generation"),
-                        reports / TRADEOFF_NAME)
-        best = self.best_row()
-        if best is not None:
-            write_best_params(reports / BEST_NAME, self.params_doc, self.by_name[best["trial"]]["overrides"], best,
-                              self.name, self.cfg.sweep.metric, self.steps)
+        write_reports(list(self.rows.values()), self.specs, self.ctx.paths.reports, sweep=self.name,
+                      metric=self.cfg.sweep.metric, mode=self.cfg.sweep.mode, params_doc=self.params_doc,
+                      steps=self.steps)
 
 
 # --- The stage ---

@@ -65,7 +65,7 @@ def test_two_trial_sweep_logs_two_child_runs_and_writes_results(ray_cluster, pro
     rows = report.read_csv(root / "reports" / "sweep.csv")
     assert len(rows) == 2
     assert all(r["gfid"] > 0 and 0 <= r["conditional_accuracy"] <= 1 for r in rows)
-    assert (root / "reports" / sweep_module.TRADEOFF_NAME).stat().st_size > 10_000  # the trade-off plot
+    assert (root / "reports" / sweeps.TRADEOFF_NAME).stat().st_size > 10_000  # the trade-off plot
     assert sorted(r["model.latent_tokens"] for r in rows) == [2, 4]
     for r in rows:
         assert r["status"] == "finished" and r["steps"] == 8

@@ -322,3 +322,13 @@ def test_wrong_files_are_one_clear_error(tmp_path, small_import):
     torch.save({"model": sd, "ema": bigger, "step": 0}, mixed)
     with pytest.raises(AuthorsCheckpointError, match="ema weights do not fit"):
         import_checkpoint(mixed, tmp_path / "mixed_out.pt", in_context_start=1)
+
+
+def test_import_summary_names_the_model_and_the_next_commands(small_import):
+    _, result = small_import
+    text = result.describe(Path("released/unite_small.pt"))
+    first, model_line = text.splitlines()[:2]
+    assert first == f"imported released/unite_small.pt (step 100) -> {result.checkpoint}"
+    assert f"K={SMALL['K']} x d={SMALL['d']}" in model_line and f"{SMALL['image']}px" in model_line
+    assert "optimiser state not present" in model_line  # the file had no optimizer state
+    assert f"unite sample -c {result.checkpoint} -p {result.params}" in text

@@ -118,7 +118,7 @@ def sample(
     out: Annotated[Path, typer.Option("--out", "-o", help="PNG file to write")] = Path("reports/samples.png"),
 ) -> None:
     """Write a grid of generated samples (one row per class) from a checkpoint, with EMA weights."""
-    from .stages.sample import parse_classes
+    from unite_core.pictures import parse_classes
 
     run_stage("sample", params, set_, debug, quiet=quiet, write_metrics=False, options={
         "checkpoint": checkpoint, "classes": parse_classes(classes), "per_class": per_class,
@@ -162,34 +162,9 @@ def preset(
 
     `git checkout params.yaml` restores the embedded default. `--params presets/NAME.yaml` uses a
     preset for one command without touching params.yaml."""
-    from unite_core.config import PRESET_MARK, ConfigError, preset_params_text
-    from unite_core.io import atomic_write_text
+    from unite_core.config import write_preset
 
-    path = Path(name) if name.endswith((".yaml", ".yml")) else Path("presets") / f"{name}.yaml"
-    if not path.is_file():
-        known = sorted(p.stem for p in Path("presets").glob("*.yaml"))
-        raise ConfigError(f"preset '{name}' not found ({path}): the presets are {', '.join(known) or 'none here'} "
-                          "(run from the project root)")
-    label = path.stem if path.parent == Path("presets") else name
-    if out.is_file() and out.read_text(errors="replace").startswith(f"{PRESET_MARK}{label}`"):
-        typer.echo(f"{out} holds preset {label} already (`git checkout {out}` first to write it afresh): "
-                   "nothing written")
-        return
-    text = preset_params_text(path, label)
-    if out.is_file() and _same_settings(path, out):  # presets/mnist5k.yaml over an unedited params.yaml
-        typer.echo(f"{out} holds these settings already ({path} changes nothing in it): nothing written")
-        return
-    atomic_write_text(out, text)
-    typer.echo(f"{out}: preset {label} ({path} over the embedded default); `git checkout {out}` restores the default")
-
-
-def _same_settings(a: Path, b: Path) -> bool:
-    from unite_core.config import ConfigError, load_config
-
-    try:
-        return load_config(a) == load_config(b)
-    except ConfigError:
-        return False
+    typer.echo(write_preset(name, out))
 
 
 @app.command()

@@ -28,11 +28,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 from unite_core.inputs import check_prepared, load_prepared_data
-from unite_core.io import atomic_dir, atomic_write_text, fsync_tree
+from unite_core.io import atomic_write_text, fsync_tree
 from unite_core.runs import (KEEP_CHECKPOINTS, RECORDS_FILE, STOP_FILE, CheckpointInfo, RecordFollower, checkpoint_meta,
                              crash_step_from_env, is_finished, keep_newest_checkpoints, latest_checkpoint,
                              meta_finished, preflight, read_meta, resume_from, run_key, run_session,
-                             start_from_init, write_checkpoint_dir)
+                             start_from_init, train_in_folder, write_checkpoint_dir)
 
 from .interrupt import GracefulStop, Interrupted, signal_name
 
@@ -416,7 +416,6 @@ def train_in_process(ctx, data_dir: Path, live=None) -> dict:
     import torch
 
     from unite_core.devices import resolve_device
-    from unite_core.train import Trainer
 
     cfg, t0 = ctx.cfg, time.perf_counter()
     name, rdir, previous, done = _open_run(ctx, data_dir, 0, t0)
@@ -425,24 +424,13 @@ def train_in_process(ctx, data_dir: Path, live=None) -> dict:
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     data = load_prepared_data(cfg, data_dir)
-    trainer = Trainer(cfg, data.info, data.train, resolve_device(cfg.train.device), val_set=data.val)
     if previous is not None:
-        resume_from(trainer, previous.path)
         log.info("run %s: resuming from its checkpoint at step %d", name, previous.step)
-    else:
-        start_from_init(trainer, cfg)
-    rdir.mkdir(parents=True, exist_ok=True)
-
-    def save(final: bool) -> None:
-        with atomic_dir(rdir / f"checkpoint_{trainer.step:08d}") as tmp:
-            write_checkpoint_dir(tmp, trainer, checkpoint_meta(trainer, cfg, final, 1))
-        keep_newest_checkpoints(rdir)
-
     startup_s = time.perf_counter() - t0
     with GracefulStop() as stop, ctx.reporter.progress("train (in-process)", cfg.train.steps) as task, \
             _following(rdir, None, live):
-        outcome = run_session(trainer, cfg, rdir, save=save, should_stop=stop,
-                              on_record=lambda r: task.update(r["step"], **_progress_fields(r)))
+        outcome = train_in_folder(cfg, data, rdir, resolve_device(cfg.train.device), resume=previous,
+                                  should_stop=stop, on_record=lambda r: task.update(r["step"], **_progress_fields(r)))
     if outcome == "interrupted":
         raise _interrupted(stop, name, rdir, cfg)
     return _summary(cfg, name, rdir, latest_checkpoint(rdir), workers=0, t0=t0, previous=previous,

@@ -182,6 +182,8 @@ class Tracker:
 
     def log_metric_history(self, records: Iterable[dict], step_key: str = "step") -> None:
         """Per-step records ({'step': 25, 'loss': ...}, ...) in few batched calls."""
+        if not self.active:
+            return
         from mlflow.entities import Metric
 
         ts = int(time.time() * 1000)
@@ -216,6 +218,8 @@ class Tracker:
         self._call(lambda: self.client.log_dict(self.run_id, data, name), "storing a file")
 
     def set_tags(self, tags: dict[str, str]) -> None:
+        if not self.active:
+            return
         from mlflow.entities import RunTag
 
         items = [RunTag(k, str(v)) for k, v in tags.items()]
@@ -263,28 +267,11 @@ class Tracker:
 
 
 class NullTracker(Tracker):
+    """Tracking off, or a store that could not be opened: a tracker whose every call does nothing."""
+
     def __init__(self):
-        self.run_id = None
-        self.client = None
-        self.health = StoreHealth("none")
-
-    @property
-    def active(self) -> bool:
-        return False
-
-    def log_params(self, params): ...
-    def log_metrics(self, metrics, step=None): ...
-    def log_metric_history(self, records, step_key="step"): ...
-    def log_summary(self, metrics): ...
-    def log_artifact(self, path, artifact_path=None): ...
-    def log_image(self, image, name): ...
-    def log_dict(self, data, name): ...
-    def set_tags(self, tags): ...
-    def log_generator_model(self, state, step=0): ...
-    def children(self, tags): return []
-    def child(self, run=None, *, name="", tags=None): return NullTracker()
-    def retire(self, run_id): ...
-    def set_status(self, status): ...
+        super().__init__(None, None, StoreHealth("none"))
+        self.health.failed = True
 
 
 class LiveMetrics:

@@ -718,3 +718,28 @@ def preset_params_text(path: str | Path, name: str) -> str:
               "# `unite preset OTHER` or `--params presets/OTHER.yaml`). The preset's notes:", *notes]
     body = yaml.dump(data, Dumper=_ParamsDumper, sort_keys=False, width=120, allow_unicode=True)
     return "\n".join(header) + "\n" + body
+
+
+def write_preset(name: str, out: Path, presets: Path = Path("presets")) -> str:
+    """`unite preset NAME`: make `out` the preset (presets/NAME.yaml, or a preset file's path) over the embedded
+    default, every key written out; nothing is written when `out` holds those settings already. Says what
+    happened."""
+    from .io import atomic_write_text
+
+    path = Path(name) if name.endswith((".yaml", ".yml")) else Path(presets) / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in Path(presets).glob("*.yaml"))
+        raise ConfigError(f"preset '{name}' not found ({path}): the presets are {', '.join(known) or 'none here'} "
+                          "(run from the project root)")
+    label = path.stem if path.parent == Path(presets) else name
+    if out.is_file() and out.read_text(errors="replace").startswith(f"{PRESET_MARK}{label}`"):
+        return f"{out} holds preset {label} already (`git checkout {out}` first to write it afresh): nothing written"
+    text = preset_params_text(path, label)
+    try:  # presets/mnist5k.yaml over an unedited params.yaml changes nothing
+        same = out.is_file() and load_config(path) == load_config(out)
+    except ConfigError:
+        same = False
+    if same:
+        return f"{out} holds these settings already ({path} changes nothing in it): nothing written"
+    atomic_write_text(out, text)
+    return f"{out}: preset {label} ({path} over the embedded default); `git checkout {out}` restores the default"

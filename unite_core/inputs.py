@@ -23,6 +23,31 @@ EMBEDDED = ("mnist5k", "digits")
 
 
 # --- Prepared data ---
+def prepare(cfg, out_dir: Path, progress=None) -> tuple[dict, dict]:
+    """Write the dataset the params describe to `out_dir` once (images report their phases, molecules their
+    conformers, through `progress`); (its manifest, its counts: metrics/prepare.json)."""
+    if cfg.modality == "molecules":
+        from unite_core.data.molecule_sets import prepare_molecule_data
+
+        manifest = info = prepare_molecule_data(cfg.data, out_dir, progress=progress)
+    else:
+        from unite_core.data import prepare_image_data
+
+        manifest = prepare_image_data(cfg.data, out_dir, progress=progress)
+        info = manifest["info"]
+    counts = {"modality": cfg.modality, "dataset": cfg.data.dataset, "num_train": int(info["num_train"]),
+              "num_val": int(info["num_val"]), "num_classes": int(info.get("num_classes", 0)),
+              "content_hash": manifest["content_hash"]}
+    for key in ("image_size", "channels", "max_atoms", "num_failed", "num_unreadable", "num_failed_embedding"):
+        if isinstance(info.get(key), (int, float)):
+            counts[key] = info[key]
+    if manifest.get("skipped_corrupt"):
+        counts["num_corrupt_skipped"] = len(manifest["skipped_corrupt"])
+    if manifest.get("format"):
+        counts["format"] = manifest["format"]
+    return manifest, counts
+
+
 def check_prepared(cfg, data_dir: Path) -> dict:
     """The prepared data's manifest; DataError when it is missing or was made from other data params."""
     data_dir = Path(data_dir)

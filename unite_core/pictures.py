@@ -95,6 +95,40 @@ def grid_indices(n: int, num_classes: int, per_class: int = SAMPLES_PER_CLASS, m
     return out
 
 
+class SampleOptionError(ValueError):
+    """A class list, count or guidance scale that cannot be sampled; the message names the option."""
+
+
+def parse_classes(text: str | None) -> list[int] | None:
+    """'0,1,2' or '0-4,7' -> [0, 1, 2] / [0, 1, 2, 3, 4, 7]; None or '' -> None (all classes)."""
+    if text is None or not str(text).strip():
+        return None
+    out: list[int] = []
+    for part in (p.strip() for p in str(text).split(",")):
+        try:
+            lo, sep, hi = part[1:].partition("-")  # part[0] may be a minus sign
+            out.extend(range(int(part[0] + lo), int(hi) + 1) if sep else [int(part)])
+        except (ValueError, IndexError):
+            raise SampleOptionError(f"--classes '{text}' must be class ids like 0,1,2 or 0-4") from None
+    return out
+
+
+def class_labels(classes: list[int] | str | None, per_class: int | None, num_classes: int,
+                 num_samples: int) -> tuple[list[int], int]:
+    """(classes, per class) of a sample grid: every class by default, num_samples spread over them."""
+    classes = parse_classes(classes) if isinstance(classes, str) else classes
+    if classes is None:
+        classes = list(range(num_classes)) if num_classes > 0 else [0]
+    bad = [c for c in classes if not 0 <= c < max(num_classes, 1)]
+    if bad:
+        raise SampleOptionError(f"--classes {bad} out of range: this model has {num_classes} classes "
+                                f"(0..{num_classes - 1})")
+    per_class = per_class or max(1, num_samples // len(classes))
+    if per_class < 1:
+        raise SampleOptionError(f"--per-class {per_class} must be >= 1")
+    return classes, int(per_class)
+
+
 def sample_images(model, labels: torch.Tensor, sample_cfg, *, cfg_scale: float, seed: int, batch_size: int,
                   autocast_dtype=None, on_batch: Callable[[int], None] | None = None) -> tuple[torch.Tensor, int]:
     """Generate one image per label in batches from one seeded generator: (images in [0, 1] on the CPU, the

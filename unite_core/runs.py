@@ -24,8 +24,8 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from .io import atomic_torch_save, atomic_write_text
-from .train import CheckpointError, TrainingError, load_checkpoint, save_checkpoint
+from .io import atomic_dir, atomic_torch_save, atomic_write_text
+from .train import CheckpointError, Trainer, TrainingError, load_checkpoint, save_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -253,6 +253,27 @@ def run_session(
                  t.time_limit_minutes, trainer.step, until)
         return "stopped_early"
     return "finished"
+
+
+def train_in_folder(cfg, data, run_dir: Path, device, *, resume: CheckpointInfo | None = None,
+                    should_stop: Callable[[], bool] | None = None,
+                    on_record: Callable[[dict], None] | None = None) -> str:
+    """The loop in this process (no process group): a Trainer resumed from `resume` (else from
+    train.init_from or its seed), checkpoints as plain folders of `run_dir` (the newest KEEP_CHECKPOINTS
+    kept); run_session's outcome."""
+    trainer = Trainer(cfg, data.info, data.train, device, val_set=data.val)
+    if resume is not None:
+        resume_from(trainer, resume.path)
+    else:
+        start_from_init(trainer, cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    def save(final: bool) -> None:
+        with atomic_dir(run_dir / f"checkpoint_{trainer.step:08d}") as tmp:
+            write_checkpoint_dir(tmp, trainer, checkpoint_meta(trainer, cfg, final, 1))
+        keep_newest_checkpoints(run_dir)
+
+    return run_session(trainer, cfg, run_dir, save=save, should_stop=should_stop, on_record=on_record)
 
 
 class _StopRequested(Exception):

@@ -12,38 +12,20 @@ import time
 from pathlib import Path
 
 from unite_core.io import atomic_write, atomic_write_bytes
+from unite_core.pictures import SampleOptionError
 
 from ..context import StageContext
-from . import StageError
 
 log = logging.getLogger(__name__)
 
 DEFAULT_OUT = Path("reports") / "samples.png"
 
 
-def parse_classes(text: str | None) -> list[int] | None:
-    """'0,1,2' or '0-4,7' -> [0, 1, 2] / [0, 1, 2, 3, 4, 7]; None or '' -> None (all classes)."""
-    if text is None or not str(text).strip():
-        return None
-    out: list[int] = []
-    for part in str(text).split(","):
-        part = part.strip()
-        try:
-            if "-" in part[1:]:
-                lo, hi = part[0] + part[1:].split("-", 1)[0], part[1:].split("-", 1)[1]
-                out.extend(range(int(lo), int(hi) + 1))
-            else:
-                out.append(int(part))
-        except ValueError:
-            raise StageError(f"--classes '{text}' must be class ids like 0,1,2 or 0-4") from None
-    return out
-
-
 def run(ctx: StageContext) -> dict:
     import torch
 
     from unite_core.devices import autocast_dtype_for, resolve_device
-    from unite_core.pictures import image_grid, sample_images
+    from unite_core.pictures import class_labels, image_grid, sample_images
     from unite_core.train import load_checkpoint, model_from_checkpoint
 
     cfg, opts = ctx.cfg, ctx.options
@@ -61,23 +43,12 @@ def run(ctx: StageContext) -> dict:
     s = cfg.sample
     cfg_scale = float(opts["cfg_scale"]) if opts.get("cfg_scale") is not None else s.cfg_scale
     if cfg_scale < 0:
-        raise StageError(f"--cfg-scale {cfg_scale} must be >= 0 (1 = no guidance)")
+        raise SampleOptionError(f"--cfg-scale {cfg_scale} must be >= 0 (1 = no guidance)")
 
     if model.modality.name == "molecules":
         return _molecules(ctx, model, state, out, t0)
 
-    num_classes = model.num_classes
-    classes = opts.get("classes")
-    if isinstance(classes, str):
-        classes = parse_classes(classes)
-    if classes is None:
-        classes = list(range(num_classes)) if num_classes > 0 else [0]
-    bad = [c for c in classes if not 0 <= c < max(num_classes, 1)]
-    if bad:
-        raise StageError(f"--classes {bad} out of range: this model has {num_classes} classes (0..{num_classes - 1})")
-    per_class = opts.get("per_class") or max(1, s.num_samples // len(classes))
-    if per_class < 1:
-        raise StageError(f"--per-class {per_class} must be >= 1")
+    classes, per_class = class_labels(opts.get("classes"), opts.get("per_class"), model.num_classes, s.num_samples)
     labels = torch.tensor([c for c in classes for _ in range(per_class)], device=device)
     with ctx.reporter.progress("sample", len(labels)) as task:
         images, nfe = sample_images(model, labels, s, cfg_scale=cfg_scale, seed=s.seed, batch_size=cfg.eval.batch_size,

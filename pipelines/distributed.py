@@ -215,25 +215,24 @@ def ray_use_gpu(cfg, cluster_gpus: float) -> bool:
     return device == "auto" and d.num_workers > 0 and cluster_gpus >= d.num_workers
 
 
-def _check_resources(cfg, use_gpu: bool) -> None:
-    import ray
+class ResourceError(RuntimeError):
+    """The Ray cluster has fewer CPUs or GPUs than the workers the params ask for; the message names the fix."""
 
-    from unite_core.train import TrainingError
 
+def check_resources(cfg, use_gpu: bool, have: dict, what: str = "workers", fix: str = "") -> None:
+    """`have` (ray.cluster_resources()) holds distributed.num_workers x cpus_per_worker CPUs and, with
+    `use_gpu`, a GPU per worker; else ResourceError (`fix`: one more way out, after the params')."""
     d = cfg.distributed
-    have = ray.cluster_resources()
     need_cpu = d.num_workers * d.cpus_per_worker
     if have.get("CPU", 0) < need_cpu:
-        raise TrainingError(
-            f"the Ray cluster has {have.get('CPU', 0):g} CPUs but {d.num_workers} workers x "
-            f"{d.cpus_per_worker:g} CPUs need {need_cpu:g}: lower distributed.num_workers or "
-            "distributed.cpus_per_worker, or raise distributed.num_cpus"
-        )
+        raise ResourceError(
+            f"the Ray cluster has {have.get('CPU', 0):g} CPUs but {d.num_workers} {what} x {d.cpus_per_worker:g} "
+            f"CPUs need {need_cpu:g}: lower distributed.num_workers or distributed.cpus_per_worker, or raise "
+            f"distributed.num_cpus{fix}")
     if use_gpu and have.get("GPU", 0) < d.num_workers:
-        raise TrainingError(
-            f"distributed.use_gpu=true with {d.num_workers} workers needs {d.num_workers} GPUs but the Ray "
-            f"cluster has {have.get('GPU', 0):g}: lower distributed.num_workers or set distributed.use_gpu=false"
-        )
+        raise ResourceError(
+            f"distributed.use_gpu=true with {d.num_workers} {what} needs {d.num_workers} GPUs but the Ray cluster "
+            f"has {have.get('GPU', 0):g}: lower distributed.num_workers or set distributed.use_gpu=false{fix}")
 
 
 def _worker_errors(exc: BaseException) -> list:
@@ -382,7 +381,7 @@ def train_with_ray(ctx, data_dir: Path, live=None) -> dict:
         import ray
 
         use_gpu = ray_use_gpu(cfg, ray.cluster_resources().get("GPU", 0))
-        _check_resources(cfg, use_gpu)
+        check_resources(cfg, use_gpu, ray.cluster_resources(), "training workers")
         startup_s = time.perf_counter() - t0
         with GracefulStop() as stop, \
                 ctx.reporter.progress(f"train ({d.num_workers} Ray worker{'s' if d.num_workers > 1 else ''})",

@@ -55,9 +55,9 @@ def generation_runner(cfg, model, features, device, *, debug: bool = False):
     return LocalRunner(model, features.net(), classifier=features.classifier, device=device)
 
 
-def _model_payload(model) -> dict:
+def _model_payload(model) -> dict:  # a checkpoint's format (model_from_checkpoint rebuilds it)
     return {"config": model.cfg.to_dict(), "info": dict(model.info),
-            "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
+            "model": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
 
 
 def _feature_payload(features) -> dict:
@@ -77,16 +77,13 @@ class GenerationWorker:
     """A Ray actor: the model and the feature network on this worker's device, ready for GenerationJobs."""
 
     def __init__(self, model_payload: dict, feature_payload: dict, threads: int):
-        from unite_core.config import config_from_dict
         from unite_core.metrics.images import build_feature_net
-        from unite_core.model import UNITE
+        from unite_core.train import model_from_checkpoint
 
         if threads:
             torch.set_num_threads(int(threads))
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        model = UNITE(config_from_dict(model_payload["config"]), model_payload["info"])
-        model.load_state_dict(model_payload["state_dict"])
-        self.model = model.to(self.device).eval()
+        self.model = model_from_checkpoint(model_payload, use_ema=False, device=self.device)
         classifier = None
         if feature_payload["classifier"] is not None:
             classifier = FeatureClassifier(**feature_payload["classifier"]["config"])
@@ -113,7 +110,7 @@ class RayGenerationRunner:
     """Runs each GenerationJob as `distributed.num_workers` shards on Ray actors and merges the results."""
 
     def __init__(self, cfg, model, features, *, debug: bool = False):
-        from .distributed import ensure_ray
+        from .distributed import check_resources, ensure_ray
 
         d = cfg.distributed
         self.num_workers = int(d.num_workers)
@@ -122,13 +119,8 @@ class RayGenerationRunner:
 
         self._ray = ray
         try:
-            have = ray.cluster_resources()
-            if d.use_gpu and have.get("GPU", 0) < self.num_workers:
-                raise MetricsError(
-                    f"distributed.use_gpu=true with {self.num_workers} generation workers needs {self.num_workers} "
-                    f"GPUs but the Ray cluster has {have.get('GPU', 0):g}: lower distributed.num_workers, set "
-                    "distributed.use_gpu=false, or eval.parallel=local"
-                )
+            check_resources(cfg, d.use_gpu, ray.cluster_resources(), "generation workers",
+                            fix=", or set eval.parallel=local")
             model_ref = ray.put(_model_payload(model))
             feature_ref = ray.put(_feature_payload(features))
             actor = ray.remote(num_cpus=float(d.cpus_per_worker), num_gpus=1 if d.use_gpu else 0)(GenerationWorker)

@@ -9,7 +9,7 @@ analysis/claims.py turns their results into the paper's verdicts.
 
 from __future__ import annotations
 
-import json
+import logging
 import math
 import platform
 from dataclasses import dataclass, field
@@ -19,9 +19,11 @@ from typing import Any, Callable, Mapping, Optional
 import torch
 
 from .config import Config, config_from_dict
-from .io import atomic_write_text, stable_hash
+from .io import atomic_write_json, stable_hash
 from .train import Trainer
 from .two_stage import TwoStageBudget, train_two_stage
+
+log = logging.getLogger(__name__)
 
 BUDGETS = ("time", "steps")
 
@@ -200,5 +202,38 @@ def train_variant(name: str, vcfg: Config, data, device, ckpt: Path, *, budget: 
                         time_limit_s=limit_min * 60.0 if limit_min else math.inf)
         info = {"train_seconds": r.seconds, "steps": r.step, "details": ""}
     info.update(device=device_label(device), history=history)
-    atomic_write_text(ckpt.with_suffix(".json"), json.dumps(info))
+    atomic_write_json(ckpt.with_suffix(".json"), info, indent=None)
     return info
+
+
+def _train_in_process(job: dict) -> str:
+    """A spawned process of `train_in_processes`: loads the data itself and trains one (variant, seed)."""
+    from .devices import resolve_device
+    from .inputs import open_data
+
+    torch.set_num_threads(job["threads"])
+    run, cfg = job["run"], job["cfg"]
+    train_variant(run.name, run.cfg, open_data(cfg, job["data_dir"], job["cache_dir"]),
+                  resolve_device(cfg.train.device), run.checkpoint(job["models_dir"]), budget=job["budget"],
+                  tokenizer_fraction=job["tokenizer_fraction"])
+    return f"{run.name} seed {run.seed}"
+
+
+def train_in_processes(cfg: Config, runs: list[PlannedRun], processes: int, *, models_dir: Path, data_dir: Path,
+                       cache_dir: Path, budget: str, tokenizer_fraction: float) -> None:
+    """Train `runs` in `processes` spawned processes (each loads the data; CPU threads are split among them,
+    GPU runs share the device)."""
+    import multiprocessing
+    import os
+    from concurrent.futures import ProcessPoolExecutor
+
+    from .devices import resolve_device
+
+    cpu = resolve_device(cfg.train.device).type == "cpu"
+    threads = max(1, (os.cpu_count() or 1) // processes) if cpu else max(1, torch.get_num_threads())
+    jobs = [{"run": r, "cfg": cfg, "threads": threads, "models_dir": models_dir, "data_dir": data_dir,
+             "cache_dir": cache_dir, "budget": budget, "tokenizer_fraction": tokenizer_fraction} for r in runs]
+    log.info("compare: training %d runs in %d processes (%d threads each)", len(jobs), processes, threads)
+    with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn")) as pool:
+        for done in pool.map(_train_in_process, jobs):
+            log.info("compare: trained %s", done)

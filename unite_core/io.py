@@ -8,6 +8,7 @@ is renamed over the target; the folder is fsynced after the rename where the OS 
 the old file stays as it was.
 
     atomic_write_text(path, text)          atomic_write_bytes(path, data)
+    atomic_write_json(path, data)          # sorted keys, NaN as null (json_safe)
     atomic_torch_save(obj, path)           atomic_write(path, lambda f: image.save(f, format="PNG"))
     with atomic_dir(folder) as tmp: ...    # a checkpoint folder: all files, then one rename
 
@@ -23,6 +24,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -37,7 +39,9 @@ __all__ = [
     "atomic_torch_save",
     "atomic_write",
     "atomic_write_bytes",
+    "atomic_write_json",
     "atomic_write_text",
+    "json_safe",
     "current_umask",
     "file_sha256",
     "fsync_tree",
@@ -156,6 +160,29 @@ def atomic_write_bytes(path: str | Path, data: bytes, *, fsync: bool = True) -> 
 
 def atomic_write_text(path: str | Path, text: str, *, encoding: str = "utf-8", fsync: bool = True) -> Path:
     return atomic_write_bytes(path, text.encode(encoding), fsync=fsync)
+
+
+def json_safe(value: Any) -> Any:
+    """A JSON-safe copy: non-finite floats become null, tuples lists, paths strings, numpy/torch scalars numbers."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    if hasattr(value, "item") and callable(value.item):
+        try:
+            return json_safe(value.item())
+        except (TypeError, ValueError):
+            pass
+    return value
+
+
+def atomic_write_json(path: str | Path, data: Any, *, indent: int | None = 1, fsync: bool = True) -> Path:
+    """`data` as sorted-key JSON (json_safe: NaN as null), written atomically."""
+    return atomic_write_text(path, json.dumps(json_safe(data), indent=indent, sort_keys=True) + "\n", fsync=fsync)
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> Path:

@@ -24,7 +24,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from .io import atomic_dir, atomic_torch_save, atomic_write_text
+from .io import atomic_dir, atomic_torch_save, atomic_write_json, atomic_write_text
 from .train import CheckpointError, Trainer, TrainingError, load_checkpoint, save_checkpoint
 
 log = logging.getLogger(__name__)
@@ -111,7 +111,7 @@ def write_checkpoint_dir(folder: Path, trainer, meta: dict) -> Path:
     ignored as incomplete)."""
     folder.mkdir(parents=True, exist_ok=True)
     atomic_torch_save(trainer.state_dict(), folder / STATE_FILE)
-    atomic_write_text(folder / META_FILE, json.dumps(meta, indent=1))
+    atomic_write_json(folder / META_FILE, meta)
     return folder
 
 

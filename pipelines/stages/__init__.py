@@ -7,12 +7,9 @@ metrics/<stage>.json and logging it (and the summary numbers the stage did not l
 from __future__ import annotations
 
 import importlib
-import json
-import math
 from pathlib import Path
-from typing import Any
 
-from unite_core.io import atomic_write_text
+from unite_core.io import atomic_write_json
 
 #: the stages of dvc.yaml, in pipeline order
 PIPELINE_STAGES = ("prepare", "classifier", "train", "evaluate", "analyze")
@@ -22,24 +19,6 @@ class StageError(RuntimeError):
     """A user-facing stage problem (missing input, impossible option); the message says what to do."""
 
 
-def plain(value: Any) -> Any:
-    """JSON-safe copy: non-finite floats become null, tuples lists, paths strings."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {str(k): plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [plain(v) for v in value]
-    if isinstance(value, Path):
-        return str(value)
-    if hasattr(value, "item") and callable(value.item):  # numpy / torch scalars
-        try:
-            return plain(value.item())
-        except (TypeError, ValueError):
-            pass
-    return value
-
-
 def stage_options(ctx, defaults: dict, error: type, stage: str, **kwargs) -> dict:
     """Keyword arguments over ctx.options over `defaults` (None keeps the default); unknown names raise `error`."""
     given = {**(ctx.options or {}), **kwargs}
@@ -47,10 +26,6 @@ def stage_options(ctx, defaults: dict, error: type, stage: str, **kwargs) -> dic
     if unknown:
         raise error(f"unknown {stage} option(s) {sorted(unknown)}: known are {sorted(defaults)}")
     return {**defaults, **{k: v for k, v in given.items() if v is not None}}
-
-
-def atomic_write_json(path: str | Path, data: dict) -> Path:
-    return atomic_write_text(path, json.dumps(plain(data), indent=2, sort_keys=True) + "\n")
 
 
 # --- Running a stage ---
@@ -77,7 +52,7 @@ def execute(
                            debug=debug, reporter=reporter or Reporter(), options=dict(options or {}))
         result = module.run(ctx) or {}
         if write_metrics:
-            path = atomic_write_json(ctx.paths.stage_metrics(stage), result)
+            path = atomic_write_json(ctx.paths.stage_metrics(stage), result, indent=2)
             tracker.log_artifact(path, "metrics")
         tracker.log_summary(result)
     return result

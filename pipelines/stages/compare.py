@@ -12,16 +12,12 @@ from __future__ import annotations
 
 import json
 import logging
-import multiprocessing
-import os
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-import torch
-
 from unite_core.ablations import (DEFAULT_VARIANTS, VARIANTS, AblationError, PlannedRun, check_budget, device_label,
-                                  parse_scales, parse_variants, plan_runs, train_variant, variant_overrides)
+                                  parse_scales, parse_variants, plan_runs, train_in_processes, train_variant,
+                                  variant_overrides)
 from unite_core.analysis.claims import NUMERIC, budget_text, flat_metrics, read_rows, render_markdown, write_rows
 from unite_core.devices import resolve_device
 from unite_core.eval_images import in_memory_references, noise_floor
@@ -45,26 +41,6 @@ OPTIONS = {"variants": None, "minutes": None, "samples": None, "scales": None, "
 
 def report_paths(ctx: StageContext) -> dict[str, Path]:
     return {"csv": ctx.paths.reports / "compare.csv", "md": ctx.paths.reports / "compare.md"}
-
-
-def _train_in_process(job: dict) -> str:
-    """A worker process of ``jobs > 1``: loads the data itself and trains one (variant, seed)."""
-    torch.set_num_threads(job["threads"])
-    ctx, run = StageContext(cfg=job["cfg"], root=Path(job["root"])), job["run"]
-    train_variant(run.name, run.cfg, ctx.open_data(), resolve_device(ctx.cfg.train.device),
-                  run.checkpoint(ctx.paths.models), budget=job["budget"], tokenizer_fraction=job["tokenizer_fraction"])
-    return f"{run.name} seed {run.seed}"
-
-
-def train_parallel(ctx: StageContext, runs: list[PlannedRun], processes: int, **budget) -> None:
-    """Train ``runs`` in ``processes`` spawned processes (threads split on the CPU)."""
-    device = resolve_device(ctx.cfg.train.device)
-    threads = max(1, (os.cpu_count() or 1) // processes) if device.type == "cpu" else max(1, torch.get_num_threads())
-    jobs = [{"run": r, "cfg": ctx.cfg, "root": str(ctx.root), "threads": threads, **budget} for r in runs]
-    log.info("compare: training %d runs in %d processes (%d threads each)", len(jobs), processes, threads)
-    with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn")) as pool:
-        for done in pool.map(_train_in_process, jobs):
-            log.info("compare: trained %s", done)
 
 
 def run_variant(ctx: StageContext, run: PlannedRun, data, *, overrides: dict, budget: str, num_samples: int,
@@ -143,7 +119,9 @@ def run(ctx: StageContext, **options) -> dict:
     plan = [r for r in every if (r.name, r.seed) not in skipped]
     untrained = [r for r in plan if not r.trained(ctx.paths.models)]
     if jobs > 1 and len(untrained) > 1:
-        train_parallel(ctx, untrained, min(jobs, len(untrained)), budget=budget, tokenizer_fraction=tokenizer_fraction)
+        train_in_processes(cfg, untrained, min(jobs, len(untrained)), models_dir=ctx.paths.models,
+                           data_dir=ctx.paths.dataset_dir(cfg), cache_dir=ctx.paths.cache / "data", budget=budget,
+                           tokenizer_fraction=tokenizer_fraction)
     ran = []
     with ctx.reporter.progress(f"compare ({len(plan)} runs: {len(names)} variants x {seeds} seeds)",
                                len(plan)) as task:

@@ -116,3 +116,15 @@ def test_train_device_on_the_ray_path():
     assert not ray_use_gpu(cfg("auto", False), cluster_gpus=1)  # not one per worker: CPU
     assert not ray_use_gpu(cfg("auto", False), cluster_gpus=0)
     assert not ray_use_gpu(cfg("cpu", False), cluster_gpus=8)
+
+
+def test_resource_check_names_what_the_cluster_lacks_and_the_fix():
+    from pipelines.distributed import ResourceError, check_resources
+    from unite_core.config import config_from_dict
+
+    cfg = config_from_dict({}, ["distributed.num_workers=2", "distributed.cpus_per_worker=2"])
+    check_resources(cfg, True, {"CPU": 4, "GPU": 2})  # enough of both
+    with pytest.raises(ResourceError, match=r"has 3 CPUs but 2 training workers x 2 CPUs need 4: lower"):
+        check_resources(cfg, False, {"CPU": 3}, "training workers")
+    with pytest.raises(ResourceError, match=r"needs 2 GPUs but the Ray cluster has 1: .*, or set eval.parallel=local$"):
+        check_resources(cfg, True, {"CPU": 8, "GPU": 1}, "generation workers", fix=", or set eval.parallel=local")

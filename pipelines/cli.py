@@ -16,6 +16,7 @@ Commands read params.yaml (--params), take `--set section.key=value` and `--debu
 from __future__ import annotations
 
 import ast
+import functools
 import json
 import logging
 import os
@@ -39,6 +40,8 @@ SetOption = Annotated[
     Optional[List[str]],
     typer.Option("--set", "-s", help="override a parameter: section.key=value (repeatable)", show_default=False),
 ]
+#: an option whose default comes from the params or the command (its help says which): no "None" shown
+Unset = functools.partial(typer.Option, show_default=False)
 DebugOption = Annotated[bool, typer.Option("--debug", help="debug logging and full tracebacks on errors")]
 QuietOption = Annotated[bool, typer.Option(
     "--quiet", "-q", help="no progress bars: a progress line (with ETA) every 30 s instead, as when stderr is no terminal")]
@@ -51,6 +54,7 @@ app = typer.Typer(
     add_completion=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
+
 
 def project_root() -> Path:
     return Path.cwd().resolve()
@@ -106,15 +110,12 @@ def sample(
     quiet: QuietOption = False,
     checkpoint: Annotated[Path, typer.Option("--checkpoint", "-c", help="checkpoint to sample from")] = Path(
         "models/unite.pt"),
-    classes: Annotated[Optional[str], typer.Option(
-        "--classes", help="class ids, e.g. 0,1,2 or 0-4 (default: every class, class-balanced)",
-        show_default=False)] = None,
-    per_class: Annotated[Optional[int], typer.Option(
-        "--per-class", min=1, help="samples per class (default: sample.num_samples / classes)",
-        show_default=False)] = None,
-    cfg_scale: Annotated[Optional[float], typer.Option(
-        "--cfg-scale", min=0.0, help="classifier-free guidance scale (default: sample.cfg_scale)",
-        show_default=False)] = None,
+    classes: Annotated[Optional[str], Unset(
+        "--classes", help="class ids, e.g. 0,1,2 or 0-4 (default: every class, class-balanced)")] = None,
+    per_class: Annotated[Optional[int], Unset(
+        "--per-class", min=1, help="samples per class (default: sample.num_samples / classes)")] = None,
+    cfg_scale: Annotated[Optional[float], Unset(
+        "--cfg-scale", min=0.0, help="classifier-free guidance scale (default: sample.cfg_scale)")] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="PNG file to write")] = Path("reports/samples.png"),
 ) -> None:
     """Write a grid of generated samples (one row per class) from a checkpoint, with EMA weights."""
@@ -129,18 +130,15 @@ def sample(
 @app.command("import-checkpoint")
 def import_checkpoint(
     file: Annotated[Path, typer.Argument(help="the authors' released .pt file (UNITE-B or UNITE-L)")],
-    out: Annotated[Optional[Path], typer.Option(
-        "--out", "-o", help="project checkpoint to write (default: models/imported/<file stem>.pt)",
-        show_default=False)] = None,
+    out: Annotated[Optional[Path], Unset(
+        "--out", "-o", help="project checkpoint to write (default: models/imported/<file stem>.pt)")] = None,
     in_context_start: Annotated[int, typer.Option(
         "--in-context-start", min=0, help="block from which class tokens join (not stored in the weights; "
         "the authors' config: 4)")] = 4,
-    data_root: Annotated[Optional[str], typer.Option(
-        "--data-root", help="ImageNet train/ folder to write into the params (for evaluate/resume)",
-        show_default=False)] = None,
-    epochs: Annotated[Optional[int], typer.Option(
-        "--epochs", min=1, help="epochs of the full schedule for a resumed run (default 240)",
-        show_default=False)] = None,
+    data_root: Annotated[Optional[str], Unset(
+        "--data-root", help="ImageNet train/ folder to write into the params (for evaluate/resume)")] = None,
+    epochs: Annotated[Optional[int], Unset(
+        "--epochs", min=1, help="epochs of the full schedule for a resumed run (default 240)")] = None,
     debug: DebugOption = False,
 ) -> None:
     """Convert an authors' UNITE checkpoint into a project checkpoint (+ <out>.params.yaml beside it, and
@@ -247,10 +245,9 @@ def evaluate(
     set_: SetOption = None,
     debug: DebugOption = False,
     quiet: QuietOption = False,
-    checkpoint: Annotated[Optional[Path], typer.Option(
+    checkpoint: Annotated[Optional[Path], Unset(
         "--checkpoint", "-c",
-        help="evaluate this checkpoint (rebuilt from its own saved config) instead of models/unite.pt",
-        show_default=False)] = None,
+        help="evaluate this checkpoint (rebuilt from its own saved config) instead of models/unite.pt")] = None,
 ) -> None:
     """gFID/KID/precision-recall/IS and conditional accuracy over eval.cfg_scales (best scale + curve),
     rFID/PSNR/SSIM on the val set, noise floor FID(val vs train); writes plots/guidance_curve.csv,
@@ -264,14 +261,13 @@ def analyze(
     set_: SetOption = None,
     debug: DebugOption = False,
     quiet: QuietOption = False,
-    checkpoint: Annotated[Optional[Path], typer.Option(
-        "--checkpoint", "-c", help="analyse this checkpoint instead of models/unite.pt", show_default=False)] = None,
-    variant: Annotated[Optional[List[str]], typer.Option(
+    checkpoint: Annotated[Optional[Path], Unset(
+        "--checkpoint", "-c", help="analyse this checkpoint instead of models/unite.pt")] = None,
+    variant: Annotated[Optional[List[str]], Unset(
         "--variant", help="an ablation checkpoint NAME=PATH to compare (repeatable; models/compare/*.pt from "
-        "`unite compare` are found without it)", show_default=False)] = None,
-    sweep_csv: Annotated[Optional[Path], typer.Option(
-        "--sweep-csv", help="sweep results for the rate-distortion table (default: reports/sweep.csv)",
-        show_default=False)] = None,
+        "`unite compare` are found without it)")] = None,
+    sweep_csv: Annotated[Optional[Path], Unset(
+        "--sweep-csv", help="sweep results for the rate-distortion table (default: reports/sweep.csv)")] = None,
     class_mode: Annotated[str, typer.Option(
         "--class-mode", help="class of the denoising pass: null (as the tokenization pass) or label")] = "null",
     notebooks: Annotated[bool, typer.Option(
@@ -293,14 +289,13 @@ def sweep(
     set_: SetOption = None,
     debug: DebugOption = False,
     quiet: QuietOption = False,
-    trials: Annotated[Optional[int], typer.Option(
+    trials: Annotated[Optional[int], Unset(
         "--trials", min=1, help="run only the first N trials (random search: draw N; default: sweep.num_samples "
-        "or the whole grid)", show_default=False)] = None,
-    concurrency: Annotated[Optional[int], typer.Option(
-        "--concurrency", min=1, help="trials at a time (default: sweep.max_concurrent)", show_default=False)] = None,
-    steps: Annotated[Optional[int], typer.Option(
-        "--steps", min=1, help="training steps per trial (default: sweep.steps, else train.steps)",
-        show_default=False)] = None,
+        "or the whole grid)")] = None,
+    concurrency: Annotated[Optional[int], Unset(
+        "--concurrency", min=1, help="trials at a time (default: sweep.max_concurrent)")] = None,
+    steps: Annotated[Optional[int], Unset(
+        "--steps", min=1, help="training steps per trial (default: sweep.steps, else train.steps)")] = None,
     resume: Annotated[bool, typer.Option(
         "--resume", help="continue the interrupted sweep with these settings (finished trials are kept)")] = False,
     fresh: Annotated[bool, typer.Option(
@@ -325,17 +320,16 @@ def compare(
     debug: DebugOption = False,
     quiet: QuietOption = False,
     variants: Annotated[str, typer.Option("--variants", help="comma-separated variants")] = COMPARE_VARIANTS,
-    minutes: Annotated[Optional[float], typer.Option(
-        "--minutes", min=0.0, help="training wall-clock per variant (default: train.time_limit_minutes)",
-        show_default=False)] = None,
-    samples: Annotated[Optional[int], typer.Option(
-        "--samples", min=2, help="samples per guidance scale (default: eval.num_samples)", show_default=False)] = None,
-    scales: Annotated[Optional[str], typer.Option(
-        "--scales", help="guidance scales, e.g. 1,2,3 (default: eval.cfg_scales)", show_default=False)] = None,
+    minutes: Annotated[Optional[float], Unset(
+        "--minutes", min=0.0, help="training wall-clock per variant (default: train.time_limit_minutes)")] = None,
+    samples: Annotated[Optional[int], Unset(
+        "--samples", min=2, help="samples per guidance scale (default: eval.num_samples)")] = None,
+    scales: Annotated[Optional[str], Unset(
+        "--scales", help="guidance scales, e.g. 1,2,3 (default: eval.cfg_scales)")] = None,
     budget: Annotated[str, typer.Option(
         "--budget", help="time: equal wall-clock per variant; steps: train.steps optimizer steps per network")] = "time",
-    steps: Annotated[Optional[int], typer.Option(
-        "--steps", min=1, help="override train.steps (step cap and schedule length)", show_default=False)] = None,
+    steps: Annotated[Optional[int], Unset(
+        "--steps", min=1, help="override train.steps (step cap and schedule length)")] = None,
     tokenizer_fraction: Annotated[float, typer.Option(
         "--tokenizer-fraction", help="two-stage baseline: share of its budget for stage 1 (the tokenizer)")] = 0.5,
     seeds: Annotated[int, typer.Option(

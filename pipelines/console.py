@@ -3,33 +3,27 @@ terminal, a line every 30 s elsewhere or with --quiet) and the summary line of a
 
 from __future__ import annotations
 
+import functools
 import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-_console = None
-_err_console = None
 
-
+@functools.cache
 def console():
     """stdout console for results."""
-    global _console
-    if _console is None:
-        from rich.console import Console
+    from rich.console import Console
 
-        _console = Console(highlight=False, soft_wrap=True)
-    return _console
+    return Console(highlight=False, soft_wrap=True)
 
 
+@functools.cache
 def err_console():
     """stderr console shared by logging and progress bars (so log lines print above the bar)."""
-    global _err_console
-    if _err_console is None:
-        from rich.console import Console
+    from rich.console import Console
 
-        _err_console = Console(stderr=True, highlight=False, soft_wrap=True)
-    return _err_console
+    return Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 # ----------------------------------------------------------------------------------------------

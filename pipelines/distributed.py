@@ -32,7 +32,7 @@ from unite_core.io import atomic_write_text, fsync_tree
 from unite_core.runs import (KEEP_CHECKPOINTS, RECORDS_FILE, STOP_FILE, CheckpointInfo, RecordFollower, checkpoint_meta,
                              crash_step_from_env, is_finished, keep_newest_checkpoints, latest_checkpoint,
                              meta_finished, preflight, read_meta, resume_from, run_key, run_session,
-                             start_from_init, train_in_folder, write_checkpoint_dir)
+                             run_summary, start_from_init, train_in_folder, write_checkpoint_dir)
 
 from .interrupt import GracefulStop, Interrupted, signal_name
 
@@ -261,16 +261,6 @@ def _user_error_from(exc: BaseException, cfg) -> Exception:
     )
 
 
-def _summary(cfg, name: str, run_dir: Path, ckpt: CheckpointInfo, *, workers: int, t0: float,
-             previous: CheckpointInfo | None = None, startup_s: float = 0.0, trained_now: bool = True) -> dict:
-    return {"run_name": name, "run_dir": str(run_dir), "checkpoint_dir": str(ckpt.path), "final_step": ckpt.step,
-            "steps_requested": cfg.train.steps,
-            "stopped_early": bool(ckpt.meta.get("stopped_early", ckpt.step < cfg.train.steps)),
-            "train_seconds": float(ckpt.meta.get("train_seconds", 0.0)), "trained_now": trained_now,
-            "resumed_from": previous.step if previous else None, "workers": workers,
-            "wall_seconds": time.perf_counter() - t0, "startup_seconds": startup_s}
-
-
 def _open_run(ctx, data_dir: Path, workers: int, t0: float):
     """(run name, run folder, newest checkpoint, the summary when that one needs no more training)."""
     cfg = ctx.cfg
@@ -283,7 +273,7 @@ def _open_run(ctx, data_dir: Path, workers: int, t0: float):
         return name, rdir, ckpt, None
     log.info("run %s already finished at step %d (%s): exporting its final checkpoint, nothing is trained",
              name, ckpt.step, ckpt.path.name)
-    return name, rdir, ckpt, _summary(cfg, name, rdir, ckpt, workers=workers, t0=t0, trained_now=False)
+    return name, rdir, ckpt, run_summary(cfg, name, rdir, ckpt, workers=workers, t0=t0, trained_now=False)
 
 
 def _run_fit_in_thread(fit: Callable[[], Any]):
@@ -407,7 +397,7 @@ def train_with_ray(ctx, data_dir: Path, live=None) -> dict:
         from unite_core.train import TrainingError
 
         raise TrainingError(f"Ray Train returned without a final checkpoint in '{rdir}'; rerun to resume")
-    return _summary(cfg, name, rdir, ckpt, workers=d.num_workers, t0=t0, previous=previous, startup_s=startup_s)
+    return run_summary(cfg, name, rdir, ckpt, workers=d.num_workers, t0=t0, previous=previous, startup_s=startup_s)
 
 
 def train_in_process(ctx, data_dir: Path, live=None) -> dict:
@@ -432,5 +422,5 @@ def train_in_process(ctx, data_dir: Path, live=None) -> dict:
                                   should_stop=stop, on_record=lambda r: task.update(r["step"], **_progress_fields(r)))
     if outcome == "interrupted":
         raise _interrupted(stop, name, rdir, cfg)
-    return _summary(cfg, name, rdir, latest_checkpoint(rdir), workers=0, t0=t0, previous=previous,
+    return run_summary(cfg, name, rdir, latest_checkpoint(rdir), workers=0, t0=t0, previous=previous,
                     startup_s=startup_s)

@@ -24,7 +24,7 @@ from unite_core.eval_images import (CURVE_KEYS, MAX_REFERENCE, FeatureSpec, Gene
                                     run_generation_shard)
 from unite_core.io import atomic_write
 from unite_core.metrics.images import FeatureClassifier, MetricsError
-from unite_core.pictures import SAMPLES_PER_CLASS, class_grid, grid_indices, pairs_grid
+from unite_core.pictures import evaluation_pictures, grid_indices
 
 from .context import Reporter
 
@@ -32,8 +32,6 @@ log = logging.getLogger(__name__)
 
 
 RECONSTRUCTION_PAIRS = 50
-#: tiles narrower than this are upscaled (nearest neighbour) in the PNGs: 32x32 digits are unreadable as is
-MIN_TILE = 64
 
 
 def use_ray(cfg) -> bool:
@@ -212,14 +210,9 @@ def evaluate_checkpoint_images(ctx, model, data, *, num_samples: int | None = No
     metrics = flat_metrics(result, n)
     if write_outputs:
         write_csv(result["curve"], outputs["curve"], CURVE_KEYS)
-        rec = result["reconstruction"]
-        pictures = {"samples": class_grid(result["samples"], result["labels"], per_class=SAMPLES_PER_CLASS,
-                                          min_tile=MIN_TILE),
-                    "reconstructions": pairs_grid(rec["originals"], rec["reconstructions"], ncol=10, min_tile=MIN_TILE)}
-        for key, img in pictures.items():
-            atomic_write(outputs[key], lambda f, img=img: img.save(f, format="PNG"))
         tracker.log_artifact(outputs["curve"], "plots")
-        for key, img in pictures.items():
+        for key, img in evaluation_pictures(result).items():
+            atomic_write(outputs[key], lambda f, img=img: img.save(f, format="PNG"))
             tracker.log_image(img, outputs[key].name)
         tracker.log_dict({"curve": result["curve"], "best": result["best"]}, "guidance_curve.json")
     return metrics, result

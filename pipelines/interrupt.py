@@ -51,7 +51,6 @@ class GracefulStop:
     def __init__(self, what: str = "training"):
         self.what = what
         self.requested: int | None = None
-        self.event = threading.Event()
         self._callbacks: list[Callable[[], None]] = []
         self._previous: dict[int, object] = {}
 
@@ -68,7 +67,6 @@ class GracefulStop:
             raise Interrupted(f"stopped at once by a second {signal_name(signum)}; the last periodic checkpoint is "
                               "kept: run the same command again to resume from it", signum)
         self.requested = signum
-        self.event.set()
         log.warning("%s: stopping %s after the current step and saving a checkpoint (%s again stops at once)",
                     signal_name(signum), self.what, signal_name(signum))
         for callback in self._callbacks:

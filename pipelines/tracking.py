@@ -282,7 +282,6 @@ class LiveMetrics:
         self.tracker = tracker
         self.logged: set[int] = set()
         self.pending: dict[int, dict] = {}
-        self.flushes: list[float] = []  # monotonic times of the batches logged (how live the curve is)
         self._lock = threading.Lock()
 
     def add(self, record: dict) -> None:
@@ -300,7 +299,6 @@ class LiveMetrics:
         self.tracker.log_metric_history(batch)
         with self._lock:
             self.logged.update(int(r.get("step", 0)) for r in batch)
-            self.flushes.append(time.monotonic())
 
     def missing(self, history: Iterable[dict]) -> list[dict]:
         """The records of `history` not logged yet."""

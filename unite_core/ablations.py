@@ -9,6 +9,7 @@ analysis/claims.py turns their results into the paper's verdicts.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import platform
@@ -143,6 +144,16 @@ class PlannedRun:
     def trained(self, models_dir: Path) -> bool:
         ckpt = self.checkpoint(models_dir)
         return ckpt.is_file() and ckpt.with_suffix(".json").is_file()
+
+    def ensure_trained(self, models_dir: Path, data, device, *, budget: str, tokenizer_fraction: float) -> dict:
+        """Train this run unless its checkpoint and info are there; its info (seconds, steps, device, curve)."""
+        ckpt = self.checkpoint(models_dir)
+        if self.trained(models_dir):
+            log.info("compare: %s seed %d already trained (%s): evaluating only", self.name, self.seed, ckpt.name)
+            return json.loads(ckpt.with_suffix(".json").read_text())
+        log.info("compare: training %s seed %d", self.name, self.seed)
+        return train_variant(self.name, self.cfg, data, device, ckpt, budget=budget,
+                             tokenizer_fraction=tokenizer_fraction)
 
 
 def plan_runs(cfg: Config, names: list[str], seeds: int, *, budget: str, minutes: float, steps: Optional[int],

@@ -701,6 +701,13 @@ _ParamsDumper.add_representer(
     list, lambda dumper, data: dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=True))
 
 
+def params_as_written(path: str | Path | None, overrides: list[str], cfg: Config) -> dict[str, Any]:
+    """The params file as the user wrote it (a preset merged over its base) plus `overrides`: a full params
+    file (best_params.yaml); `cfg` as a dict where there is no file."""
+    doc = read_params(path) if path is not None and Path(path).is_file() else cfg.to_dict()
+    return apply_overrides(doc, list(overrides or []))
+
+
 def preset_params_text(path: str | Path, name: str) -> str:
     """The full params file `unite preset NAME` writes: the preset merged over its base, every key written
     out (DVC reads params.yaml itself), headed by PRESET_MARK and the preset's own leading comments."""

@@ -75,9 +75,19 @@ def class_grid(images: torch.Tensor, labels: torch.Tensor, per_class: int = 10, 
 
 
 # --- Pictures of a model ---
+#: tiles narrower than this are upscaled (nearest neighbour) in the project's PNGs: 32x32 digits are unreadable as is
+MIN_TILE = 64
 SAMPLES_PER_CLASS = 10
 #: samples.png shows at most this many classes (evenly spaced over the label range: 1000 ImageNet classes)
 GRID_CLASSES = 10
+
+
+def evaluation_pictures(result: dict) -> dict:
+    """samples.png (a row per class) and reconstructions.png (originals above their reconstructions) of an
+    image evaluation's result (eval_images.evaluate_images with keep_indices and keep_reconstructions)."""
+    rec = result["reconstruction"]
+    return {"samples": class_grid(result["samples"], result["labels"], per_class=SAMPLES_PER_CLASS, min_tile=MIN_TILE),
+            "reconstructions": pairs_grid(rec["originals"], rec["reconstructions"], ncol=10, min_tile=MIN_TILE)}
 
 
 def grid_indices(n: int, num_classes: int, per_class: int = SAMPLES_PER_CLASS, max_classes: int = GRID_CLASSES):
@@ -160,4 +170,4 @@ def reconstruction_grid(model, val_set, n: int = 10):
     with torch.no_grad():
         decoded = model.reconstruct(x, torch.Generator().manual_seed(0))
     recon, originals = model.modality.postprocess(decoded.float()), model.modality.postprocess(x)
-    return image_grid(torch.cat([originals, recon]), nrow=len(picks[:n]), min_tile=64)
+    return image_grid(torch.cat([originals, recon]), nrow=len(picks[:n]), min_tile=MIN_TILE)

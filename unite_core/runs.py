@@ -17,6 +17,7 @@ import logging
 import os
 import shutil
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -131,6 +132,18 @@ def export_checkpoint(ckpt_dir: Path, dest: Path) -> dict:
     slim = {k: v for k, v in state.items() if k != "optimizers"}
     save_checkpoint(dest, slim)
     return slim
+
+
+def run_summary(cfg, name: str, run_dir: Path, ckpt: CheckpointInfo, *, workers: int, t0: float,
+                previous: CheckpointInfo | None = None, startup_s: float = 0.0, trained_now: bool = True) -> dict:
+    """What a training command returns of its run: the final checkpoint folder and timings (t0: the command's
+    time.perf_counter() at its start; previous: the checkpoint it resumed from)."""
+    return {"run_name": name, "run_dir": str(run_dir), "checkpoint_dir": str(ckpt.path), "final_step": ckpt.step,
+            "steps_requested": cfg.train.steps,
+            "stopped_early": bool(ckpt.meta.get("stopped_early", ckpt.step < cfg.train.steps)),
+            "train_seconds": float(ckpt.meta.get("train_seconds", 0.0)), "trained_now": trained_now,
+            "resumed_from": previous.step if previous else None, "workers": workers,
+            "wall_seconds": time.perf_counter() - t0, "startup_seconds": startup_s}
 
 
 CURVE_COLUMNS = ("step", "time_s", "loss", "recon", "flow", "lr", "val_psnr")  # first in the curve CSV

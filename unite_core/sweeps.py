@@ -185,6 +185,22 @@ def write_reports(rows: list[dict], trials: list[dict], reports: Path, *, sweep:
         write_best_params(Path(reports) / BEST_NAME, params_doc, overrides, best, sweep, metric, steps)
 
 
+def sweep_summary(sweep: str, rows, trials: list[dict], *, metric: str, mode: str, steps: int, concurrency: int,
+                  reports: Path, seconds: float) -> dict:
+    """metrics/sweep.json: trials finished, the best trial, its metric and its settings (best.<key>)."""
+    rows = list(rows)
+    best = best_row(rows, metric, mode)
+    done = sum(1 for t in trials if any(r["trial"] == t["name"] and r.get("status") in DONE for r in rows))
+    summary = {"sweep": sweep, "trials": len(trials), "finished": done, "steps_per_trial": steps,
+               "concurrency": concurrency, "best_trial": best["trial"] if best else None,
+               f"best_{metric}": best.get(metric) if best else None, "wall_seconds": round(seconds, 2),
+               "csv": str(Path(reports) / CSV_NAME), "best_params": str(Path(reports) / BEST_NAME) if best else None}
+    if best:
+        overrides = next(t["overrides"] for t in trials if t["name"] == best["trial"])
+        summary.update({f"best.{k}": v for k, v in overrides.items()})
+    return summary
+
+
 def fmt(v) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 

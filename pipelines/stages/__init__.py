@@ -11,13 +11,6 @@ from pathlib import Path
 
 from unite_core.io import atomic_write_json
 
-#: the stages of dvc.yaml, in pipeline order
-PIPELINE_STAGES = ("prepare", "classifier", "train", "evaluate", "analyze")
-
-
-class StageError(RuntimeError):
-    """A user-facing stage problem (missing input, impossible option); the message says what to do."""
-
 
 def stage_options(ctx, defaults: dict, error: type, stage: str, **kwargs) -> dict:
     """Keyword arguments over ctx.options over `defaults` (None keeps the default); unknown names raise `error`."""

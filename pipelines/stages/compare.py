@@ -16,9 +16,9 @@ import time
 from pathlib import Path
 
 from unite_core.ablations import (DEFAULT_VARIANTS, VARIANTS, AblationError, PlannedRun, check_budget, device_label,
-                                  parse_scales, parse_variants, plan_runs, train_in_processes, train_variant,
-                                  variant_overrides)
-from unite_core.analysis.claims import NUMERIC, budget_text, flat_metrics, read_rows, render_markdown, write_rows
+                                  parse_scales, parse_variants, plan_runs, train_in_processes, variant_overrides)
+from unite_core.analysis.claims import (NUMERIC, budget_text, flat_metrics, read_rows, render_markdown, table_row,
+                                       write_rows)
 from unite_core.devices import resolve_device
 from unite_core.eval_images import in_memory_references, noise_floor
 from unite_core.inputs import data_hash
@@ -46,35 +46,22 @@ def report_paths(ctx: StageContext) -> dict[str, Path]:
 def run_variant(ctx: StageContext, run: PlannedRun, data, *, overrides: dict, budget: str, num_samples: int,
                 scales: list[float], tokenizer_fraction: float, features, references, device, tracker) -> dict:
     """Train (unless trained) and evaluate one (variant, seed) in its MLflow run; its table row."""
-    name, seed, ckpt = run.name, run.seed, run.checkpoint(ctx.paths.models)
-    if run.trained(ctx.paths.models):
-        train_info = json.loads(ckpt.with_suffix(".json").read_text())
-        log.info("compare: %s seed %d already trained (%s): evaluating only", name, seed, ckpt.name)
-    else:
-        log.info("compare: training %s seed %d (%s)", name, seed, overrides or "the params as they are")
-        train_info = train_variant(name, run.cfg, data, device, ckpt, budget=budget,
-                                   tokenizer_fraction=tokenizer_fraction)
+    train_info = run.ensure_trained(ctx.paths.models, data, device, budget=budget, tokenizer_fraction=tokenizer_fraction)
     tracker.log_metric_history(train_info.pop("history", []))
-    state = load_checkpoint(ckpt)
+    state = load_checkpoint(run.checkpoint(ctx.paths.models))
     model = model_from_checkpoint(state, use_ema=ctx.cfg.sample.use_ema, device=device)
-    warn_if_ema_is_young(state, ctx.cfg.sample.use_ema, f"compare variant {name} seed {seed}")
+    warn_if_ema_is_young(state, ctx.cfg.sample.use_ema, f"compare variant {run.name} seed {run.seed}")
     t0 = time.perf_counter()
     metrics, _ = evaluate_checkpoint_images(
         ctx, model, data, num_samples=num_samples, cfg_scales=scales, device=device, tracker=tracker, sanity=False,
         features=features, references=references, progress=False)
-    row = {
-        "variant": name, "seed": seed,
-        **{k: metrics.get(k) for k in ("gfid", "best_cfg_scale", "rfid", "psnr", "ssim", "conditional_accuracy",
-                                       "isc_mean", "kid_mean", "precision", "recall")},
-        "parameters": count_parameters(model),
-        "train_seconds": train_info["train_seconds"], "steps": train_info["steps"],
-        "eval_seconds": time.perf_counter() - t0, "device": train_info.get("device") or device_label(device),
-        "budget": budget, "minutes": run.cfg.train.time_limit_minutes if budget == "time" else None,
-        "num_samples": num_samples,
-        "overrides": "two-stage baseline" if VARIANTS[name].two_stage else json.dumps(overrides),
-        "details": train_info.get("details", ""), "params_hash": run.row_hash,
-    }
-    tracker.log_params({"compare.variant": name, "compare.seed": seed, "compare.overrides": row["overrides"],
+    row = table_row(
+        run.name, run.seed, metrics, {"device": device_label(device), **train_info},
+        parameters=count_parameters(model), eval_seconds=time.perf_counter() - t0, budget=budget,
+        minutes=run.cfg.train.time_limit_minutes if budget == "time" else None, num_samples=num_samples,
+        overrides="two-stage baseline" if VARIANTS[run.name].two_stage else json.dumps(overrides),
+        params_hash=run.row_hash)
+    tracker.log_params({"compare.variant": run.name, "compare.seed": run.seed, "compare.overrides": row["overrides"],
                         "compare.budget": budget, "compare.minutes": row["minutes"],
                         "compare.num_samples": num_samples})
     tracker.log_metrics({k: v for k, v in row.items() if k in NUMERIC and v is not None})

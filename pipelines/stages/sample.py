@@ -25,7 +25,7 @@ def run(ctx: StageContext) -> dict:
     import torch
 
     from unite_core.devices import autocast_dtype_for, resolve_device
-    from unite_core.pictures import class_labels, image_grid, sample_images
+    from unite_core.pictures import MIN_TILE, class_labels, image_grid, sample_images
     from unite_core.train import load_checkpoint, model_from_checkpoint
 
     cfg, opts = ctx.cfg, ctx.options
@@ -53,7 +53,7 @@ def run(ctx: StageContext) -> dict:
     with ctx.reporter.progress("sample", len(labels)) as task:
         images, nfe = sample_images(model, labels, s, cfg_scale=cfg_scale, seed=s.seed, batch_size=cfg.eval.batch_size,
                                     autocast_dtype=autocast_dtype_for(cfg.train.precision), on_batch=task.update)
-    grid = image_grid(images, nrow=per_class, min_tile=64)
+    grid = image_grid(images, nrow=per_class, min_tile=MIN_TILE)
     atomic_write(out, lambda f: grid.save(f, format="PNG"))
     ctx.tracker.log_image(grid, out.name)
     result = {

@@ -32,12 +32,12 @@ from typing import Any
 
 from ray import tune
 
-from unite_core.config import Config, apply_overrides, config_from_dict, read_params
+from unite_core.config import Config, config_from_dict, params_as_written
 from unite_core.eval_images import in_memory_references
 from unite_core.inputs import check_prepared
 from unite_core.runs import RECORDS_FILE, latest_checkpoint, preflight
-from unite_core.sweeps import (BEST_NAME, CSV_NAME, DONE, EVAL_ROUNDS, SweepError, best_row, describe,
-                               fmt, measure_trial, sweep_key, trial_config, trial_name, trial_overrides, trial_row,
+from unite_core.sweeps import (CSV_NAME, DONE, EVAL_ROUNDS, SweepError, best_row, describe,
+                               fmt, measure_trial, sweep_key, sweep_summary, trial_config, trial_name, trial_overrides, trial_row,
                                write_reports)
 
 from .. import distributed
@@ -256,16 +256,6 @@ class SweepDriver:
 
 
 # --- The stage ---
-def _params_doc(ctx: StageContext) -> dict:
-    """The params file as the user wrote it, a preset merged over its base (plus --set overrides), for
-    best_params.yaml: a full params file."""
-    if ctx.params_path is not None and Path(ctx.params_path).is_file():
-        doc = read_params(ctx.params_path)
-    else:
-        doc = ctx.cfg.to_dict()
-    return apply_overrides(doc, list(ctx.overrides or []))
-
-
 def _ray_cpus(cfg: Config, concurrency: int, trials: int = 0) -> int:
     """Logical CPUs of the local cluster a sweep starts (distributed.num_cpus wins): `concurrency` trials plus
     2 spare and, with ASHA, a logical reserve for the trials it stops (Ray Train V2 keeps a stopped trial's
@@ -338,7 +328,7 @@ def run(ctx: StageContext) -> dict:
     statuses: dict[str, str] = {}
     try:
         with ctx.reporter.progress(f"sweep ({len(specs)} trials)", len(specs)) as task:
-            driver = SweepDriver(ctx, name, specs, trial_cfgs, runs_dir, steps, _params_doc(ctx), task,
+            driver = SweepDriver(ctx, name, specs, trial_cfgs, runs_dir, steps, params_as_written(ctx.params_path, ctx.overrides, ctx.cfg), task,
                                  fresh=bool(opts["fresh"]))
             task.update(len(driver.done()))
             pending = [sp for sp in specs if sp["name"] not in driver.done()]  # a resumed sweep: the rest
@@ -369,16 +359,8 @@ def run(ctx: StageContext) -> dict:
             driver.finish(trial, "finished")
     missing = [sp["name"] for sp in specs if sp["name"] not in driver.done()]
     driver.write_results()
-    best = driver.best_row()
-    summary = {
-        "sweep": name, "trials": len(specs), "finished": len(specs) - len(missing), "steps_per_trial": steps,
-        "concurrency": concurrency, "best_trial": best["trial"] if best else None,
-        f"best_{s.metric}": best.get(s.metric) if best else None,
-        "wall_seconds": round(time.perf_counter() - t0, 2), "csv": str(ctx.paths.reports / CSV_NAME),
-        "best_params": str(ctx.paths.reports / BEST_NAME) if best else None,
-    }
-    if best:
-        summary.update({f"best.{k}": v for k, v in driver.by_name[best["trial"]]["overrides"].items()})
+    summary = sweep_summary(name, driver.rows.values(), specs, metric=s.metric, mode=s.mode, steps=steps,
+                            concurrency=concurrency, reports=ctx.paths.reports, seconds=time.perf_counter() - t0)
     if missing:
         errors = [t for t in missing if statuses.get(t) == "error" or driver.rows.get(t, {}).get("status") == "error"]
         if errors and len(errors) == len(missing):

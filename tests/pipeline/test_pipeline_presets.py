@@ -153,11 +153,9 @@ def test_imagenet_preset_is_the_papers_configuration():
 
 
 def test_best_params_of_a_sweep_over_a_preset_is_a_full_params_file(tmp_path):
-    from pipelines.context import StageContext
-    from pipelines.stages.sweep import _params_doc
+    from unite_core.config import params_as_written
 
     preset = PRESETS / "sweep_loss_weights.yaml"
-    ctx = StageContext(cfg=load_config(preset), root=tmp_path, params_path=preset, overrides=["train.steps=77"])
-    doc = _params_doc(ctx)
+    doc = params_as_written(preset, ["train.steps=77"], load_config(preset))
     assert "base" not in doc and doc["sweep"]["metric"] == "gfid" and doc["train"]["steps"] == 77
     assert doc["model"] == load_config(preset).to_dict()["model"]  # the base's sections are all there

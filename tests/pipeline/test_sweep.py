@@ -171,3 +171,30 @@ def test_scheduler_settings():
     assert sweep_module._ray_cpus(none, concurrency=3) == 6  # 3 trials x 1 worker CPU (+ a little) + 2 spare
     # ASHA: plus one trial's worker CPUs per trial it may stop (Ray keeps a stopped trial's placement group)
     assert sweep_module._ray_cpus(cfg, concurrency=3, trials=8) == 6 + 8
+
+
+def test_results_files_and_summary_from_trial_rows(tmp_path):
+    """The driver's bookkeeping without Ray: rows in trial order in sweep.csv, the best trial by the metric's
+    mode in best_params.yaml and the summary, unfinished trials not counted."""
+    from unite_core.config import config_from_dict
+
+    cfg = config_from_dict(tiny_params(sweep=SWEEP))
+    trials = [{"index": i, "name": f"t{i:03d}", "overrides": {"model.latent_tokens": k}} for i, k in enumerate((2, 4, 8))]
+    rows = [{"trial": "t002", "status": "stopped", "val_psnr": 14.0, "sweep": "s"},
+            {"trial": "t000", "status": "finished", "val_psnr": 12.5, "sweep": "s", "steps": 30},
+            {"trial": "t001", "status": "error", "val_psnr": None, "sweep": "s"}]
+    assert sweeps.best_row(rows, "val_psnr", "max")["trial"] == "t002"
+    assert sweeps.best_row(rows, "val_psnr", "min")["trial"] == "t000"
+    sweeps.write_reports(rows, trials, tmp_path, sweep="s", metric="val_psnr", mode="max", params_doc=cfg.to_dict(),
+                         steps=30)
+    table = report.read_csv(tmp_path / sweeps.CSV_NAME)
+    assert [r["trial"] for r in table] == ["t000", "t001", "t002"] and "model.latent_tokens" in table[0]
+    best = yaml.safe_load((tmp_path / sweeps.BEST_NAME).read_text())
+    assert best["model"]["latent_tokens"] == 8 and best["train"]["steps"] == cfg.train.steps
+    assert not (tmp_path / sweeps.TRADEOFF_NAME).exists()  # no gFID column: no trade-off figure
+    summary = sweeps.sweep_summary("s", rows, trials, metric="val_psnr", mode="max", steps=30, concurrency=2,
+                                   reports=tmp_path, seconds=1.234)
+    assert summary["finished"] == 2 and summary["best_trial"] == "t002" and summary["best_val_psnr"] == 14.0
+    assert summary["best.model.latent_tokens"] == 8 and summary["wall_seconds"] == 1.23
+    row, state = sweeps.trial_row(cfg, tmp_path / "no_runs_here", "finished")
+    assert state is None and row["status"] == "no_checkpoint" and row["rate_floats"] == cfg.model.latent_tokens * cfg.model.latent_dim

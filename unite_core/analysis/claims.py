@@ -40,6 +40,16 @@ SUMMARY = ("gfid", "rfid", "psnr", "conditional_accuracy", "isc_mean", "train_se
 Key = tuple  # (variant, seed)
 
 
+def table_row(name: str, seed: int, metrics: dict, train_info: dict, **columns: Any) -> dict:
+    """One run's row: its evaluation `metrics` (flat, as eval_images.flat_metrics), its training info
+    (seconds, steps, device, details) and the other CSV_COLUMNS given by name."""
+    return {"variant": name, "seed": seed,
+            **{k: metrics.get(k) for k in ("gfid", "best_cfg_scale", "rfid", "psnr", "ssim", "conditional_accuracy",
+                                           "isc_mean", "kid_mean", "precision", "recall")},
+            "train_seconds": train_info["train_seconds"], "steps": train_info["steps"],
+            "device": train_info.get("device"), "details": train_info.get("details", ""), **columns}
+
+
 def read_rows(path: Path) -> dict[Key, dict]:
     """The table as {(variant, seed): row}, numbers parsed; a file from before seeds counts as seed 0."""
     if not Path(path).is_file():

@@ -96,7 +96,7 @@ def check_checkpoint_data(state: dict, data, path) -> None:
 
     made, have = state.get("info", {}), data.info
     for key in ("modality", "channels", "image_size", "num_classes", "max_atoms"):
-        if (key in made or key in have) and made.get(key) != have.get(key):
+        if key in made and key in have and made[key] != have[key]:
             raise CheckpointError(
                 f"checkpoint '{path}' was trained on data with {key}={made.get(key)} but the prepared data has "
                 f"{key}={have.get(key)}: use the params it was trained with (its data section), or retrain")

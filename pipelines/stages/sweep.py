@@ -36,8 +36,8 @@ from unite_core.config import Config, config_from_dict, params_as_written
 from unite_core.eval_images import in_memory_references
 from unite_core.inputs import check_prepared
 from unite_core.runs import RECORDS_FILE, latest_checkpoint, preflight
-from unite_core.sweeps import (CSV_NAME, DONE, EVAL_ROUNDS, SweepError, best_row, describe,
-                               fmt, measure_trial, sweep_key, sweep_summary, trial_config, trial_name, trial_overrides, trial_row,
+from unite_core.sweeps import (CSV_NAME, DONE, EVAL_ROUNDS, SweepError, best_row, describe, fmt, measure_trial,
+                               sweep_key, sweep_summary, trial_config, trial_name, trial_overrides, trial_row,
                                write_reports)
 
 from .. import distributed

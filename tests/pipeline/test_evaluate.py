@@ -405,7 +405,9 @@ def test_compare_writes_one_row_per_variant_and_skips_finished(project, monkeypa
     def must_not_train(*a, **k):
         raise AssertionError("a finished variant was trained again")
 
-    monkeypatch.setattr(compare, "train_variant", must_not_train)
+    from unite_core import ablations
+
+    monkeypatch.setattr(ablations, "train_variant", must_not_train)
     again = compare.run(ctx, **opts)
     assert again["variants_run"] == 0 and again["variants_skipped"] == 2
     assert claims.read_rows(paths["csv"])[("unite", 0)]["gfid"] == rows[("unite", 0)]["gfid"]

@@ -224,7 +224,7 @@ def test_a_cycle_is_found(tmp_path, lazy):
 
 def layer_violations(edges) -> list[str]:
     """The layering docs/ARCHITECTURE.md states: unite_core never imports pipelines; a stage module never
-    imports another stage (stages share pipelines/inputs.py, evaluation.py, ... below them); nothing
+    imports another stage (stages share pipelines/context.py, evaluation.py, ... below them); nothing
     below the stages imports a stage (only the CLI and the stage runner, pipelines/stages/__init__.py, do)."""
     out = []
     for e in edges:

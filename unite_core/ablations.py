@@ -3,8 +3,10 @@
 A `Variant` is a set of dotted overrides (or a function of the params that returns them), a budget factor
 (unite_2x_steps trains twice the steps or minutes) and whether it is the two-stage baseline (trained by
 unite_core.two_stage). `variant_config` turns the params into one variant's config for a budget in steps
-or wall-clock minutes; `train_variant` trains it to a checkpoint. `unite compare` (pipelines) runs them;
-analysis/claims.py turns their results into the paper's verdicts.
+or wall-clock minutes; `train_variant` trains it to a checkpoint. A comparison's plan (`plan_runs`) is one
+`PlannedRun` per variant and seed, named by the hash of its training (its checkpoint) and of its table row
+(training plus evaluation settings); `train_in_processes` trains several at once. `unite compare`
+(pipelines) runs them; analysis/claims.py turns their results into the paper's verdicts.
 """
 
 from __future__ import annotations

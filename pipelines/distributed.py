@@ -423,4 +423,4 @@ def train_in_process(ctx, data_dir: Path, live=None) -> dict:
     if outcome == "interrupted":
         raise _interrupted(stop, name, rdir, cfg)
     return run_summary(cfg, name, rdir, latest_checkpoint(rdir), workers=0, t0=t0, previous=previous,
-                    startup_s=startup_s)
+                       startup_s=startup_s)

@@ -297,3 +297,13 @@ def test_layerwise_probe_pools(gen):
     assert rows[1]["val_accuracy"] < 0.2
     mean_rows = layerwise_probe([tr0], ytr, [va0], yva, pool="mean")
     assert mean_rows[0]["num_features"] == 16
+
+
+def test_write_csv_round_trips_with_plain_line_ends(tmp_path):
+    from unite_core.analysis.report import read_csv, write_csv
+
+    path = write_csv([{"step": 1, "loss": 0.5, "note": "a"}, {"step": 2, "loss": float("nan"), "extra": 3}],
+                     tmp_path / "t.csv")
+    assert path.read_bytes().count(b"\r") == 0 and path.read_text().splitlines()[0] == "step,loss,note,extra"
+    assert read_csv(path) == [{"step": 1, "loss": 0.5, "note": "a", "extra": None},
+                              {"step": 2, "loss": None, "note": None, "extra": 3}]

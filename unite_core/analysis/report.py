@@ -76,12 +76,12 @@ def _cell(v):
 def write_csv(rows: Iterable[Mapping], path: str | Path, columns: Sequence[str] | None = None) -> Path:
     """Write ``rows`` to ``path`` (parent folders created) with ``columns`` (default: keys of the
     first row, then any new keys in order of appearance). Floats keep full precision; ``None``
-    and ``nan`` become empty cells."""
+    and ``nan`` become empty cells; rows end in ``\n`` (the files are tracked by git)."""
     rows = list(rows)
     if columns is None:
         columns = list(dict.fromkeys(k for r in rows for k in r))
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=list(columns), extrasaction="ignore")
+    w = csv.DictWriter(buf, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
     w.writeheader()
     for r in rows:
         w.writerow({k: _cell(r.get(k)) for k in columns})

@@ -3,8 +3,10 @@
 `sweep.space` maps dotted params keys to value lists; `search: grid` takes every combination `num_samples`
 times (repeat r with train.seed + r), `search: random` draws `num_samples` (seeded by train.seed). A trial
 trains `steps` steps with EVAL_ROUNDS evaluations + checkpoints and an EMA horizon of at most a tenth of its
-steps. `measure_trial` gives a trained trial's latent rate, rFID and gFID; `write_best_params` the params file
-with the best trial's values. Ray Tune runs the trials (pipelines/stages/sweep.py).
+steps. `trial_row` reads a trial's newest checkpoint into its row of sweep.csv, `measure_trial` adds the
+latent rate, rFID and gFID; `write_reports` writes sweep.csv, the trade-off figure and best_params.yaml (the
+params file with the best trial's values), `sweep_summary` metrics/sweep.json. Ray Tune runs the trials
+(pipelines/stages/sweep.py).
 """
 
 from __future__ import annotations

@@ -370,8 +370,9 @@ def train_with_ray(ctx, data_dir: Path, live=None) -> dict:
     try:
         import ray
 
-        use_gpu = ray_use_gpu(cfg, ray.cluster_resources().get("GPU", 0))
-        check_resources(cfg, use_gpu, ray.cluster_resources(), "training workers")
+        have = ray.cluster_resources()
+        use_gpu = ray_use_gpu(cfg, have.get("GPU", 0))
+        check_resources(cfg, use_gpu, have, "training workers")
         startup_s = time.perf_counter() - t0
         with GracefulStop() as stop, \
                 ctx.reporter.progress(f"train ({d.num_workers} Ray worker{'s' if d.num_workers > 1 else ''})",

@@ -891,7 +891,7 @@ def in_memory_references(data, max_items: int = MAX_REFERENCE, seed: int = 0):
         if idx is None:
             return dataset_images(ds)[0]
         log.info("reference: a random subset of %d of %d images", max_items, len(ds))
-        return dataset_images(_Subset(ds, idx))[0]
+        return dataset_images(torch.utils.data.Subset(ds, idx.tolist()))[0]
 
     return take(data.train), take(data.val)
 
@@ -914,17 +914,6 @@ def reference_sources(data, *, max_train: int = MAX_REFERENCE, max_val: int = MA
                              num_workers=num_workers)
 
     return source(data.train, "train", max_train), source(data.val, "val", max_val)
-
-
-class _Subset:
-    def __init__(self, ds, idx):
-        self.ds, self.idx = ds, idx
-
-    def __len__(self):
-        return len(self.idx)
-
-    def __getitem__(self, i):
-        return self.ds[int(self.idx[int(i)])]
 
 
 def flat_metrics(result: dict[str, Any], num_samples: int) -> dict[str, float]:

@@ -4,8 +4,8 @@ Folder: checkpoint_<step>/{state.pt, meta.json} (a folder without meta.json is i
 newest KEEP_CHECKPOINTS are kept), metrics.jsonl (rank 0's records, rewritten on resume), stop_requested
 (a stop asked by the driver). `run_session` trains a (resumed) Trainer to train.steps: time budget counted
 across resumes, a stop request agreed by all ranks before the next step, checkpoints through a `save`
-callback (a plain folder in-process, a Ray Train checkpoint on a worker). pipelines/distributed.py runs it
-in-process or on Ray Train workers. Test-only: UNITE_TEST_CRASH_AT_STEP=N makes rank 0 exit after step N,
+callback (a plain folder in-process, a Ray Train checkpoint on a worker); `train_in_folder` is the
+in-process run, pipelines/distributed.py runs it on Ray Train workers. Test-only: UNITE_TEST_CRASH_AT_STEP=N makes rank 0 exit after step N,
 once per run folder.
 """
 
@@ -47,7 +47,6 @@ def run_key(cfg, data_hash: str = "") -> str:
     if not data_hash:
         return fp
     return hashlib.sha256(f"{fp}:{data_hash}".encode()).hexdigest()[:12]
-
 
 
 @dataclass
@@ -335,13 +334,13 @@ def crash_step_from_env() -> int | None:
     try:
         return int(raw)
     except ValueError:
-            raise TrainingError(f"{CRASH_ENV}={raw!r} must be a step number (test-only variable; unset it)") from None
+        raise TrainingError(f"{CRASH_ENV}={raw!r} must be a step number (test-only variable; unset it)") from None
 
 
 def resume_from(trainer, ckpt_dir: Path) -> dict:
-    state = read_state(ckpt_dir)
-    trainer.load_state_dict(state)
-    return json.loads((Path(ckpt_dir) / META_FILE).read_text())
+    """Load a complete checkpoint folder (list_checkpoints found its meta) into the trainer; its meta."""
+    trainer.load_state_dict(read_state(ckpt_dir))
+    return read_meta(ckpt_dir) or {}
 
 
 def start_from_init(trainer, cfg) -> None:
@@ -349,7 +348,6 @@ def start_from_init(trainer, cfg) -> None:
     if cfg.train.init_from:
         trainer.load_state_dict(load_checkpoint(cfg.train.init_from, cfg))
         log.info("started from %s at step %d (train.init_from)", cfg.train.init_from, trainer.step)
-
 
 
 class RecordFollower(threading.Thread):
@@ -400,7 +398,6 @@ class RecordFollower(threading.Thread):
         self._halt.set()
         self.join(timeout=30)
         self.poll()
-
 
 
 def keep_newest_checkpoints(rdir: Path) -> None:

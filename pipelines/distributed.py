@@ -367,9 +367,9 @@ def train_with_ray(ctx, data_dir: Path, live=None) -> dict:
     stop_file.unlink(missing_ok=True)
 
     started = ensure_ray(cfg, debug=ctx.debug)
-    try:
-        import ray
+    import ray  # after ensure_ray, which sets Ray's environment first
 
+    try:
         have = ray.cluster_resources()
         use_gpu = ray_use_gpu(cfg, have.get("GPU", 0))
         check_resources(cfg, use_gpu, have, "training workers")
@@ -388,8 +388,6 @@ def train_with_ray(ctx, data_dir: Path, live=None) -> dict:
                 stop_file.unlink(missing_ok=True)
     finally:
         if started:
-            import ray
-
             ray.shutdown()
     ckpt = latest_checkpoint(rdir)
     if stop.requested is not None and not is_finished(ckpt, cfg):
